@@ -1,0 +1,97 @@
+"""Shared CLI pieces: option types, consoles, the error wrapper and progress bars."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, TypeVar
+
+import typer
+from rich.console import Console
+
+from zipkd.errors import ZipkdError
+
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+MODEL_HELP = "Model: `smollm2-135m` (embedded default), a Hugging Face model folder, or a .gguf file."
+ModelArg = Annotated[str, typer.Argument(help=MODEL_HELP, show_default=True)]
+OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Output folder (written atomically).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")]
+SeedOpt = Annotated[int, typer.Option(help="Random seed (recorded in the manifest).", rich_help_panel="Reproducibility")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda (cuda:N).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+
+
+def cli_errors(func: F) -> F:
+    """Turn user errors into one line on stderr and exit code 1 (no traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from zipkd.paths import offline_env
+
+        offline_env()
+        _quiet_libraries()
+        try:
+            return func(*args, **kwargs)
+        except ZipkdError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err_console.print("[bold red]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _quiet_libraries() -> None:
+    """Library progress bars and warnings would drown ours; only when those libraries are already imported
+    do we pay for touching them."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+
+
+def progress(transient: bool = False):
+    """A rich progress bar on stderr with elapsed and remaining time."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    return Progress(SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(),
+                    MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
+                    transient=transient)
+
+
+def parse_speedup(value: str) -> float:
+    """Accept `2x`, `2`, `2.0` (and `1.5X`)."""
+    text = value.strip().lower().removesuffix("x")
+    try:
+        s = float(text)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a speedup; write e.g. 2x, 2 or 1.5") from None
+    if not s >= 1.0 or s == float("inf"):
+        raise typer.BadParameter(f"speedup {value!r} must be at least 1x (a slowdown is not a target)")
+    return s
+
+
+def parse_speedups(value: str) -> list[float]:
+    return [parse_speedup(v) for v in value.split(",") if v.strip()]
+
+
+def not_built(name: str) -> None:
+    err_console.print(f"[bold red]error:[/] `zipkd {name}` is not built yet")
+    raise typer.Exit(1)

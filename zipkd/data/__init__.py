@@ -1,0 +1,1 @@
+"""Local data: offline assets exported from installed packages, user files, calibration batches."""

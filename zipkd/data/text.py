@@ -1,0 +1,87 @@
+"""Read user text/instruction data (.txt, .jsonl, .parquet) and cut calibration batches from it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from zipkd.errors import ZipkdError
+
+TEXT_FIELDS = ("text", "content", "passage", "document")
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".jsonl":
+        rows = []
+        with path.open() as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ZipkdError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
+                if not isinstance(row, dict):
+                    raise ZipkdError(f"{path}:{n}: expected a JSON object")
+                rows.append(row)
+        return rows
+    if path.suffix == ".parquet":
+        import datasets
+
+        return list(datasets.Dataset.from_parquet(str(path)))
+    raise ZipkdError(f"{path}: unsupported data format {path.suffix!r} (use .txt, .jsonl or .parquet)")
+
+
+def load_texts(path: str | os.PathLike) -> list[str]:
+    """Documents from a .txt (paragraphs split on blank lines), .jsonl or .parquet file (a text field, or
+    instruction + response)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ZipkdError(f"data file {path} not found")
+    if path.suffix == ".txt":
+        docs = [p.strip() for p in path.read_text(errors="replace").split("\n\n")]
+        docs = [d for d in docs if d]
+    else:
+        docs = []
+        for n, row in enumerate(_records(path), 1):
+            field = next((f for f in TEXT_FIELDS if isinstance(row.get(f), str)), None)
+            if field:
+                docs.append(row[field])
+            elif isinstance(row.get("instruction"), str) and isinstance(row.get("response"), str):
+                docs.append(row["instruction"] + "\n" + row["response"])
+            else:
+                raise ZipkdError(f"{path}:{n}: no text field (one of {', '.join(TEXT_FIELDS)}, or instruction+response)")
+    if not docs:
+        raise ZipkdError(f"data file {path} is empty")
+    return docs
+
+
+def token_stream(tokenizer: Any, texts: list[str]):
+    """Concatenate tokenized documents, separated by EOS, into one 1-D LongTensor."""
+    import torch
+
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_batch(tokenizer: Any, texts: list[str], n_samples: int, seq_len: int, seed: int):
+    """`n_samples` windows of `seq_len` tokens at seeded random offsets of the token stream."""
+    import torch
+
+    if n_samples < 1 or seq_len < 2:
+        raise ZipkdError("calibration needs at least 1 sample of at least 2 tokens")
+    stream = token_stream(tokenizer, texts)
+    if stream.numel() < seq_len:
+        raise ZipkdError(
+            f"calibration data too short: {stream.numel()} tokens, need at least one window of {seq_len}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - seq_len + 1, (n_samples,), generator=gen)
+    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, lm-eval tasks, measured speed, reports and the CI gate."""

@@ -1,0 +1,1 @@
+"""Latency tables: per-block latencies measured on the target device and regime, and predictions from them."""

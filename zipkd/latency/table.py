@@ -1,0 +1,138 @@
+"""The latency table format (versioned JSON) and prediction from it.
+
+Predicted model latency = rest + Σ_layers attention[kv_heads] + Σ_layers mlp[width], where `rest` is the
+non-prunable part (embeddings, final norm, lm_head) and entries at 0 are the cost of a removed block."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zipkd.errors import ZipkdError
+
+SCHEMA_VERSION = 1
+# Fingerprint keys that must match between a table and the model/device it is used for.
+MODEL_KEYS = ("architecture", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+              "intermediate_size", "vocab_size")
+DEVICE_KEYS = ("device", "device_name", "torch", "dtype", "threads")
+
+
+@dataclass
+class Regime:
+    """What is timed: `prefill` runs batch × seq_len tokens; `decode` one token per sequence over a KV cache
+    of `context` tokens."""
+
+    device: str = "cpu"
+    regime: str = "prefill"
+    batch: int = 1
+    seq_len: int = 512
+    context: int = 512
+    dtype: str = "float32"
+    runtime: str = "eager"
+    quantization: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.regime not in ("prefill", "decode"):
+            raise ZipkdError(f"unknown regime {self.regime!r}; choose prefill or decode")
+        if self.batch < 1:
+            raise ZipkdError(f"batch must be at least 1 (got {self.batch})")
+        if self.seq_len < 1 or self.context < 1:
+            raise ZipkdError("seq-len and context must be at least 1")
+
+
+@dataclass
+class LatencyTable:
+    regime: Regime
+    fingerprint: dict[str, Any]  # model shape + device (see MODEL_KEYS, DEVICE_KEYS)
+    rest_ms: float
+    attention_ms: dict[int, float]  # kept KV heads per layer -> ms (0 = block removed)
+    mlp_ms: dict[int, float]  # MLP width -> ms (0 = block removed)
+    num_layers: int
+    measured_dense_ms: float | None = None  # end-to-end dense model, for reference
+    meta: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def attention_levels(self) -> list[int]:
+        return sorted(self.attention_ms)
+
+    @property
+    def mlp_levels(self) -> list[int]:
+        return sorted(self.mlp_ms)
+
+    def layer_ms(self, kv_heads: int, width: int) -> float:
+        try:
+            return self.attention_ms[kv_heads] + self.mlp_ms[width]
+        except KeyError as exc:
+            raise ZipkdError(
+                f"no latency entry for {exc.args[0]} (attention levels {self.attention_levels}, MLP levels "
+                f"{self.mlp_levels})"
+            ) from None
+
+    def dense_ms(self) -> float:
+        """Predicted latency of the unpruned model."""
+        return self.rest_ms + self.num_layers * self.layer_ms(max(self.attention_ms), max(self.mlp_ms))
+
+    def predict(self, shapes: Sequence[Any]) -> float:
+        """Predicted latency (ms) of a model with these per-layer shapes (LayerShape or dicts); layers
+        missing from `shapes` count as removed."""
+        total = self.rest_ms
+        for s in shapes:
+            kv, width = (s["kv_heads"], s["intermediate"]) if isinstance(s, dict) else (s.kv_heads, s.intermediate)
+            total += self.layer_ms(kv, width)
+        total += (self.num_layers - len(shapes)) * self.layer_ms(0, 0)
+        return total
+
+    def predict_speedup(self, shapes: Sequence[Any]) -> float:
+        return self.dense_ms() / self.predict(shapes)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["attention_ms"] = {str(k): v for k, v in sorted(self.attention_ms.items())}
+        d["mlp_ms"] = {str(k): v for k, v in sorted(self.mlp_ms.items())}
+        return d
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from zipkd.outputs import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
+        return Path(path)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LatencyTable:
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise ZipkdError(f"latency table schema {d.get('schema_version')} is not supported (need {SCHEMA_VERSION})")
+        try:
+            return cls(
+                regime=Regime(**d["regime"]),
+                fingerprint=d["fingerprint"],
+                rest_ms=float(d["rest_ms"]),
+                attention_ms={int(k): float(v) for k, v in d["attention_ms"].items()},
+                mlp_ms={int(k): float(v) for k, v in d["mlp_ms"].items()},
+                num_layers=int(d["num_layers"]),
+                measured_dense_ms=d.get("measured_dense_ms"),
+                meta=d.get("meta", {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ZipkdError(f"malformed latency table: {exc}") from exc
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> LatencyTable:
+        path = Path(path)
+        try:
+            return cls.from_json(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ZipkdError(f"cannot read latency table {path}: {exc}") from exc
+
+    def mismatch(self, other_fingerprint: dict[str, Any], keys: Sequence[str] = MODEL_KEYS + DEVICE_KEYS) -> list[str]:
+        """Human-readable differences between this table's fingerprint and another (empty = compatible)."""
+        out = []
+        for k in keys:
+            a, b = self.fingerprint.get(k), other_fingerprint.get(k)
+            if a is not None and b is not None and a != b:
+                out.append(f"{k}: table has {a}, here {b}")
+        return out

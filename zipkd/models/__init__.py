@@ -1,0 +1,1 @@
+"""Model loading/saving, per-family architecture adapters and structural surgery."""

@@ -1,0 +1,207 @@
+"""Load and save models: the embedded default by name, a Hugging Face folder, or a `.gguf` file.
+
+`save_model` writes safetensors + config + tokenizer + the `zipkd.json` manifest atomically. `load_model`
+reads any folder zipkd wrote, including heterogeneous ones (per-layer widths, removed blocks) whose
+shapes are recorded in the config's `zipkd_layers`; uniform ones also load with plain `from_pretrained`."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zipkd.errors import ZipkdError
+from zipkd.models.adapters import ADAPTERS
+from zipkd.models.embedded import DEFAULT_MODEL, EMBEDDED, embedded_folder
+from zipkd.paths import offline_env
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    path: Path  # folder (or .gguf file) it came from
+    name: str  # what the user asked for
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise ZipkdError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def resolve_model(spec: str | os.PathLike | None) -> Path:
+    """Map a model argument to a folder or a .gguf file, with one clear error for bad input."""
+    spec = str(spec or DEFAULT_MODEL)
+    if spec in EMBEDDED:
+        return embedded_folder(spec)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ZipkdError(
+            f"model {spec!r} not found: give a model folder, a .gguf file, or one of {', '.join(EMBEDDED)}"
+        )
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return path
+        raise ZipkdError(f"{path} is a file but not a .gguf model; give a model folder or a .gguf file")
+    if not (path / "config.json").is_file():
+        raise ZipkdError(f"{path} is not a model folder (no config.json)")
+    return path
+
+
+def read_config(folder: Path) -> dict:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ZipkdError(f"cannot read {folder / 'config.json'}: {exc}") from exc
+    mt = cfg.get("model_type")
+    if mt not in ADAPTERS:
+        raise ZipkdError(f"unsupported architecture {mt!r} in {folder}; zipkd supports: {', '.join(sorted(ADAPTERS))}")
+    return cfg
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
+            raise ZipkdError(f"{folder} holds only pickled weights; zipkd reads safetensors only (convert them first)")
+        raise ZipkdError(f"{folder} has no .safetensors weights")
+    return files
+
+
+def _read_state_dict(folder: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    sd: dict = {}
+    for f in _weight_files(folder):
+        try:
+            sd.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise ZipkdError(f"corrupt weights file {f}: {exc}") from exc
+    return sd
+
+
+def _fix_meta_buffers(model: Any) -> None:
+    """Non-persistent buffers (rotary inv_freq) are not in the checkpoint: rebuild their modules."""
+    import torch
+
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            if type(module).__name__.endswith("RotaryEmbedding"):
+                parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+                with torch.device("cpu"):
+                    setattr(parent, name.rsplit(".", 1)[-1], type(module)(config=model.config))
+            else:
+                raise ZipkdError(f"cannot rebuild buffers of {name} ({type(module).__name__})")
+
+
+def _load_heterogeneous(folder: Path, dtype: Any) -> Any:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from zipkd.models.surgery import apply_layer_shapes
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    apply_layer_shapes(model, config.zipkd_layers)
+    sd = _read_state_dict(folder)
+    result = model.load_state_dict(sd, strict=False, assign=True)
+    tied = {k for k in result.missing_keys if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
+    missing = set(result.missing_keys) - tied
+    if missing or result.unexpected_keys:
+        raise ZipkdError(
+            f"weights in {folder} do not match its config: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(result.unexpected_keys)[:3]}"
+        )
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    _fix_meta_buffers(model)
+    return model.to(dtype)
+
+
+def load_model(spec: str | os.PathLike | None = None, dtype: str = "float32", device: str = "cpu",
+               tokenizer: bool = True) -> LoadedModel:
+    """Load a model for zipkd: the embedded name, a folder, or a .gguf file. Never runs remote code."""
+    offline_env()
+    dt = torch_dtype(dtype)
+    path = resolve_model(spec)
+    if path.suffix == ".gguf":
+        from zipkd.models.embedded import load_gguf
+
+        model, tok = load_gguf(path, dt)
+        return LoadedModel(model.to(device), tok, path, str(spec))
+
+    cfg = read_config(path)
+    _weight_files(path)
+    from zipkd.models.surgery import is_heterogeneous
+
+    class _Cfg:  # duck-typed view for is_heterogeneous
+        zipkd_layers = cfg.get("zipkd_layers")
+
+    try:
+        if is_heterogeneous(_Cfg):
+            model = _load_heterogeneous(path, dt)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            _read_state_dict_headers(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, trust_remote_code=False)
+    except ZipkdError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for broken folders
+        raise ZipkdError(f"cannot load model from {path}: {exc}") from exc
+    model.eval()
+    tok = None
+    if tokenizer:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except Exception as exc:  # noqa: BLE001
+            raise ZipkdError(f"cannot load the tokenizer from {path}: {exc}") from exc
+    return LoadedModel(model.to(device), tok, path, str(spec))
+
+
+def _read_state_dict_headers(folder: Path) -> None:
+    """Check every safetensors file opens (a clear error for a corrupt file before transformers' own)."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in _weight_files(folder):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                list(h.keys())
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ZipkdError(f"corrupt weights file {f}: {exc}") from exc
+
+
+def save_model(model: Any, tokenizer: Any, out: str | os.PathLike, stage: str,
+               inputs: dict[str, Any] | None = None, config: Any = None, seed: int | None = None,
+               metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+               force: bool = False, input_hashes: dict[str, str] | None = None) -> Path:
+    """Write weights (safetensors), config, tokenizer and `zipkd.json` into `out`, atomically."""
+    from zipkd.manifest import build_manifest, write_manifest
+    from zipkd.models.surgery import sync_config
+    from zipkd.outputs import atomic_dir, check_output
+
+    out = check_output(out, force, tuple(Path(p) for p in (inputs or {}).values() if p is not None))
+    if getattr(model.config, "zipkd_layers", None) is not None or getattr(model.config, "zipkd_base", None):
+        sync_config(model)
+    manifest = build_manifest(stage, inputs, config, seed, metrics, extra, input_hashes)
+    with atomic_dir(out, force=force) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_manifest(tmp, manifest)
+    return out
