@@ -69,7 +69,7 @@ def info(
 
     if max_length < 2 or max_tokens < 2:
         raise typer.BadParameter("--max-length and --max-tokens must be at least 2")
-    lm = load_model(model, dtype=dtype)
+    lm = load_model(model, dtype=dtype, tokenizer=ppl)
     summary = describe(lm)
     if ppl:
         from zipkd.data.assets import heldout_text_path

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random-weight models built from configs (fast), and the real embedded model (slow)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, head_dim=16)
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(model_type, **{**TINY, **overrides})
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # Non-trivial norms and biases so slicing mistakes show up in the logits.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.1)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    from zipkd.models.io import load_model
+
+    return load_model("smollm2-135m")
+
+
+def ids(n: int = 2, t: int = 12, vocab: int = 128, seed: int = 1):
+    import torch
+
+    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
