@@ -1,10 +1,200 @@
-"""`zipkd profile` (placeholder until its issue lands)."""
+"""`zipkd profile`: measure (or reuse) a latency table for a model on a device and regime, and validate it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
 
 from zipkd.cli.app import app
-from zipkd.cli.common import not_built
+from zipkd.cli.common import DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelArg, cli_errors, console, progress
+
+_REGIME = "Regime"
+_RUN = "Run"
 
 
 @app.command(name="profile", rich_help_panel="Pipeline")
-def profile() -> None:
-    """Not built yet."""
-    not_built("profile")
+@cli_errors
+def profile(
+    model: ModelArg = "smollm2-135m",
+    device: DeviceOpt = "cpu",
+    regime: Annotated[
+        str,
+        typer.Option(
+            help="prefill (prompt of --seq-len tokens) or decode (one token over a "
+            "KV cache of --context tokens).",
+            rich_help_panel=_REGIME,
+        ),
+    ] = "prefill",
+    batch: Annotated[int, typer.Option(min=1, help="Sequences per forward.", rich_help_panel=_REGIME)] = 1,
+    seq_len: Annotated[
+        int, typer.Option(min=1, help="Prompt tokens (prefill).", rich_help_panel=_REGIME)
+    ] = 512,
+    context: Annotated[
+        int, typer.Option(min=1, help="KV-cache tokens (decode).", rich_help_panel=_REGIME)
+    ] = 512,
+    dtype: DtypeOpt = "float32",
+    runtime: Annotated[
+        str,
+        typer.Option(
+            help="eager, or cudagraphs (CUDA only). torch.compile is not offered.", rich_help_panel=_REGIME
+        ),
+    ] = "eager",
+    quantization: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Time blocks quantized in memory with this method (see `zipkd quantize`).",
+            rich_help_panel=_REGIME,
+        ),
+    ] = None,
+    table: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Use this table file instead of measuring (checked against the model and device).",
+            rich_help_panel=_RUN,
+        ),
+    ] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="Also write the table to this JSON file.", rich_help_panel=_RUN),
+    ] = None,
+    validate: Annotated[
+        int,
+        typer.Option(
+            "--validate",
+            is_flag=False,
+            flag_value=8,
+            min=0,
+            metavar="[N]",
+            help="Measure N random pruned variants (default 8) end to end and compare with the predictions.",
+            rich_help_panel=_RUN,
+        ),
+    ] = 0,
+    repeats: Annotated[
+        int, typer.Option(min=1, help="Timed repeats per entry (median).", rich_help_panel=_RUN)
+    ] = 9,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the random variants for --validate.", rich_help_panel=_RUN)
+    ] = 0,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure a latency table: every attention KV-head count and a grid of MLP widths (0 = block removed),
+    plus the rest, on the target device and regime. Cached and reused; --force re-measures (and accepts a
+    mismatching --table)."""
+    from zipkd.latency.profile import load_or_profile, parse_device, profile_model, table_cache_path
+    from zipkd.latency.table import Regime
+    from zipkd.models.io import load_model
+
+    if runtime not in ("eager", "cudagraphs"):
+        raise typer.BadParameter(
+            f"unknown runtime {runtime!r}; choose eager or cudagraphs", param_hint="--runtime"
+        )
+    if output is not None and output.exists() and not force:
+        from zipkd.errors import ZipkdError
+
+        raise ZipkdError(f"{output} exists; pass --force to replace it")
+    reg = Regime(
+        device=device,
+        regime=regime,
+        batch=batch,
+        seq_len=seq_len,
+        context=context,
+        dtype=dtype,
+        runtime=runtime,
+        quantization=quantization,
+    )
+    dev = parse_device(device) if table is None or validate else None
+    lm = load_model(model, dtype=dtype, device=str(dev or "cpu"), tokenizer=False)
+    with progress(transient=True) as bar:
+        if table is not None:
+            tab = load_or_profile(lm, reg, table=table, force=force)
+        elif force:
+            tab = profile_model(lm, reg, progress=bar, repeats=repeats)
+            path = table_cache_path(lm.model.config, reg)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tab.save(path)
+            tab.meta.update(cache_path=str(path), cached=False)
+        else:
+            tab = load_or_profile(lm, reg, progress=bar)
+        report = None
+        if validate:
+            from zipkd.latency.validate import validate_table
+
+            report = validate_table(lm, tab, n=validate, seed=seed, repeats=max(3, repeats - 2), progress=bar)
+    if output is not None:
+        tab.save(output)
+    if as_json:
+        out = {"table": tab.to_json()}
+        if report is not None:
+            out["validation"] = report.to_json()
+        console.print_json(json.dumps(out))
+        return
+    _print_table(tab)
+    if report is not None:
+        _print_validation(report)
+
+
+def _print_table(tab) -> None:
+    r = tab.regime
+    what = (
+        f"{r.batch}×{r.seq_len} prefill"
+        if r.regime == "prefill"
+        else f"decode, batch {r.batch}, context {r.context}"
+    )
+    fp = tab.fingerprint
+    console.print(
+        f"[bold]Latency table[/] {fp.get('architecture')} on {fp.get('device_name')} ({r.device}, {r.dtype}, "
+        f"{r.runtime}{', ' + r.quantization if r.quantization else ''}), {what}"
+    )
+    t = Table(show_header=True, header_style="bold")
+    t.add_column("block")
+    t.add_column("level", justify="right")
+    t.add_column("ms", justify="right")
+    for k, v in sorted(tab.attention_ms.items()):
+        t.add_row("attention", f"{k} KV heads", f"{v:.3f}")
+    mlp = sorted(tab.mlp_ms.items())
+    every = max(1, len(mlp) // 10)
+    shown = [x for i, x in enumerate(mlp) if i % every == 0 or i == len(mlp) - 1]
+    for w, v in shown:
+        t.add_row("mlp", f"width {w}", f"{v:.3f}")
+    t.add_row("rest", "embeddings, norm, lm_head, overheads", f"{tab.rest_ms:.3f}")
+    console.print(t)
+    if len(shown) < len(mlp):
+        console.print(f"({len(mlp)} MLP widths measured; --json or --output for all)")
+    line = f"dense: predicted {tab.dense_ms():.2f} ms"
+    if tab.measured_dense_ms is not None:
+        line += f", measured {tab.measured_dense_ms:.2f} ms"
+    if "build_s" in tab.meta and not tab.meta.get("cached"):
+        line += f"; built in {tab.meta['build_s']:.0f} s"
+    if tab.meta.get("cached"):
+        line += " (cached table)"
+    console.print(line)
+    if tab.meta.get("cache_path"):
+        console.print(f"table: {tab.meta['cache_path']}", highlight=False)
+    if tab.meta.get("warning"):
+        console.print(f"[yellow]warning:[/] {tab.meta['warning']}")
+
+
+def _print_validation(report) -> None:
+    t = Table(title="predicted vs measured (random pruned variants)", header_style="bold")
+    for col in ("#", "layers", "pred ms", "meas ms", "pred speedup", "meas speedup", "error"):
+        t.add_column(col, justify="right")
+    for i, v in enumerate(report.variants):
+        t.add_row(
+            str(i + 1),
+            str(len(v.shapes)),
+            f"{v.predicted_ms:.2f}",
+            f"{v.measured_ms:.2f}",
+            f"{v.predicted_speedup:.2f}x",
+            f"{v.measured_speedup:.2f}x",
+            f"{v.speedup_error:+.1%}",
+        )
+    console.print(t)
+    console.print(
+        f"median |predicted/measured speedup − 1| = {report.median_abs_speedup_error:.1%}; "
+        f"latency: {report.median_abs_latency_error:.1%}"
+    )

@@ -77,8 +77,13 @@ def random_ids(model: torch.nn.Module, batch: int, length: int, seed: int = _SEE
 class Step:
     """One timed unit of work: `run()` does it (timed), `reset()` restores state between runs (not timed)."""
 
-    def __init__(self, run: Callable[[], Any], reset: Callable[[], None] | None = None,
-                 device: torch.device | str = "cpu", keep: Any = None):
+    def __init__(
+        self,
+        run: Callable[[], Any],
+        reset: Callable[[], None] | None = None,
+        device: torch.device | str = "cpu",
+        keep: Any = None,
+    ):
         self.run = run
         self.reset = reset or (lambda: None)
         self.device = torch.device(device)
@@ -113,7 +118,9 @@ def as_graph(step: Step) -> Step:
     except ZipkdError:
         raise
     except Exception as exc:  # noqa: BLE001 - capture fails in many ways; say which and how to avoid it
-        raise ZipkdError(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); use --runtime eager") from exc
+        raise ZipkdError(
+            f"CUDA graph capture failed ({type(exc).__name__}: {exc}); use --runtime eager"
+        ) from exc
     return Step(graph.replay, None, step.device, keep=(step, graph))
 
 
@@ -151,7 +158,9 @@ def model_step(model: Any, regime: Regime, inputs: torch.Tensor | None = None) -
 def check_runtime(regime: Regime, device: torch.device | str) -> None:
     device = torch.device(device)
     if regime.runtime not in ("eager", "cudagraphs"):
-        raise ZipkdError(f"runtime {regime.runtime!r} is not supported; choose eager (any device) or cudagraphs (CUDA)")
+        raise ZipkdError(
+            f"runtime {regime.runtime!r} is not supported; choose eager (any device) or cudagraphs (CUDA)"
+        )
     if regime.runtime == "cudagraphs" and device.type != "cuda":
         raise ZipkdError("--runtime cudagraphs needs a CUDA device; use --runtime eager on CPU")
 
@@ -159,12 +168,20 @@ def check_runtime(regime: Regime, device: torch.device | str) -> None:
 def summarize(samples: Sequence[float]) -> dict[str, Any]:
     s = sorted(samples)
     q = statistics.quantiles(s, n=10, method="inclusive") if len(s) > 1 else [s[0]] * 9
-    return {"median_ms": statistics.median(s), "p10_ms": q[0], "p90_ms": q[-1], "repeats": len(s),
-            "samples_ms": list(samples)}
+    return {
+        "median_ms": statistics.median(s),
+        "p10_ms": q[0],
+        "p90_ms": q[-1],
+        "repeats": len(s),
+        "samples_ms": list(samples),
+    }
 
 
-def compare_steps(steps: Sequence[Step], warmup: int = 2, repeats: int = 7) -> list[dict[str, Any]]:
-    """Time prepared steps alternately: each round runs every step once, in an order rotated per round."""
+def compare_steps(
+    steps: Sequence[Step], warmup: int = 2, repeats: int = 7, callback: Callable[[], None] | None = None
+) -> list[dict[str, Any]]:
+    """Time prepared steps alternately: each round runs every step once, in an order rotated per round.
+    `callback` is called after every timed run (progress bars)."""
     if repeats < 1 or warmup < 0:
         raise ZipkdError("repeats must be at least 1 and warmup at least 0")
     samples: list[list[float]] = [[] for _ in steps]
@@ -176,11 +193,18 @@ def compare_steps(steps: Sequence[Step], warmup: int = 2, repeats: int = 7) -> l
                 ms = steps[i].time_once()
                 if r >= warmup:
                     samples[i].append(ms)
+                if callback is not None:
+                    callback()
     return [summarize(s) for s in samples]
 
 
-def compare_ms(models: Sequence[Any], regime: Regime, warmup: int = 2, repeats: int = 7,
-               inputs: torch.Tensor | None = None) -> list[dict[str, Any]]:
+def compare_ms(
+    models: Sequence[Any],
+    regime: Regime,
+    warmup: int = 2,
+    repeats: int = 7,
+    inputs: torch.Tensor | None = None,
+) -> list[dict[str, Any]]:
     """Time several models alternately in one run (honest ratios under changing load); one dict per model:
     median_ms, p10_ms, p90_ms, repeats, samples_ms."""
     mods = [_module(m) for m in models]
@@ -190,7 +214,8 @@ def compare_ms(models: Sequence[Any], regime: Regime, warmup: int = 2, repeats: 
     return compare_steps(steps, warmup, repeats)
 
 
-def measure_ms(model: Any, regime: Regime, inputs: torch.Tensor | None = None, warmup: int = 2,
-               repeats: int = 7) -> dict[str, Any]:
+def measure_ms(
+    model: Any, regime: Regime, inputs: torch.Tensor | None = None, warmup: int = 2, repeats: int = 7
+) -> dict[str, Any]:
     """End-to-end time of one model forward in the regime: median_ms, p10_ms, p90_ms, repeats, samples_ms."""
     return compare_ms([model], regime, warmup, repeats, inputs)[0]

@@ -1,0 +1,495 @@
+"""Build latency tables by timing one decoder layer at every shape the pruner may choose, on the target device.
+
+Method (all timings alternate round by round, see `measure.compare_steps`):
+- capture the exact arguments the model passes to a decoder layer in the regime (hidden states, rotary
+  embeddings, mask; for decode also the step's position), with a forward pre-hook on a full-size layer;
+- time copies of that layer sliced to: attention at every kept KV-head count k with the MLP removed, T(k, 0);
+  the MLP at every width w of the grid with attention removed, T(0, w); the empty layer T(0, 0); and the dense
+  layer T(K, W). Decode layers run over their own KV cache holding `context` tokens;
+- time the dense model end to end in the same rounds.
+
+An additive table a[k] + m[w] cannot hold both the per-layer overhead δ = T(0, 0) (norm-free residual
+pass-through, call overhead) and the fact that a fully removed layer is dropped (costs 0). We use
+a[k] = T(k, 0) − T(0, 0) + δ/2, m[w] = T(0, w) − T(0, 0) + δ/2 and a[0] = m[0] = 0: exact for layers
+with both blocks (T(k, w) = a[k] + m[w] under additivity) and for dropped layers; δ/2 low for a layer that
+keeps one block. `rest` = dense end-to-end − L × (a[K] + m[W]), so the table reproduces the dense model's
+measured latency and holds embeddings, final norm, lm_head and per-forward overheads.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zipkd.errors import ZipkdError
+from zipkd.latency.measure import (
+    Step,
+    _module,
+    as_graph,
+    cache_kwarg,
+    check_runtime,
+    compare_steps,
+    model_device,
+    model_step,
+    output_cache,
+    random_ids,
+    restore_cache,
+    snapshot_cache,
+)
+from zipkd.latency.table import DEVICE_KEYS, MODEL_KEYS, LatencyTable, Regime
+
+PROFILER_VERSION = 1  # part of the cache key: bump when the method changes
+EXTRA_DEVICE_KEYS = ("driver", "runtime", "quantization")
+
+
+# ---------------------------------------------------------------- fingerprints
+
+
+def parse_device(device: str) -> torch.device:
+    """Validate a device string: `cpu`, `cuda` or `cuda:N` (the GPU must exist)."""
+    text = str(device).strip().lower()
+    if text != "cpu" and not (text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())):
+        raise ZipkdError(f"unknown device {device!r}; choose cpu or cuda (cuda:N)")
+    dev = torch.device(text)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ZipkdError(
+                "CUDA was asked for but no GPU is available here (torch.cuda.is_available() is False)"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ZipkdError(f"{device} does not exist: {torch.cuda.device_count()} GPU(s) visible")
+    return dev
+
+
+def model_fingerprint(config: Any) -> dict[str, Any]:
+    """Shape of the *base* architecture (a pruned model's base, so its table is the base model's)."""
+    from zipkd.models.adapters import adapter_for
+    from zipkd.models.surgery import base_geometry
+
+    adapter_for(config)
+    geo = base_geometry(config)
+    return {
+        "architecture": config.model_type,
+        "hidden_size": geo.hidden_size,
+        "num_layers": geo.num_layers,
+        "num_heads": geo.num_heads,
+        "num_kv_heads": geo.num_kv_heads,
+        "head_dim": geo.head_dim,
+        "intermediate_size": geo.intermediate_size,
+        "vocab_size": int(getattr(config, "vocab_size", 0)),
+    }
+
+
+def device_fingerprint(regime: Regime, strict: bool = True) -> dict[str, Any]:
+    """Where the table is measured: device type and name (CPU model or GPU), driver, threads, torch version,
+    dtype, runtime and quantization. `strict=False` describes an absent CUDA device by its type only."""
+    from zipkd.manifest import cpu_model
+
+    fp: dict[str, Any] = {
+        "device": None,
+        "device_name": None,
+        "torch": torch.__version__,
+        "dtype": regime.dtype,
+        "threads": None,
+        "runtime": regime.runtime,
+        "quantization": regime.quantization,
+    }
+    try:
+        dev = parse_device(regime.device)
+    except ZipkdError:
+        if strict:
+            raise
+        fp["device"] = str(regime.device).split(":")[0]
+        return fp
+    fp["device"] = dev.type
+    if dev.type == "cuda":
+        fp["device_name"] = torch.cuda.get_device_name(dev)
+        fp["cuda"] = torch.version.cuda
+        fp["driver"] = _driver_version()
+        fp["cpu"] = cpu_model()
+    else:
+        fp["device_name"] = cpu_model()
+        fp["threads"] = torch.get_num_threads()
+    return fp
+
+
+def _driver_version() -> str | None:
+    try:
+        import subprocess
+
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, IndexError, Exception):  # noqa: BLE001 - best effort
+        return None
+
+
+def table_mismatch(table: LatencyTable, config: Any, regime: Regime) -> list[str]:
+    """Why a table does not fit this model and target device ([] = it fits)."""
+    here = {**model_fingerprint(config), **device_fingerprint(regime, strict=False)}
+    return table.mismatch(here, MODEL_KEYS + DEVICE_KEYS + EXTRA_DEVICE_KEYS)
+
+
+# ---------------------------------------------------------------- grids
+
+
+def mlp_grid(intermediate: int, device_type: str = "cpu", max_levels: int = 32) -> list[int]:
+    """MLP widths to time: 0 (removed), multiples of an aligned step (64 on CPU, 128 on GPU, doubled until at
+    most `max_levels` widths), and the full width."""
+    if intermediate < 1:
+        raise ZipkdError("the model has no MLP width to profile")
+    step = 128 if device_type == "cuda" else 64
+    while intermediate // step > max_levels:
+        step *= 2
+    widths = {0, intermediate, *range(step, intermediate, step)}
+    if intermediate < step:  # tiny models: a few evenly spread widths
+        widths |= {max(1, intermediate * i // 4) for i in range(1, 4)}
+    return sorted(widths)
+
+
+# ---------------------------------------------------------------- layer timing
+
+
+def _full_layer(model: torch.nn.Module) -> tuple[int, torch.nn.Module]:
+    from zipkd.models.adapters import adapter_for
+    from zipkd.models.surgery import base_geometry, kv_heads_of, width_of
+
+    ad = adapter_for(model.config)
+    geo = base_geometry(model.config)
+    for i, layer in enumerate(ad.layers(model)):
+        if (
+            kv_heads_of(layer, ad, geo.head_dim) == geo.num_kv_heads
+            and width_of(layer, ad) == geo.intermediate_size
+        ):
+            return i, layer
+    raise ZipkdError(
+        "no full-size decoder layer in this model: profile the unpruned base model (a pruned "
+        "model's predictions come from its base model's table)"
+    )
+
+
+def capture_layer_inputs(
+    model: torch.nn.Module, layer: torch.nn.Module, regime: Regime
+) -> tuple[torch.Tensor, dict]:
+    """Run the model once in the regime and return the (hidden_states, kwargs) it passes to `layer` (the decode
+    step's, for decode)."""
+    seen: list[tuple[tuple, dict]] = []
+
+    def hook(_mod: Any, args: tuple, kwargs: dict) -> None:
+        seen.append((args, dict(kwargs)))
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        step = model_step(model, regime.__class__(**{**asdict(regime), "runtime": "eager"}))
+        with torch.inference_mode():
+            step.run()
+        step.reset()
+    finally:
+        handle.remove()
+    if not seen:
+        raise ZipkdError("the model never called its decoder layer; cannot profile it")
+    args, kwargs = seen[-1]
+    hidden = args[0] if args else kwargs.pop("hidden_states")
+    for key in ("cache", "past_key_values"):
+        if key in kwargs:
+            kwargs[key] = None
+    return hidden, kwargs
+
+
+def layer_variant(layer: torch.nn.Module, config: Any, kv_heads: int, width: int) -> torch.nn.Module:
+    """A copy of a full-size layer with the first `kv_heads` KV groups and `width` MLP channels (0 = removed)."""
+    from zipkd.models.adapters import adapter_for
+    from zipkd.models.surgery import base_geometry, remove_attention, remove_mlp, slice_attention, slice_mlp
+
+    ad = adapter_for(config)
+    geo = base_geometry(config)
+    new = copy.deepcopy(layer)
+    if kv_heads == 0:
+        remove_attention(new, ad)
+    else:
+        if kv_heads < geo.num_kv_heads:
+            slice_attention(new, ad, geo.head_dim, geo.group_size, list(range(kv_heads)))
+        attn = ad.attention(new)
+        attn.layer_idx = 0
+        if hasattr(attn, "num_key_value_groups"):
+            attn.num_key_value_groups = geo.group_size
+    if width == 0:
+        remove_mlp(new, ad)
+    elif width < geo.intermediate_size:
+        slice_mlp(new, ad, torch.arange(width))
+    return new.eval()
+
+
+def layer_step(
+    layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, regime: Regime, config: Any, kv_heads: int
+) -> Step:
+    """One forward of a single layer in the regime; for decode over its own KV cache of `context` tokens."""
+    from zipkd.models.surgery import base_geometry
+
+    device = hidden.device
+    kw = dict(kwargs)
+    reset = None
+    keep = None
+    if regime.regime == "decode":
+        from transformers import DynamicCache
+
+        geo = base_geometry(config)
+        cache = DynamicCache()
+        if kv_heads:
+            shape = (hidden.shape[0], kv_heads, regime.context, geo.head_dim)
+            g = torch.Generator(device=device).manual_seed(0)
+            k = torch.randn(shape, generator=g, device=device, dtype=hidden.dtype)
+            v = torch.randn(shape, generator=g, device=device, dtype=hidden.dtype)
+            cache.update(k, v, 0)
+        snap = snapshot_cache(cache)
+        key = "cache" if "cache" in kw else "past_key_values" if "past_key_values" in kw else None
+        if key is not None:
+            kw[key] = cache
+        reset, keep = (lambda: restore_cache(snap)), (cache, snap)
+
+    def run() -> Any:
+        return layer(hidden, **kw)
+
+    step = Step(run, reset, device, keep=keep)
+    return as_graph(step) if regime.runtime == "cudagraphs" else step
+
+
+def _quantizer(method: str | None):
+    if method is None:
+        return None
+    try:
+        from zipkd.quantize.api import quantize_model
+    except ImportError as exc:
+        raise ZipkdError(
+            f"--quantization {method} needs zipkd.quantize, which is not available here ({exc})"
+        ) from exc
+    return quantize_model
+
+
+def _nbytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _check_model(model: torch.nn.Module, regime: Regime) -> torch.device:
+    from zipkd.models.io import torch_dtype
+
+    dev = parse_device(regime.device)
+    have = model_device(model)
+    if have.type != dev.type or (dev.index is not None and have.index != dev.index):
+        raise ZipkdError(f"the model is on {have} but the regime asks for {regime.device}; load it there")
+    dtype = torch_dtype(regime.dtype)
+    p = next(model.parameters())
+    if p.dtype != dtype and regime.quantization is None:
+        raise ZipkdError(
+            f"the model is in {str(p.dtype).removeprefix('torch.')} but the regime asks for "
+            f"{regime.dtype}; load it in that dtype"
+        )
+    check_runtime(regime, have)
+    return have
+
+
+def _memory_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.3)
+    return 2 << 30
+
+
+def profile_model(
+    lm: Any,
+    regime: Regime,
+    progress: Any = None,
+    warmup: int = 2,
+    repeats: int = 9,
+    max_levels: int = 32,
+    widths: Sequence[int] | None = None,
+) -> LatencyTable:
+    """Measure a latency table for this (unpruned) model on the regime's device. `lm`: LoadedModel or module
+    (already on the device, in the regime's dtype)."""
+    t_start = time.perf_counter()
+    model = _module(lm).eval()
+    config = model.config
+    device = _check_model(model, regime)
+    fingerprint = {**model_fingerprint(config), **device_fingerprint(regime)}
+    from zipkd.models.surgery import base_geometry
+
+    geo = base_geometry(config)
+    K, W, L = geo.num_kv_heads, geo.intermediate_size, geo.num_layers
+    grid = sorted(set(widths) | {0, W}) if widths is not None else mlp_grid(W, device.type, max_levels)
+    if any(w < 0 or w > W for w in grid):
+        raise ZipkdError(f"MLP widths must lie in 0..{W}")
+    quantize = _quantizer(regime.quantization)
+
+    _, base_layer = _full_layer(model)
+    hidden, kwargs = capture_layer_inputs(model, base_layer, regime)
+
+    dense_model = model
+    if quantize is not None:
+        dense_model = quantize(copy.deepcopy(model), regime.quantization, str(device))
+
+    # (kv_heads, width) shapes to time; T(K, W) is only a cross-check of additivity.
+    specs = [(k, 0) for k in range(1, K + 1)] + [(0, w) for w in grid if w > 0] + [(0, 0), (K, W)]
+    budget = _memory_budget(device)
+    kv_bytes = 2 * hidden.shape[0] * regime.context * geo.head_dim * hidden.element_size()
+    decode = regime.regime == "decode"
+    est = {
+        (k, w): _nbytes(base_layer) * ((k / K) * 0.5 + (w / W) * 0.5) + decode * k * kv_bytes + 1
+        for k, w in specs
+    }
+    chunks: list[list[tuple[int, int]]] = [[]]
+    used = 0.0
+    for s in specs:
+        if s in ((0, 0), (K, W)):
+            continue
+        if chunks[-1] and used + est[s] > budget:
+            chunks.append([])
+            used = 0.0
+        chunks[-1].append(s)
+        used += est[s]
+
+    task = None
+    if progress is not None:
+        total = sum((len(c) + 3) * (warmup + repeats) for c in chunks)
+        task = progress.add_task(f"profiling {regime.regime} on {device.type}", total=total)
+
+    def tick() -> None:
+        if progress is not None:
+            progress.advance(task)
+
+    e2e_step = model_step(dense_model, regime)
+    results: dict[tuple[int, int], list[float]] = {}
+    ref: list[float] = []  # dense-layer medians per chunk, to put chunks on one scale
+    e2e_samples: list[float] = []
+    for chunk in chunks:
+        shapes = [(K, W), (0, 0), *chunk]
+        layers = [layer_variant(base_layer, config, k, w) for k, w in shapes]
+        if quantize is not None:
+            layers = [
+                quantize(layer, regime.quantization, str(device)) if (k or w) else layer
+                for layer, (k, w) in zip(layers, shapes)
+            ]
+        steps = [e2e_step] + [
+            layer_step(layer, hidden, kwargs, regime, config, k) for layer, (k, _) in zip(layers, shapes)
+        ]
+        stats = compare_steps(steps, warmup, repeats, callback=tick)
+        e2e_samples += stats[0]["samples_ms"]
+        ref.append(stats[1]["median_ms"])
+        for (k, w), st in zip(shapes, stats[1:]):
+            results.setdefault((k, w), []).append(st["median_ms"])
+        del layers, steps
+    dense_layer = float(torch.tensor(ref).median())
+    # Chunks measured at different moments: rescale each chunk by its own dense-layer reference.
+    T: dict[tuple[int, int], float] = {}
+    for i, chunk in enumerate(chunks):
+        scale = dense_layer / ref[i]
+        for s in chunk:
+            T[s] = results[s][i] * scale
+    T[(0, 0)] = sum(v * dense_layer / r for v, r in zip(results[(0, 0)], ref)) / len(ref)
+    T[(K, W)] = dense_layer
+    delta = T[(0, 0)]
+    attention_ms = {0: 0.0, **{k: T[(k, 0)] - delta + delta / 2 for k in range(1, K + 1)}}
+    mlp_ms = {0: 0.0, **{w: T[(0, w)] - delta + delta / 2 for w in grid if w > 0}}
+    predicted_layer = attention_ms[K] + mlp_ms[W]
+    e2e = float(torch.tensor(e2e_samples).median())
+    rest = e2e - L * predicted_layer
+    meta = {
+        "profiler_version": PROFILER_VERSION,
+        "method": "single-layer timing, additive blocks, rest = dense end-to-end - L x layer",
+        "prefill_logits": "last position only (logits_to_keep=1)",
+        "warmup": warmup,
+        "repeats": repeats,
+        "chunks": len(chunks),
+        "dense_layer_ms": dense_layer,
+        "layer_overhead_ms": delta,
+        "additivity_error": predicted_layer / dense_layer - 1,
+        "rest_fraction": rest / e2e,
+        "build_s": round(time.perf_counter() - t_start, 2),
+    }
+    if rest < 0:
+        meta["warning"] = "negative rest: the machine was busier during layer timings than end-to-end ones"
+    return LatencyTable(
+        regime=regime,
+        fingerprint=fingerprint,
+        rest_ms=rest,
+        attention_ms=attention_ms,
+        mlp_ms=mlp_ms,
+        num_layers=L,
+        measured_dense_ms=e2e,
+        meta=meta,
+    )
+
+
+# ---------------------------------------------------------------- cache
+
+
+def table_cache_path(config: Any, regime: Regime) -> Path:
+    """Where the table for this model, device and regime is cached (under cache_dir()/tables)."""
+    from zipkd.paths import cache_dir
+
+    mfp = model_fingerprint(config)
+    dfp = device_fingerprint(regime)
+    key = json.dumps(
+        {"model": mfp, "device": dfp, "regime": asdict(regime), "v": PROFILER_VERSION}, sort_keys=True
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    name = (
+        f"{mfp['architecture']}-h{mfp['hidden_size']}-l{mfp['num_layers']}-{dfp['device']}-{regime.regime}"
+        f"-b{regime.batch}-{digest}.json"
+    )
+    return cache_dir() / "tables" / name
+
+
+def check_table(table: LatencyTable, lm: Any, regime: Regime, force: bool = False) -> LatencyTable:
+    """Refuse a table measured for another model or device (unless forced), naming the differences."""
+    problems = table_mismatch(table, _module(lm).config, regime)
+    if problems and not force:
+        raise ZipkdError(
+            "latency table does not match this model/device ("
+            + "; ".join(problems)
+            + "); profile again or pass --force"
+        )
+    return table
+
+
+def load_or_profile(
+    lm: Any,
+    regime: Regime,
+    table: LatencyTable | str | Path | None = None,
+    force: bool = False,
+    progress: Any = None,
+) -> LatencyTable:
+    """A given table (checked against the model/device; `force` accepts a mismatch), else the cached table for
+    this model+device+regime, else a freshly measured one (cached). `force` also re-measures a cached table."""
+    if table is not None:
+        tab = table if isinstance(table, LatencyTable) else LatencyTable.load(table)
+        return check_table(tab, lm, regime, force)
+    model = _module(lm)
+    path = table_cache_path(model.config, regime)
+    if path.is_file() and not force:
+        try:
+            tab = LatencyTable.load(path)
+            if not table_mismatch(tab, model.config, regime):
+                tab.meta["cache_path"] = str(path)
+                tab.meta["cached"] = True
+                return tab
+        except ZipkdError:
+            pass  # unreadable or outdated cache entry: measure again
+    tab = profile_model(lm, regime, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tab.save(path)
+    tab.meta["cache_path"] = str(path)
+    tab.meta["cached"] = False
+    return tab
