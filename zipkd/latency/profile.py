@@ -34,13 +34,10 @@ from zipkd.latency.measure import (
     Step,
     _module,
     as_graph,
-    cache_kwarg,
     check_runtime,
     compare_steps,
     model_device,
     model_step,
-    output_cache,
-    random_ids,
     restore_cache,
     snapshot_cache,
 )
@@ -139,7 +136,7 @@ def _driver_version() -> str | None:
 
 def table_mismatch(table: LatencyTable, config: Any, regime: Regime) -> list[str]:
     """Why a table does not fit this model and target device ([] = it fits)."""
-    here = {**model_fingerprint(config), **device_fingerprint(regime, strict=False)}
+    here = {**model_fingerprint(config), **device_fingerprint(regime, strict=True)}
     return table.mismatch(here, MODEL_KEYS + DEVICE_KEYS + EXTRA_DEVICE_KEYS)
 
 
@@ -155,7 +152,7 @@ def mlp_grid(intermediate: int, device_type: str = "cpu", max_levels: int = 32) 
     while intermediate // step > max_levels:
         step *= 2
     widths = {0, intermediate, *range(step, intermediate, step)}
-    if intermediate < step:  # tiny models: a few evenly spread widths
+    if intermediate < 4 * step:  # tiny models: also a few evenly spread widths
         widths |= {max(1, intermediate * i // 4) for i in range(1, 4)}
     return sorted(widths)
 
@@ -265,6 +262,18 @@ def layer_step(
 
     step = Step(run, reset, device, keep=keep)
     return as_graph(step) if regime.runtime == "cudagraphs" else step
+
+
+def block_entries(
+    T: dict[tuple[int, int], float], num_kv_heads: int, widths: Sequence[int]
+) -> tuple[dict[int, float], dict[int, float], float]:
+    """Additive per-block entries from single-layer times T[(k, w)] (k KV heads, w MLP width; needs (k, 0) for
+    k = 1..K, (0, w) for each width and (0, 0)). Returns (attention_ms, mlp_ms, δ) with a[0] = m[0] = 0 and the
+    layer overhead δ = T(0, 0) split between the two blocks (see the module docstring). Pure."""
+    delta = T[(0, 0)]
+    attention = {0: 0.0, **{k: T[(k, 0)] - delta / 2 for k in range(1, num_kv_heads + 1)}}
+    mlp = {0: 0.0, **{w: T[(0, w)] - delta / 2 for w in widths if w > 0}}
+    return attention, mlp, delta
 
 
 def _quantizer(method: str | None):
@@ -379,15 +388,16 @@ def profile_model(
         if quantize is not None:
             layers = [
                 quantize(layer, regime.quantization, str(device)) if (k or w) else layer
-                for layer, (k, w) in zip(layers, shapes)
+                for layer, (k, w) in zip(layers, shapes, strict=True)
             ]
         steps = [e2e_step] + [
-            layer_step(layer, hidden, kwargs, regime, config, k) for layer, (k, _) in zip(layers, shapes)
+            layer_step(layer, hidden, kwargs, regime, config, k)
+            for layer, (k, _) in zip(layers, shapes, strict=True)
         ]
         stats = compare_steps(steps, warmup, repeats, callback=tick)
         e2e_samples += stats[0]["samples_ms"]
         ref.append(stats[1]["median_ms"])
-        for (k, w), st in zip(shapes, stats[1:]):
+        for (k, w), st in zip(shapes, stats[1:], strict=True):
             results.setdefault((k, w), []).append(st["median_ms"])
         del layers, steps
     dense_layer = float(torch.tensor(ref).median())
@@ -397,11 +407,9 @@ def profile_model(
         scale = dense_layer / ref[i]
         for s in chunk:
             T[s] = results[s][i] * scale
-    T[(0, 0)] = sum(v * dense_layer / r for v, r in zip(results[(0, 0)], ref)) / len(ref)
+    T[(0, 0)] = sum(v * dense_layer / r for v, r in zip(results[(0, 0)], ref, strict=True)) / len(ref)
     T[(K, W)] = dense_layer
-    delta = T[(0, 0)]
-    attention_ms = {0: 0.0, **{k: T[(k, 0)] - delta + delta / 2 for k in range(1, K + 1)}}
-    mlp_ms = {0: 0.0, **{w: T[(0, w)] - delta + delta / 2 for w in grid if w > 0}}
+    attention_ms, mlp_ms, delta = block_entries(T, K, grid)
     predicted_layer = attention_ms[K] + mlp_ms[W]
     e2e = float(torch.tensor(e2e_samples).median())
     rest = e2e - L * predicted_layer

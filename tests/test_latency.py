@@ -1,0 +1,328 @@
+"""Latency tables: timing mechanics, table maths, fingerprints and caching, random variants, `zipkd profile`.
+
+Timings on a shared 2-core CPU are noisy, so fast tests check mechanics and exact maths (synthetic times), not
+speed; the one real-model test checks gross facts that survive heavy load (a full-width MLP is slower than a
+64-wide one). Accuracy is the bench's job (scripts/bench_latency_prediction.py)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import tiny_model
+from typer.testing import CliRunner
+
+from zipkd.errors import ZipkdError
+from zipkd.latency.measure import compare_ms, measure_ms, model_step
+from zipkd.latency.profile import (
+    block_entries,
+    capture_layer_inputs,
+    device_fingerprint,
+    layer_step,
+    layer_variant,
+    load_or_profile,
+    mlp_grid,
+    model_fingerprint,
+    parse_device,
+    profile_model,
+    table_cache_path,
+)
+from zipkd.latency.table import LatencyTable, Regime
+from zipkd.latency.validate import build_variant, random_shapes, validate_table
+from zipkd.models.surgery import layer_shapes
+
+PREFILL = Regime(seq_len=16)
+DECODE = Regime(regime="decode", batch=2, context=8)
+FAST = dict(warmup=0, repeats=1)
+
+
+@pytest.fixture
+def cache_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZIPKD_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+# ---------------------------------------------------------------- measuring
+
+
+@pytest.mark.parametrize("regime", [PREFILL, DECODE], ids=["prefill", "decode"])
+def test_measure_and_compare(tiny_llama, regime):
+    r = measure_ms(tiny_llama, regime, warmup=1, repeats=3)
+    assert r["repeats"] == 3 and len(r["samples_ms"]) == 3
+    assert 0 < r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+    both = compare_ms([tiny_llama, tiny_llama], regime, warmup=0, repeats=2)
+    assert [b["repeats"] for b in both] == [2, 2]
+
+
+def test_decode_step_restores_cache(tiny_llama):
+    """Every timed decode step must see a cache of exactly `context` tokens."""
+    step = model_step(tiny_llama, DECODE)
+    cache = step._keep[0]
+    with torch.inference_mode():
+        for _ in range(3):
+            step.run()
+            assert cache.get_seq_length() == DECODE.context + 1
+            step.reset()
+            assert cache.get_seq_length() == DECODE.context
+
+
+def test_prefill_inputs_are_used(tiny_llama):
+    ids = torch.randint(0, 128, (3, 5))
+    seen = []
+    h = tiny_llama.model.embed_tokens.register_forward_hook(lambda m, a, o: seen.append(tuple(a[0].shape)))
+    try:
+        measure_ms(tiny_llama, PREFILL, inputs=ids, warmup=0, repeats=1)
+    finally:
+        h.remove()
+    assert seen == [(3, 5)]
+
+
+# ---------------------------------------------------------------- layer timing
+
+
+@pytest.mark.parametrize("regime", [PREFILL, DECODE], ids=["prefill", "decode"])
+def test_captured_layer_inputs_reproduce_the_layer(regime):
+    """The arguments captured for single-layer timing are the model's own: a copy of layer 0 run on them gives
+    the model's layer-0 output (so the timed work is the real work)."""
+    model = tiny_model()
+    layer = model.model.layers[0]
+    outs = []
+    h = layer.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
+    try:
+        hidden, kwargs = capture_layer_inputs(model, layer, regime)
+    finally:
+        h.remove()
+    K, W = 2, 96
+    step = layer_step(layer_variant(layer, model.config, K, W), hidden, kwargs, regime, model.config, K)
+    with torch.inference_mode():
+        got = step.run()
+    got = got[0] if isinstance(got, tuple) else got
+    assert got.shape == outs[-1].shape
+    if regime.regime == "prefill":  # decode uses a random cache, so only the shape can match
+        torch.testing.assert_close(got, outs[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_layer_variant_shapes():
+    model = tiny_model()
+    layer = model.model.layers[1]
+    v = layer_variant(layer, model.config, 1, 64)
+    assert v.self_attn.k_proj.out_features == 16 and v.self_attn.q_proj.out_features == 32
+    assert v.mlp.down_proj.in_features == 64 and v.self_attn.layer_idx == 0
+    empty = layer_variant(layer, model.config, 0, 0)
+    assert type(empty.self_attn).__name__ == "ZeroBlock" and type(empty.mlp).__name__ == "ZeroBlock"
+    assert layer.mlp.down_proj.in_features == 96  # the source layer is untouched
+
+
+def test_mlp_grid():
+    g = mlp_grid(1536, "cpu")
+    assert g[0] == 0 and g[-1] == 1536 and all(w % 64 == 0 for w in g) and len(g) == 25
+    g = mlp_grid(14336, "cuda")
+    assert g[-1] == 14336 and all(w % 256 == 0 for w in g) and len(g) <= 34
+    g = mlp_grid(14337, "cuda")  # misaligned full width: still included, everything else aligned
+    assert g[-1] == 14337 and all(w % 128 == 0 for w in g[:-1])
+    assert mlp_grid(96, "cpu") == [0, 24, 48, 64, 72, 96]
+
+
+def test_block_entries_exact_on_additive_times():
+    """Synthetic layer times T(k, w) = c + A[k] + M[w] (removed blocks cost z): the table reproduces every layer
+    that keeps both blocks, a dropped layer costs 0, and a layer keeping one block is low by δ/2 only."""
+    K, grid, c, z = 3, [0, 64, 128, 192], 0.7, 0.1
+    A = {0: z, 1: 2.0, 2: 3.5, 3: 5.0}
+    M = {0: z, 64: 1.0, 128: 2.2, 192: 3.1}
+    T = {(k, w): c + A[k] + M[w] for k in range(K + 1) for w in grid}
+    att, mlp, delta = block_entries(T, K, grid)
+    assert delta == pytest.approx(c + 2 * z)
+    assert att[0] == 0 and mlp[0] == 0
+    for k in range(1, K + 1):
+        for w in grid[1:]:
+            assert att[k] + mlp[w] == pytest.approx(T[(k, w)])
+        assert att[k] + mlp[0] == pytest.approx(T[(k, 0)] - delta / 2)
+
+
+def test_profile_table_structure(tiny_llama):
+    tab = profile_model(tiny_llama, PREFILL, **FAST)
+    assert tab.attention_levels == [0, 1, 2]
+    assert tab.mlp_levels == mlp_grid(96, "cpu")
+    assert tab.dense_ms() == pytest.approx(tab.measured_dense_ms)  # rest is what reconciles them
+    assert tab.fingerprint["num_kv_heads"] == 2 and tab.fingerprint["device"] == "cpu"
+    assert tab.fingerprint["threads"] == torch.get_num_threads()
+    assert all(v > 0 for k, v in tab.mlp_ms.items() if k) and tab.attention_ms[0] == 0
+
+
+def test_profile_decode_and_roundtrip(tiny_llama, tmp_path):
+    tab = profile_model(tiny_llama, DECODE, widths=[48], **FAST)
+    assert tab.mlp_levels == [0, 48, 96] and tab.regime.context == 8
+    back = LatencyTable.load(tab.save(tmp_path / "t.json"))
+    assert back.to_json() == tab.to_json()
+
+
+def test_profile_refuses_pruned_or_misplaced_model(tiny_llama):
+    pruned = build_variant(tiny_llama, [(1, 64)] * 3, random.Random(0))
+    with pytest.raises(ZipkdError, match="base model"):
+        profile_model(pruned, PREFILL, **FAST)
+    with pytest.raises(ZipkdError, match="dtype"):
+        profile_model(tiny_llama, Regime(dtype="bfloat16"), **FAST)
+
+
+# ---------------------------------------------------------------- fingerprints, cache, bad input
+
+
+def test_bad_devices_and_regimes():
+    with pytest.raises(ZipkdError, match="unknown device"):
+        parse_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ZipkdError, match="no GPU"):
+            parse_device("cuda")
+        assert device_fingerprint(Regime(device="cuda"), strict=False)["device"] == "cuda"
+    with pytest.raises(ZipkdError, match="batch"):
+        Regime(batch=0)
+    with pytest.raises(ZipkdError, match="regime"):
+        Regime(regime="train")
+
+
+def test_pruned_model_shares_base_fingerprint(tiny_llama):
+    pruned = build_variant(tiny_llama, [(1, 64), (0, 0), (2, 0)], random.Random(0))
+    assert model_fingerprint(pruned.config) == model_fingerprint(tiny_llama.config)
+    assert table_cache_path(pruned.config, PREFILL) == table_cache_path(tiny_llama.config, PREFILL)
+
+
+def test_load_or_profile_caches_and_checks(tiny_llama, cache_env, monkeypatch, tmp_path):
+    import zipkd.latency.profile as prof
+
+    tab = load_or_profile(tiny_llama, PREFILL)
+    assert tab.meta["cached"] is False and (cache_env / "tables").is_dir()
+
+    def boom(*a, **k):
+        raise AssertionError("should have used the cached table")
+
+    monkeypatch.setattr(prof, "profile_model", boom)
+    again = load_or_profile(tiny_llama, PREFILL)
+    assert again.meta["cached"] is True and again.rest_ms == pytest.approx(tab.rest_ms)
+    # Another regime is another cache entry.
+    with pytest.raises(AssertionError):
+        load_or_profile(tiny_llama, Regime(seq_len=8))
+    # A table from another model is refused with the differences named, unless forced.
+    other = tiny_model(hidden_size=32, head_dim=8)
+    with pytest.raises(ZipkdError, match="hidden_size: table has 64, here 32"):
+        load_or_profile(other, PREFILL, table=tab.save(tmp_path / "t.json"))
+    assert load_or_profile(other, PREFILL, table=tmp_path / "t.json", force=True).num_layers == 3
+    # Same model, other device fingerprint (threads) -> refused too.
+    tab.fingerprint["threads"] = 999
+    with pytest.raises(ZipkdError, match="threads"):
+        load_or_profile(tiny_llama, PREFILL, table=tab)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _synthetic_table(L=6, K=3, W=256) -> LatencyTable:
+    grid = [0, 64, 128, 192, 256]
+    return LatencyTable(
+        regime=Regime(),
+        fingerprint={},
+        rest_ms=1.0,
+        num_layers=L,
+        attention_ms={k: 0.5 * k for k in range(K + 1)},
+        mlp_ms={w: w / 64 for w in grid},
+    )
+
+
+@pytest.mark.parametrize("target", [1.2, 2.0, 3.0])
+def test_random_shapes_reach_target(target):
+    tab = _synthetic_table()
+    s1 = random_shapes(tab, target, random.Random(5), 3, 256)
+    assert s1 == random_shapes(tab, target, random.Random(5), 3, 256)  # reproducible
+    assert len(s1) == 6 and any(s != (0, 0) for s in s1)
+    assert all(k in tab.attention_levels and w in tab.mlp_levels for k, w in s1)
+    sp = tab.predict_speedup([{"kv_heads": k, "intermediate": w} for k, w in s1])
+    assert target <= sp < target * 1.6
+
+
+def test_random_shapes_never_empty_the_model():
+    tab = _synthetic_table()
+    shapes = random_shapes(tab, 1000.0, random.Random(0), 3, 256)  # unreachable target
+    assert sum(s != (0, 0) for s in shapes) == 1
+
+
+def test_build_variant_has_requested_shapes(tiny_llama):
+    shapes = [(1, 48), (0, 0), (0, 96)]
+    v = build_variant(tiny_llama, shapes, random.Random(1))
+    assert [(s.kv_heads, s.intermediate) for s in layer_shapes(v)] == [(1, 48), (0, 96)]
+    assert len(layer_shapes(tiny_llama)) == 3  # the dense model is untouched
+    with torch.inference_mode():
+        v(input_ids=torch.randint(0, 128, (1, 6)))
+
+
+def test_validate_table_reports(tiny_llama):
+    tab = profile_model(tiny_llama, PREFILL, **FAST)
+    rep = validate_table(tiny_llama, tab, n=3, speedup_range=(1.2, 2.0), warmup=0, repeats=1, group=2)
+    assert len(rep.variants) == 3
+    for v in rep.variants:
+        assert v.predicted_speedup >= v.target_speedup - 1e-9
+        assert v.measured_ms > 0 and v.measured_speedup > 0
+    js = rep.to_json()
+    assert js["median_abs_speedup_error"] >= 0 and len(js["variants"]) == 3
+
+
+# ---------------------------------------------------------------- CLI
+
+
+runner = CliRunner()
+
+
+def _saved(tmp_path, name="m", **over):
+    from zipkd.models.io import save_model
+
+    return str(save_model(tiny_model(**over), None, tmp_path / name, stage="test"))
+
+
+def test_cli_profile_json(tmp_path, cache_env):
+    from zipkd.cli import app
+
+    m = _saved(tmp_path)
+    out = tmp_path / "table.json"
+    res = runner.invoke(
+        app, ["profile", m, "--seq-len", "8", "--repeats", "1", "--json", "-o", str(out), "--validate", "2"]
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["table"]["num_layers"] == 3 and len(data["validation"]["variants"]) == 2
+    assert LatencyTable.load(out).num_layers == 3
+    # Writing over an existing table needs --force.
+    res = runner.invoke(app, ["profile", m, "--seq-len", "8", "--repeats", "1", "-o", str(out)])
+    assert res.exit_code == 1 and "--force" in res.stderr
+
+
+def test_cli_profile_bad_input(tmp_path, cache_env):
+    from zipkd.cli import app
+
+    m = _saved(tmp_path)
+    res = runner.invoke(app, ["profile", m, "--device", "tpu"])
+    assert res.exit_code == 1 and "unknown device 'tpu'" in res.stderr
+    if not torch.cuda.is_available():
+        res = runner.invoke(app, ["profile", m, "--device", "cuda"])
+        assert res.exit_code == 1 and "no GPU" in res.stderr
+    res = runner.invoke(app, ["profile", m, "--batch", "0"])
+    assert res.exit_code == 2 and "batch" in res.stderr
+    res = runner.invoke(app, ["profile", m, "--runtime", "compile"])
+    assert res.exit_code == 2
+    tab = profile_model(tiny_model(hidden_size=32, head_dim=8), Regime(seq_len=8), **FAST)
+    tab.save(tmp_path / "other.json")
+    res = runner.invoke(app, ["profile", m, "--table", str(tmp_path / "other.json")])
+    assert res.exit_code == 1 and "does not match" in res.stderr and "hidden_size" in res.stderr
+    assert "Traceback" not in res.output
+
+
+# ---------------------------------------------------------------- real model
+
+
+@pytest.mark.slow
+def test_real_model_decode_table(real_model):
+    """SmolLM2 decode table (batch 1, 64-token cache): every level present, and gross facts that survive a
+    busy machine: a full-width MLP costs more than a 64-wide one, and 3 KV heads more than 0."""
+    tab = profile_model(real_model, Regime(regime="decode", context=64), warmup=1, repeats=5)
+    assert tab.attention_levels == [0, 1, 2, 3] and len(tab.mlp_levels) == 25
+    assert tab.mlp_ms[1536] > tab.mlp_ms[64] > 0 and tab.attention_ms[3] > 0
+    assert tab.dense_ms() == pytest.approx(tab.measured_dense_ms)
