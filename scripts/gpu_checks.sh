@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One prepared GPU run (device tool): every issue's GPU check in sequence, each hard-limited in time, results
+# under $OUT. Budgets (seconds) are passed as arguments so the whole run fits one lease:
+#   bash scripts/gpu_checks.sh [latency_s] [prune_s] [quantize_s] [recover_s]
+set -u
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/zipkd-gpu}
+mkdir -p "$OUT"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv;
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; } \
+  > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+run() {  # name budget script args...
+  local name=$1 budget=$2; shift 2
+  echo "=== $name (limit ${budget}s)"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$budget" python3 "$@" --out "$OUT" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/$name.log"
+  echo "=== $name rc=$rc in $((SECONDS - t0))s"
+}
+run latency "${1:-200}" scripts/gpu_latency.py
+run prune "${2:-240}" scripts/gpu_prune.py
+run quantize "${3:-75}" scripts/gpu_quantize.py
+run recover "${4:-60}" scripts/gpu_recover.py
+ls -la "$OUT"
