@@ -1,0 +1,442 @@
+"""Recovery: losses against naive references, the answer check, self-data distillation with a scripted teacher
+(cache, resume), data order, training (quality and bit-identical resume), teacher discovery, bad input, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from test_recover_utils import ROWS, make_chain, tiny_lm, tiny_tokenizer, write_jsonl
+from typer.testing import CliRunner
+
+from zipkd.errors import ZipkdError
+from zipkd.recover.api import RecoverConfig, find_teacher, recover
+from zipkd.recover.data import (
+    Example,
+    RewriteSettings,
+    answers_agree,
+    encode_example,
+    final_answer,
+    load_examples,
+    self_distill,
+    text_windows,
+)
+from zipkd.recover.losses import combined_loss, forward_kl, masked_cross_entropy, reverse_kl
+from zipkd.recover.train import TrainConfig, batch_indices, collate, is_text_step, lr_at
+
+TEXT = "\n\n".join(
+    f"Paragraph {i}: the river runs past the mill and the miller counts {i} sacks of flour."
+    for i in range(40)
+)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    """Distilled sets go to a per-test cache."""
+    monkeypatch.setattr("zipkd.recover.data.distill_cache_dir", lambda: tmp_path / "distilled")
+
+
+# ------------------------------------------------------------------------------------------------- losses
+def _rows(n=7, v=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, v, generator=g) * 2, torch.randn(n, v, generator=g) * 2
+
+
+def test_masked_cross_entropy_matches_naive():
+    logits = torch.randn(2, 5, 9, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 9, (2, 5), generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[0, 1, 1, 0, 1], [1, 0, 0, 0, 1]], dtype=torch.bool)
+    naive = [
+        -torch.log_softmax(logits[b, t], -1)[labels[b, t]] for b in range(2) for t in range(5) if mask[b, t]
+    ]
+    torch.testing.assert_close(
+        masked_cross_entropy(logits, labels, mask), torch.stack(naive).mean(), rtol=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kl_matches_naive(temperature):
+    s, t = _rows()
+    naive_f, naive_r = [], []
+    for i in range(s.shape[0]):
+        ps = [math.exp(x) for x in torch.log_softmax(s[i] / temperature, -1).tolist()]
+        pt = [math.exp(x) for x in torch.log_softmax(t[i] / temperature, -1).tolist()]
+        naive_f.append(sum(b * (math.log(b) - math.log(a)) for a, b in zip(ps, pt, strict=False)))
+        naive_r.append(sum(a * (math.log(a) - math.log(b)) for a, b in zip(ps, pt, strict=False)))
+    scale = temperature**2
+    assert forward_kl(s, t, temperature).item() == pytest.approx(
+        scale * sum(naive_f) / len(naive_f), rel=1e-5
+    )
+    assert reverse_kl(s, t, temperature).item() == pytest.approx(
+        scale * sum(naive_r) / len(naive_r), rel=1e-5
+    )
+    assert forward_kl(s, s, temperature).item() == pytest.approx(0.0, abs=1e-6)
+    loss, parts = combined_loss(s, torch.zeros(7, dtype=torch.long), t, "mix", 0.25, temperature)
+    kd = 0.5 * (forward_kl(s, t, temperature) + reverse_kl(s, t, temperature))
+    ce = masked_cross_entropy(s, torch.zeros(7, dtype=torch.long))
+    torch.testing.assert_close(loss, 0.75 * ce + 0.25 * kd)
+    assert set(parts) == {"ce", "kd"}
+
+
+# ------------------------------------------------------------------------------------------ answer check
+@pytest.mark.parametrize(
+    "instruction, original, rewrite, ok",
+    [
+        ("Q", "9 - 4 = 5. So the answer is 5.", "Nine minus four leaves five. The answer is 5.", True),
+        ("Q", "So the answer is 1,200.", "That makes $1200 in total.", True),
+        (
+            "Q",
+            "So the answer is 18.",
+            "She earns 18 dollars, then 20 more: 38.",
+            False,
+        ),  # last number differs
+        ("Q", "So the answer is 18.", "The answer is 18. Then 5 more.", True),  # the stated answer counts
+        ("Q", "So the answer is 7.", "I do not know.", False),
+        ("Q? Options: bank; library; mall.", "The answer is bank.", "It is a bank, for security.", True),
+        ("Q? Options: bank; library; mall.", "The answer is bank.", "The answer is library.", False),
+        ("Q? Options: bank; library; mall.", "The answer is bank.", "A bank or a library.", False),
+        (
+            "Q? Options: go home; go.",
+            "The answer is go home.",
+            "The answer is go home.",
+            True,
+        ),  # option inside
+        ("Who?", "The answer is Eddie Murphy.", "Eddie Murphy played him.", True),
+        ("Who?", "The answer is Eddie Murphy.", "Murphy played him.", False),
+        ("Say hi.", "Hello there.", "Hi!", True),  # nothing to check
+        ("Say hi.", "Hello there.", "   ", False),
+    ],
+)
+def test_answers_agree(instruction, original, rewrite, ok):
+    assert answers_agree(instruction, original, rewrite)[0] is ok
+
+
+def test_final_answer():
+    assert final_answer("x. So the answer is 42.") == "42"
+    assert final_answer('The answer is "live long".') == "live long"
+    assert final_answer("no answer here") is None
+
+
+# --------------------------------------------------------------------------------------------------- data
+def test_load_examples_bad_input(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "c"}\n')
+    with pytest.raises(ZipkdError, match=r"bad\.jsonl:2: field 'response' is missing"):
+        load_examples(bad)
+    bad.write_text('{"instruction": "a", "response": 3}\n')
+    with pytest.raises(ZipkdError, match=r"bad\.jsonl:1: field 'response' is not a non-empty string"):
+        load_examples(bad)
+    bad.write_text('{"instruction": "a", "response": "b"}\nnot json\n')
+    with pytest.raises(ZipkdError, match=r"bad\.jsonl:2: not valid JSON"):
+        load_examples(bad)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(ZipkdError, match="empty"):
+        load_examples(empty)
+    with pytest.raises(ZipkdError, match="not found"):
+        load_examples(tmp_path / "missing.jsonl")
+
+
+def test_encode_example_masks_response_only():
+    tok = tiny_tokenizer()
+    seq = encode_example(tok, Example("What is 2 + 3?", "It is 5."), max_len=512)
+    targets = [i for i, t in zip(seq.ids, seq.target, strict=False) if t]
+    prompt = [i for i, t in zip(seq.ids, seq.target, strict=False) if not t]
+    assert tok.decode(targets) == "It is 5.<|im_end|>\n"
+    assert tok.decode(prompt).endswith("What is 2 + 3?<|im_end|>\n<|im_start|>assistant\n")
+    assert seq.target == sorted(seq.target)  # prompt first, then response
+    assert encode_example(tok, Example("x" * 100, "y"), max_len=50) is None  # response truncated away
+    # collate: the positions trained are exactly the response tokens (predicted from the left)
+    ids, attn, target = collate([seq, encode_example(tok, Example("Hi", "Yo"), 512)], pad_id=tok.pad_token_id)
+    select = target[:, 1:] & attn[:, 1:].bool()
+    assert int(select.sum()) == len(targets) + 4  # "Y", "o", "<|im_end|>", "\n"
+    assert torch.equal(ids[1, attn[1] == 0], torch.full((int((attn[1] == 0).sum()),), tok.pad_token_id))
+
+
+class ScriptedTeacher(torch.nn.Module):
+    """Stands in for the teacher's `generate`: replies by instruction; records how many prompts it saw."""
+
+    def __init__(self, tok, replies, fail_after=None):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.tok, self.replies, self.fail_after, self.seen = tok, replies, fail_after, 0
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **_):
+        if self.fail_after is not None and self.seen >= self.fail_after:
+            raise KeyboardInterrupt("killed")
+        rows = []
+        for row, m in zip(input_ids, attention_mask, strict=False):
+            prompt = self.tok.decode(row[m.bool()])
+            reply = next(v for k, v in self.replies.items() if f"Question: {k}" in prompt)
+            new = self.tok(reply.removesuffix("…"), add_special_tokens=False)["input_ids"]
+            if not reply.endswith("…"):  # "…" marks a rewrite cut off by the token budget (no EOS)
+                new = new + [self.tok.eos_token_id]
+            new = (new + [self.tok.pad_token_id] * max_new_tokens)[:max_new_tokens]
+            rows.append(torch.tensor(new))
+            self.seen += 1
+        return torch.cat([input_ids, torch.stack(rows)], dim=1)
+
+
+REPLIES = {
+    "What is 2 + 3?": "Two plus three is five. The answer is 5.",  # agrees: kept
+    "What is 4 + 4?": "Four and four make nine. The answer is 9.",  # wrong number: original kept
+    "Pick a warm color.": "The answer is blue.",  # other option: original kept
+    "Who wrote Hamlet?": "Hamlet was written by Shakespeare.",  # agrees
+    "Say hello.": "Hi, friend! " * 30 + "…",  # truncated: original kept
+    "Name a fruit.": "An apple is a fruit, a stone is not.",  # mentions the other option: original kept
+}
+
+
+def test_self_distill_keeps_originals_on_disagreement_and_caches(tmp_path):
+    tok = tiny_tokenizer()
+    examples = load_examples(write_jsonl(tmp_path / "d.jsonl"))
+    settings = RewriteSettings(max_new_tokens=64, batch_size=2)
+    teacher = ScriptedTeacher(tok, REPLIES)
+    ds = self_distill(teacher, tok, examples, settings, teacher_hash="t1")
+    by_q = {e.instruction: e.response for e in ds.examples}
+    assert by_q["What is 2 + 3?"] == REPLIES["What is 2 + 3?"]
+    assert by_q["Who wrote Hamlet?"] == REPLIES["Who wrote Hamlet?"]
+    for q in ("What is 4 + 4?", "Say hello.", "Name a fruit. Options: apple; stone."):
+        assert by_q[q] == next(r["response"] for r in ROWS if r["instruction"] == q)
+    assert ds.rewritten == [e.response != o.response for e, o in zip(ds.examples, examples, strict=False)]
+    assert ds.stats["rewritten"] == 2 and ds.stats["reasons"]["truncated"] == 1 and not ds.cached
+    # Same teacher, data and settings: served from the cache without generating.
+    again = ScriptedTeacher(tok, REPLIES)
+    cached = self_distill(again, tok, examples, settings, teacher_hash="t1")
+    assert cached.cached and again.seen == 0 and cached.examples == ds.examples and cached.hash == ds.hash
+    # Another teacher or other settings: a different key, generated afresh.
+    other = ScriptedTeacher(tok, REPLIES)
+    assert self_distill(other, tok, examples, settings, teacher_hash="t2").key != ds.key and other.seen == 6
+
+
+def test_self_distill_resumes_after_interruption(tmp_path):
+    tok = tiny_tokenizer()
+    examples = load_examples(write_jsonl(tmp_path / "d.jsonl"))
+    settings = RewriteSettings(max_new_tokens=64, batch_size=2)
+    with pytest.raises(KeyboardInterrupt):
+        self_distill(ScriptedTeacher(tok, REPLIES, fail_after=4), tok, examples, settings, teacher_hash="t")
+    rest = ScriptedTeacher(tok, REPLIES)
+    ds = self_distill(rest, tok, examples, settings, teacher_hash="t")
+    assert rest.seen == 2  # only the last batch was generated again
+    full = self_distill(ScriptedTeacher(tok, REPLIES), tok, examples, settings, teacher_hash="t-full")
+    assert ds.examples == full.examples
+
+
+# --------------------------------------------------------------------------------------------- data order
+def test_batch_order_is_a_pure_function_of_step():
+    n, b = 10, 4
+    seen = [i for s in range(5) for i in batch_indices(s, n, b, seed=3, stream=0, ratio=0.0)]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))  # epochs
+    assert batch_indices(7, n, b, 3, 0, 0.0) == batch_indices(7, n, b, 3, 0, 0.0)
+    assert batch_indices(0, n, b, 3, 0, 0.0) != batch_indices(0, n, b, 4, 0, 0.0)
+    text_steps = [s for s in range(100) if is_text_step(s, 0.3)]
+    assert len(text_steps) == 30 and max(b - a for a, b in zip(text_steps, text_steps[1:], strict=False)) <= 4
+    assert not any(is_text_step(s, 0.0) for s in range(10))
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(10, cfg) == pytest.approx(1e-3) and lr_at(100, cfg) == pytest.approx(1e-4)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"method": "qlora"}, "training method"),
+        ({"kd": "js"}, "distillation mode"),
+        ({"kd_weight": 1.5}, "kd weight"),
+        ({"mix_ratio": 1.0}, "mix ratio"),
+        ({"steps": 0}, "steps"),
+        ({"temperature": 0}, "temperature"),
+    ],
+)
+def test_train_config_validates(kwargs, match):
+    with pytest.raises(ZipkdError, match=match):
+        TrainConfig(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ training
+def _config(tmp_path, **train):
+    base = dict(
+        steps=6,
+        batch_size=2,
+        checkpoint_every=2,
+        warmup_steps=1,
+        lr=3e-3,
+        kd="forward",
+        kd_weight=0.5,
+        mix_ratio=0.5,
+        max_seq_len=96,
+    )
+    mix = tmp_path / "mix.txt"
+    mix.write_text(TEXT)
+    return RecoverConfig(
+        data=str(write_jsonl(tmp_path / "d.jsonl", repeat=2)),
+        max_examples=None,
+        rewrite=RewriteSettings(max_new_tokens=12, batch_size=6),
+        mix_text=str(mix),
+        train=TrainConfig(**{**base, **train}),
+    )
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _kl_to_teacher(student, teacher, tok):
+    seqs = text_windows(
+        tok, ["The lantern swung above the quiet harbour while gulls argued over the nets."], 32
+    )
+    x = torch.tensor([s.ids for s in seqs])
+    with torch.no_grad():
+        return forward_kl(student(x).logits, teacher(x).logits).item()
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_interrupted_training_resumes_bit_identical(tmp_path, method):
+    """An exception at step 5 (checkpoints every 2 steps) and a rerun end with the same weights as an
+    uninterrupted run."""
+    dense, pruned = make_chain(tmp_path)
+    cfg = _config(tmp_path, method=method)
+    ref = recover(str(pruned), cfg, tmp_path / "ref")
+
+    def crash(step, metrics):
+        assert math.isfinite(metrics["loss"]) and "kd" in metrics
+        if step == 5:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        recover(str(pruned), cfg, tmp_path / "out", callback=crash)
+    assert not (tmp_path / "out").exists() and (tmp_path / ".out.recover-work" / "ckpt-0000004").is_dir()
+    out = recover(str(pruned), cfg, tmp_path / "out")
+    manifest = json.loads((out / "zipkd.json").read_text())
+    assert manifest["metrics"]["resumed_from_step"] == 4
+    assert not (tmp_path / ".out.recover-work").exists()
+    a, b = _weights(ref), _weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ref_losses = json.loads((ref / "zipkd.json").read_text())["recovery"]["loss_curve"]
+    assert manifest["recovery"]["loss_curve"] == ref_losses
+    if method == "lora":
+        assert not any("lora" in k for k in b)  # merged into the base weights
+
+
+def test_distillation_moves_the_student_towards_the_teacher(tmp_path):
+    """Recovered beats pruned: on text seen in no training step, KL(teacher ‖ student) drops."""
+    from zipkd.models.io import load_model
+
+    dense, pruned = make_chain(tmp_path)
+    cfg = _config(tmp_path, steps=16, kd_weight=1.0, lr=1e-2, checkpoint_every=100)
+    out = recover(str(pruned), cfg, tmp_path / "rec")
+    tok = tiny_tokenizer()
+    teacher, before, after = (load_model(p).model for p in (dense, pruned, out))
+    kl_before, kl_after = _kl_to_teacher(before, teacher, tok), _kl_to_teacher(after, teacher, tok)
+    assert kl_after < 0.8 * kl_before, (kl_before, kl_after)
+
+
+def test_manifest_records_the_run(tmp_path):
+    dense, pruned = make_chain(tmp_path)
+    out = recover(str(pruned), _config(tmp_path, steps=2, kd="reverse"), tmp_path / "rec", force=False)
+    m = json.loads((out / "zipkd.json").read_text())
+    roles = {i["role"]: i for i in m["inputs"]}
+    assert roles["teacher"]["path"] == str(dense) and roles["teacher"]["sha256"]
+    assert roles["model"]["path"] == str(pruned) and roles["data"]["sha256"] and roles["mix_text"]["sha256"]
+    rec = m["recovery"]
+    assert rec["data_hash"] and rec["distilled_set"]["hash"] and rec["distilled_set"]["cache_key"]
+    assert m["stage"] == "recover" and m["seed"] == 0 and m["config"]["train"]["kd"] == "reverse"
+    assert math.isfinite(m["metrics"]["final_loss"]) and m["metrics"]["tokens"] > 0
+    assert find_teacher(out) == dense  # recover → prune → dense
+    with pytest.raises(ZipkdError, match="already exists"):
+        recover(str(pruned), _config(tmp_path, steps=2), tmp_path / "rec")
+
+
+# ------------------------------------------------------------------------------------------- teacher, bad input
+def test_find_teacher_chain_and_errors(tmp_path):
+    from zipkd.models.io import save_model
+
+    dense, pruned = make_chain(tmp_path)
+    assert find_teacher(pruned) == dense
+    with pytest.raises(ZipkdError, match="not a pruned model"):
+        find_teacher(dense)
+    bare = save_model(tiny_lm(), tiny_tokenizer(), tmp_path / "bare", stage="prune", inputs={})
+    with pytest.raises(ZipkdError, match="names no input model"):
+        find_teacher(bare)
+    (dense / "config.json").rename(dense / "config.moved")
+    with pytest.raises(ZipkdError, match="missing; pass --teacher"):
+        find_teacher(pruned)
+
+
+def test_changed_teacher_is_refused(tmp_path):
+    dense, pruned = make_chain(tmp_path)
+    cfg = json.loads((dense / "config.json").read_text())
+    (dense / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-3}))
+    with pytest.raises(ZipkdError, match="has changed"):
+        find_teacher(pruned)
+
+
+def test_teacher_with_another_tokenizer_is_refused(tmp_path):
+    _, pruned = make_chain(tmp_path, teacher_tokenizer=tiny_tokenizer(reverse=True))
+    with pytest.raises(ZipkdError, match="tokenizer .* differs"):
+        recover(str(pruned), _config(tmp_path, steps=1), tmp_path / "rec")
+    assert not (tmp_path / "rec").exists()
+
+
+def test_empty_and_malformed_data_are_refused(tmp_path):
+    _, pruned = make_chain(tmp_path)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cfg = _config(tmp_path, steps=1)
+    cfg.data = str(empty)
+    with pytest.raises(ZipkdError, match="empty"):
+        recover(str(pruned), cfg, tmp_path / "rec")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x", "answer": "y"}\n')
+    cfg.data = str(bad)
+    with pytest.raises(ZipkdError, match=r"bad\.jsonl:1: field 'response'"):
+        recover(str(pruned), cfg, tmp_path / "rec")
+
+
+def test_cli_recover(tmp_path):
+    from zipkd.cli import app
+
+    _, pruned = make_chain(tmp_path)
+    data = write_jsonl(tmp_path / "d.jsonl")
+    (tmp_path / "mix.txt").write_text(TEXT)
+    runner = CliRunner()
+    args = [
+        "recover",
+        str(pruned),
+        "-o",
+        str(tmp_path / "rec"),
+        "--data",
+        str(data),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--mix-text",
+        str(tmp_path / "mix.txt"),
+        "--max-seq-len",
+        "96",
+        "--kd",
+        "mix",
+        "--json",
+    ]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout[res.stdout.index("{") :])
+    assert summary["steps"] == 2 and summary["examples"] == 6 and (tmp_path / "rec" / "zipkd.json").is_file()
+    res = runner.invoke(app, args)  # exists, no --force
+    assert res.exit_code == 1 and "already exists" in res.stderr
+    res = runner.invoke(app, [*args[:-3], "--kd", "js"])
+    assert res.exit_code == 2 and "js" in res.stderr

@@ -1,0 +1,261 @@
+"""`recover(model, RecoverConfig(...), out)`: self-data distillation recovery of a pruned model.
+
+1. Teacher: the unpruned ancestor named in the student's manifest chain (or `config.teacher`); same tokenizer.
+2. Data: instruction/response JSONL (default: zipkd's fine-tuning set, disjoint from every evaluation task), a
+   seeded subset; with `distill`, the teacher rewrites each response (cached by content hash).
+3. Training (`train.py`): full or LoRA, loss on response tokens, optional KD against the teacher and optional
+   plain-text windows (calibration-role text by default; never evaluation text); checkpointed and resumable.
+4. Output: a model folder with a manifest naming teacher, data hash, distilled-set hash, config, seed, loss."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zipkd.errors import ZipkdError
+from zipkd.recover.data import RewriteSettings
+from zipkd.recover.train import TrainConfig, config_dict
+
+# Stages whose output derives from a model that is not the user's original: followed back to find the teacher.
+DERIVED_STAGES = ("prune", "recover", "merge", "quantize")
+
+
+@dataclass
+class RecoverConfig:
+    """Everything a recovery run depends on (the CLI only fills this in)."""
+
+    teacher: str | None = None  # None: the first non-pruned ancestor in the student's manifest chain
+    data: str | None = None  # instruction/response JSONL; None: zipkd's default fine-tuning set
+    distill: bool = True  # self-data distillation; False: plain SFT on the original responses
+    max_examples: int | None = 256  # seeded subset of the data (None: all)
+    rewrite: RewriteSettings = field(default_factory=RewriteSettings)
+    mix_text: str | None = None  # plain text for `train.mix_ratio`; None: the calibration text
+    train: TrainConfig = field(default_factory=TrainConfig)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ZipkdError(f"max examples must be at least 1 (got {self.max_examples})")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ZipkdError(f"unknown device {self.device!r}; use cpu or cuda[:N]")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.distill or self.train.uses_teacher
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    from zipkd.models.io import resolve_model
+
+    return resolve_model(str(path))
+
+
+def find_teacher(student: str | os.PathLike) -> Path:
+    """Follow the `model` inputs of the manifests back from the student to the first ancestor that was not
+    produced by pruning (or recovery/merging/quantization of a pruned model)."""
+    from zipkd.manifest import read_manifest
+
+    path = Path(student)
+    first = read_manifest(path)
+    if first is None:
+        raise ZipkdError(f"{path} has no zipkd.json manifest to find its unpruned teacher in; pass --teacher")
+    if first.get("stage") not in DERIVED_STAGES:
+        raise ZipkdError(f"{path} is not a pruned model (stage {first.get('stage')!r}); pass --teacher")
+    seen = {path.resolve()}
+    while True:
+        manifest = read_manifest(path)
+        if manifest is None or manifest.get("stage") not in DERIVED_STAGES:
+            return path
+        entry = next((i for i in manifest.get("inputs", []) if i.get("role") == "model"), None)
+        if entry is None:
+            raise ZipkdError(f"the manifest of {path} names no input model; pass --teacher")
+        try:
+            parent = _resolve(entry["path"])
+        except ZipkdError:
+            raise ZipkdError(
+                f"the model {entry['path']} that {path} was made from is missing; pass --teacher"
+            ) from None
+        if parent.resolve() in seen:
+            raise ZipkdError(f"the manifests from {student} form a cycle; pass --teacher")
+        seen.add(parent.resolve())
+        if entry.get("sha256") and parent.is_dir():
+            from zipkd.manifest import content_hash
+
+            if content_hash(parent) != entry["sha256"]:
+                raise ZipkdError(
+                    f"{parent} has changed since {path} was made from it (hash mismatch); "
+                    "pass --teacher to use it anyway"
+                )
+        path = parent
+
+
+def work_dir_for(out: Path) -> Path:
+    """Checkpoints live beside the output (same file system), removed once the output is written."""
+    return out.parent / f".{out.name}.recover-work"
+
+
+def _run_key(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def recover(
+    model: Any,
+    config: RecoverConfig | None = None,
+    out: str | os.PathLike | None = None,
+    force: bool = False,
+    progress: Any = None,
+    callback: Any = None,
+) -> Path:
+    """Recover a pruned model (a path/name or a `LoadedModel` with a `.path`) into the folder `out`."""
+    from accelerate import PartialState
+
+    from zipkd.data.assets import calib_text_path, finetune_path
+    from zipkd.data.text import load_texts
+    from zipkd.manifest import content_hash
+    from zipkd.models.io import LoadedModel, load_model, save_model
+    from zipkd.outputs import check_output
+    from zipkd.recover.data import (
+        check_same_tokenizer,
+        encode_examples,
+        examples_hash,
+        load_examples,
+        select_examples,
+        self_distill,
+        text_windows,
+    )
+    from zipkd.recover.train import train
+
+    config = config or RecoverConfig()
+    if out is None:
+        raise ZipkdError("recover needs an output folder")
+    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    out = check_output(out, force, (lm.path,))
+    cfg = config.train
+    dist = PartialState(cpu=config.device == "cpu")
+    device = str(dist.device) if config.device.startswith("cuda") else "cpu"
+    if lm.tokenizer is None:
+        raise ZipkdError(f"{lm.path} has no tokenizer; recovery needs one")
+
+    data_path = Path(config.data).expanduser() if config.data else finetune_path()
+    examples = select_examples(load_examples(data_path), config.max_examples, cfg.seed)
+
+    teacher_path = teacher = None
+    teacher_hash = ""
+    if config.needs_teacher:
+        teacher_path = _resolve(config.teacher) if config.teacher else find_teacher(lm.path)
+        if teacher_path.resolve() == Path(lm.path).resolve():
+            raise ZipkdError(f"the teacher {teacher_path} is the student itself; pass the unpruned model")
+        dtype = "bfloat16" if cfg.precision == "bf16" and device != "cpu" else "float32"
+        t_lm = load_model(teacher_path, dtype=dtype, device=device)
+        check_same_tokenizer(lm.tokenizer, t_lm.tokenizer, str(lm.path), str(teacher_path))
+        if t_lm.model.config.vocab_size != lm.model.config.vocab_size:
+            raise ZipkdError(
+                f"teacher and student have different vocabulary sizes "
+                f"({t_lm.model.config.vocab_size} vs {lm.model.config.vocab_size})"
+            )
+        teacher = t_lm.model
+        teacher_hash = content_hash(teacher_path)
+
+    distilled = None
+    train_examples = examples
+    if config.distill:
+        if dist.is_main_process:
+            distilled = self_distill(teacher, lm.tokenizer, examples, config.rewrite, teacher_hash, progress)
+        dist.wait_for_everyone()
+        if not dist.is_main_process:  # the main process has filled the cache
+            distilled = self_distill(teacher, lm.tokenizer, examples, config.rewrite, teacher_hash, None)
+        train_examples = distilled.examples
+    qa = encode_examples(lm.tokenizer, train_examples, cfg.max_seq_len)
+    text, mix_path = [], None
+    if cfg.mix_ratio > 0:
+        mix_path = Path(config.mix_text).expanduser() if config.mix_text else calib_text_path()
+        text = text_windows(lm.tokenizer, load_texts(mix_path), cfg.max_seq_len)
+
+    student_hash = content_hash(lm.path)
+    data_hash = examples_hash(examples)
+    train_hash = examples_hash(train_examples)
+    run_key = _run_key(
+        {
+            "student": student_hash,
+            "teacher": teacher_hash,
+            "train_data": train_hash,
+            "mix": content_hash(mix_path) if mix_path else None,
+            "train": asdict(cfg),
+        }
+    )
+    work = work_dir_for(out)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
+    result = train(
+        lm.model,
+        teacher if cfg.uses_teacher else None,
+        qa,
+        text,
+        cfg,
+        work,
+        pad,
+        run_key=run_key,
+        device=device,
+        progress=progress,
+        callback=callback,
+    )
+
+    if not dist.is_main_process:
+        return out
+    inputs = {"model": lm.path, "teacher": teacher_path, "data": data_path, "mix_text": mix_path}
+    hashes = {"model": student_hash}
+    if teacher_path is not None:
+        hashes["teacher"] = teacher_hash
+    metrics = {
+        "final_loss": result.final_loss,
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "target_tokens": result.target_tokens,
+        "tokens_per_s": result.tokens_per_s,
+        "train_seconds": result.seconds,
+        "resumed_from_step": result.resumed_from,
+        "examples": len(examples),
+        "sequences": len(qa),
+        "text_windows": len(text),
+    }
+    extra = {
+        "recovery": {
+            "data_hash": data_hash,
+            "train_data_hash": train_hash,
+            "distilled_set": (
+                {"hash": distilled.hash, "cache_key": distilled.key, "stats": distilled.stats}
+                if distilled
+                else None
+            ),
+            "loss_curve": result.losses[:: max(1, len(result.losses) // 100)],
+        }
+    }
+    conf = {
+        "teacher": str(teacher_path) if teacher_path else None,
+        "data": str(data_path),
+        "distill": config.distill,
+        "max_examples": config.max_examples,
+        "rewrite": asdict(config.rewrite),
+        "mix_text": str(mix_path) if mix_path else None,
+        "train": config_dict(cfg),
+        "device": config.device,
+    }
+    path = save_model(
+        result.model.to("cpu"),
+        lm.tokenizer,
+        out,
+        stage="recover",
+        inputs=inputs,
+        config=conf,
+        seed=cfg.seed,
+        metrics=metrics,
+        extra=extra,
+        force=force,
+        input_hashes=hashes,
+    )
+    shutil.rmtree(work, ignore_errors=True)
+    return path

@@ -1,0 +1,401 @@
+"""Fine-tuning data for recovery: instruction/response JSONL, self-data distillation (the teacher rewrites each
+response in its own words; a rewrite whose final answer disagrees with the original is dropped in favour of
+the original), a content-addressed cache of the distilled set, and tokenization into training sequences whose
+loss mask covers the response tokens only.
+
+Thangarasa et al. 2024, "Self-Data Distillation for Recovering Quality in Pruned Large Language Models"."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zipkd.errors import ZipkdError
+from zipkd.outputs import atomic_write_text
+from zipkd.paths import cache_dir
+
+REWRITE_PROMPT = (
+    "Rewrite the answer below in your own words. Keep the same final answer and end with "
+    '"The answer is ...".\n\nQuestion: {instruction}\n\nAnswer: {response}'
+)
+PLAIN_TEMPLATE = "Question: {instruction}\nAnswer: "  # for tokenizers without a chat template
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Example:
+    instruction: str
+    response: str
+    source: str = ""
+
+
+# --------------------------------------------------------------------------------------------------- loading
+def load_examples(path: str | os.PathLike) -> list[Example]:
+    """Rows of a JSONL file with string fields `instruction` and `response` (`source` optional). Errors name
+    the file, the line and the field."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ZipkdError(f"fine-tuning data {path} not found")
+    if path.suffix != ".jsonl":
+        raise ZipkdError(f"{path}: fine-tuning data must be JSONL with instruction/response fields")
+    rows: list[Example] = []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ZipkdError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(row, dict):
+                raise ZipkdError(f"{path}:{n}: expected a JSON object with instruction and response")
+            for key in ("instruction", "response"):
+                value = row.get(key)
+                if not isinstance(value, str) or not value.strip():
+                    what = "missing" if key not in row else "not a non-empty string"
+                    raise ZipkdError(f"{path}:{n}: field {key!r} is {what}")
+            rows.append(
+                Example(row["instruction"].strip(), row["response"].strip(), str(row.get("source", "")))
+            )
+    if not rows:
+        raise ZipkdError(f"fine-tuning data {path} is empty (no instruction/response rows)")
+    return rows
+
+
+def select_examples(examples: Sequence[Example], n: int | None, seed: int) -> list[Example]:
+    """A seeded random subset of `n` examples (all when n is None or larger), in file order."""
+    import torch
+
+    if n is None or n >= len(examples):
+        return list(examples)
+    idx = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return [examples[i] for i in idx.tolist()]
+
+
+def examples_hash(examples: Sequence[Example]) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.instruction, e.response], ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
+def check_same_tokenizer(
+    student_tok: Any, teacher_tok: Any, student: str = "student", teacher: str = "teacher"
+) -> None:
+    """Distillation compares token distributions position by position: the vocabularies must be identical."""
+    if student_tok is None or teacher_tok is None:
+        raise ZipkdError("recovery needs the tokenizers of both models (one of the folders has none)")
+    va, vb = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if va != vb:
+        diff = len(set(va.items()) ^ set(vb.items()))
+        raise ZipkdError(
+            f"the tokenizer of {teacher} differs from that of {student} ({len(vb)} vs {len(va)} "
+            f"tokens, {diff} entries differ); teacher and student must share a tokenizer"
+        )
+    for attr in ("eos_token_id", "bos_token_id"):
+        if getattr(student_tok, attr, None) != getattr(teacher_tok, attr, None):
+            raise ZipkdError(f"the tokenizer of {teacher} has a different {attr} from that of {student}")
+
+
+# ---------------------------------------------------------------------------------------------- answer check
+_ANSWER_RE = re.compile(r"answer is\s*:?\s*(.+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE | re.DOTALL)
+_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_OPTIONS_RE = re.compile(r"Options:\s*(.+?)\.?\s*$", re.DOTALL)
+
+
+def final_answer(text: str) -> str | None:
+    """The text after the last "answer is" (up to the end of that sentence), or None."""
+    matches = _ANSWER_RE.findall(text)
+    return matches[-1].strip().strip("\"'*") if matches else None
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
+
+
+def _contains(haystack: str, needle: str) -> bool:
+    return bool(needle) and f" {needle} " in f" {haystack} "
+
+
+def _number(text: str) -> float | None:
+    m = _NUMBER_RE.fullmatch(text.strip().lstrip("$").rstrip("%").strip())
+    return float(m.group().replace(",", "")) if m else None
+
+
+def parse_options(instruction: str) -> list[str]:
+    """Answer options listed as "Options: a; b; c." in the instruction (the default data's MC format)."""
+    m = _OPTIONS_RE.search(instruction)
+    return [o.strip() for o in m.group(1).split(";") if o.strip()] if m else []
+
+
+def answers_agree(instruction: str, original: str, rewrite: str) -> tuple[bool, str]:
+    """Does the rewrite keep the original's final answer? Numbers (GSM8K) compare as values (the rewrite's
+    "answer is" number, else its last number); option texts (MC sets) must appear in the rewrite's answer and
+    no other option may; free answers (NQ) must appear. Originals without an "answer is" are not checkable."""
+    if not rewrite.strip():
+        return False, "empty"
+    orig = final_answer(original)
+    if orig is None:
+        return True, "unchecked"
+    stated = final_answer(rewrite)
+    scope = stated if stated is not None else rewrite
+    value = _number(orig)
+    if value is not None:
+        nums = _NUMBER_RE.findall(scope)
+        if not nums:
+            return False, "no number"
+        return (float(nums[-1].replace(",", "")) == value), "number"
+    n_orig, n_scope = _norm(orig), _norm(scope)
+    if not _contains(n_scope, n_orig):
+        return False, "answer missing"
+    for opt in parse_options(instruction):
+        n_opt = _norm(opt)
+        if n_opt != n_orig and not _contains(n_orig, n_opt) and _contains(n_scope, n_opt):
+            return False, "other option"
+    return True, "match"
+
+
+# --------------------------------------------------------------------------------------- self-distillation
+@dataclass(frozen=True)
+class RewriteSettings:
+    """How the teacher rewrites responses (all of it goes into the cache key)."""
+
+    prompt: str = REWRITE_PROMPT
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    greedy: bool = True
+
+    def __post_init__(self) -> None:
+        if "{instruction}" not in self.prompt or "{response}" not in self.prompt:
+            raise ZipkdError("the rewrite prompt must contain {instruction} and {response}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ZipkdError("max_new_tokens and the generation batch size must be at least 1")
+
+
+@dataclass
+class DistilledSet:
+    examples: list[Example]
+    rewritten: list[bool]
+    key: str
+    stats: dict[str, Any] = field(default_factory=dict)
+    cached: bool = False
+
+    @property
+    def hash(self) -> str:
+        return examples_hash(self.examples)
+
+
+def distill_cache_key(teacher_hash: str, data_hash: str, settings: RewriteSettings) -> str:
+    blob = json.dumps(
+        {"v": CACHE_VERSION, "teacher": teacher_hash, "data": data_hash, **asdict(settings)}, sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def distill_cache_dir() -> Path:
+    return cache_dir() / "distilled"
+
+
+def _render_prompt(tokenizer: Any, text: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
+    return PLAIN_TEMPLATE.format(instruction=text)
+
+
+def _generate_batch(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
+) -> list[tuple[str, bool]]:
+    """Greedy batched generation with left padding; (text, finished-with-EOS) per prompt."""
+    import torch
+
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        chat = bool(getattr(tokenizer, "chat_template", None))
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
+    finally:
+        tokenizer.padding_side = side
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    with torch.inference_mode():
+        out = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos
+        )
+    new = out[:, enc["input_ids"].shape[1] :].cpu()
+    results = []
+    for row in new:
+        finished = eos is not None and bool((row == eos).any())
+        results.append((tokenizer.decode(row, skip_special_tokens=True).strip(), finished))
+    return results
+
+
+def self_distill(
+    teacher: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    settings: RewriteSettings,
+    teacher_hash: str,
+    progress: Any = None,
+) -> DistilledSet:
+    """Rewrite every response with the teacher (or reuse the cached set for the same teacher weights, data,
+    prompt and generation settings). Work in progress is cached per batch, so an interrupted run resumes."""
+    key = distill_cache_key(teacher_hash, examples_hash(examples), settings)
+    folder = distill_cache_dir()
+    final, partial = folder / f"{key}.json", folder / f"{key}.partial.jsonl"
+    if final.is_file():
+        try:
+            data = json.loads(final.read_text())
+            rows = data["rows"]
+            if len(rows) == len(examples):
+                return DistilledSet(
+                    [Example(r["instruction"], r["response"], r.get("source", "")) for r in rows],
+                    [bool(r["rewritten"]) for r in rows],
+                    key,
+                    data.get("stats", {}),
+                    cached=True,
+                )
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a damaged cache entry is rebuilt
+    done: dict[int, dict[str, Any]] = {}
+    if partial.is_file():
+        for line in partial.read_text().splitlines():
+            try:
+                r = json.loads(line)
+                done[int(r["index"])] = r
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut by a kill
+    folder.mkdir(parents=True, exist_ok=True)
+    # Longest originals first, batched by length: a batch stops when its longest rewrite ends.
+    lengths = [len(tokenizer(e.response, add_special_tokens=False)["input_ids"]) for e in examples]
+    todo = sorted((i for i in range(len(examples)) if i not in done), key=lambda i: (-lengths[i], i))
+    task = (
+        progress.add_task("teacher rewrites", total=len(examples), completed=len(done)) if progress else None
+    )
+    with partial.open("a") as log:
+        for start in range(0, len(todo), settings.batch_size):
+            batch = todo[start : start + settings.batch_size]
+            prompts = [
+                _render_prompt(
+                    tokenizer,
+                    settings.prompt.format(
+                        instruction=examples[i].instruction, response=examples[i].response
+                    ),
+                )
+                for i in batch
+            ]
+            budget = min(settings.max_new_tokens, 2 * max(lengths[i] for i in batch) + 24)
+            for i, (text, finished) in zip(
+                batch, _generate_batch(teacher, tokenizer, prompts, budget), strict=True
+            ):
+                ok, reason = answers_agree(examples[i].instruction, examples[i].response, text)
+                if not finished:
+                    ok, reason = False, "truncated"
+                done[i] = {"index": i, "rewrite": text, "accepted": ok, "reason": reason}
+                log.write(json.dumps(done[i], ensure_ascii=False) + "\n")
+            log.flush()
+            if task is not None:
+                progress.advance(task, len(batch))
+    rows, reasons = [], {}
+    for i, e in enumerate(examples):
+        r = done[i]
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+        rows.append(
+            {
+                "instruction": e.instruction,
+                "response": r["rewrite"] if r["accepted"] else e.response,
+                "source": e.source,
+                "rewritten": bool(r["accepted"]),
+                "original": e.response,
+            }
+        )
+    stats = {"examples": len(rows), "rewritten": sum(r["rewritten"] for r in rows), "reasons": reasons}
+    atomic_write_text(
+        final,
+        json.dumps(
+            {
+                "key": key,
+                "settings": asdict(settings),
+                "teacher_hash": teacher_hash,
+                "stats": stats,
+                "rows": rows,
+            },
+            ensure_ascii=False,
+        )
+        + "\n",
+    )
+    partial.unlink(missing_ok=True)
+    return DistilledSet(
+        [Example(r["instruction"], r["response"], r["source"]) for r in rows],
+        [r["rewritten"] for r in rows],
+        key,
+        stats,
+    )
+
+
+# -------------------------------------------------------------------------------------------- tokenization
+@dataclass
+class TrainSeq:
+    """One training sequence: token ids and which of them are trained targets (predicted from the left)."""
+
+    ids: list[int]
+    target: list[bool]
+
+
+def encode_example(tokenizer: Any, example: Example, max_len: int) -> TrainSeq | None:
+    """Prompt (chat template where the tokenizer has one) + response + end-of-turn; only the response tokens
+    (and the end-of-turn) are targets. Truncated to `max_len`; None when no response token survives."""
+    if getattr(tokenizer, "chat_template", None):
+        user = [{"role": "user", "content": example.instruction}]
+        prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(
+            user + [{"role": "assistant", "content": example.response}], tokenize=False
+        )
+        if not full.startswith(prompt):
+            raise ZipkdError(
+                "the tokenizer's chat template does not extend the prompt with the answer; "
+                "cannot mask the loss to the response"
+            )
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+    else:
+        p_ids = tokenizer(PLAIN_TEMPLATE.format(instruction=example.instruction))["input_ids"]
+        r_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            r_ids = r_ids + [tokenizer.eos_token_id]
+    ids = (p_ids + r_ids)[:max_len]
+    target = ([False] * len(p_ids) + [True] * len(r_ids))[:max_len]
+    if not any(target[1:]):
+        return None
+    return TrainSeq(ids, target)
+
+
+def encode_examples(tokenizer: Any, examples: Sequence[Example], max_len: int) -> list[TrainSeq]:
+    out = [s for e in examples if (s := encode_example(tokenizer, e, max_len)) is not None]
+    if not out:
+        raise ZipkdError(f"no training example has a response within {max_len} tokens; raise --max-seq-len")
+    return out
+
+
+def text_windows(
+    tokenizer: Any, texts: Sequence[str], max_len: int, limit: int | None = None
+) -> list[TrainSeq]:
+    """Non-overlapping windows of plain text (every token a target): language-model data that keeps the
+    student close to the teacher on prose. Use calibration-role text, never evaluation text."""
+    from zipkd.data.text import token_stream
+
+    stream = token_stream(tokenizer, list(texts)).tolist()
+    n = len(stream) // max_len
+    if limit is not None:
+        n = min(n, limit)
+    if n < 1:
+        raise ZipkdError(f"mixing text too short: {len(stream)} tokens for windows of {max_len}")
+    return [TrainSeq(stream[i * max_len : (i + 1) * max_len], [True] * max_len) for i in range(n)]

@@ -1,0 +1,449 @@
+"""The recovery training loop: full fine-tuning or LoRA of the pruned student on instruction sequences (loss on
+response tokens) and optional plain-text windows, with an optional logit-distillation term against the teacher.
+
+Reproducible and resumable: the data order is a pure function of (seed, step); every `checkpoint_every` steps
+the trainable weights (safetensors), the optimizer state (`torch.save`, read back with `weights_only=True`),
+the RNG states and the step are written atomically into a work folder, and a rerun with the same inputs resumes
+from the last checkpoint and ends with bit-identical weights (CPU). Runs under `accelerate launch` (DDP): each
+process takes its share of every batch and `accelerate` averages the gradients; only the main process writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zipkd.errors import ZipkdError
+from zipkd.recover.data import TrainSeq
+from zipkd.recover.losses import KD_MODES, combined_loss
+
+METHODS = ("full", "lora")
+PRECISIONS = ("fp32", "bf16")
+CKPT_PREFIX = "ckpt-"
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one recovery run (validated on construction)."""
+
+    steps: int = 200
+    batch_size: int = 8
+    lr: float | None = None  # None: 5e-5 for full fine-tuning, 5e-4 for LoRA
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decay down to this fraction of lr
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    method: str = "full"
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    train_embeddings: bool = False  # full fine-tuning: also train the (tied) embeddings / LM head
+    kd: str = "forward"
+    kd_weight: float = 0.5
+    temperature: float = 1.0
+    mix_ratio: float = 0.0  # fraction of steps that train on plain-text windows
+    max_seq_len: int = 256
+    checkpoint_every: int = 50
+    seed: int = 0
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ZipkdError(f"unknown training method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.kd not in KD_MODES:
+            raise ZipkdError(f"unknown distillation mode {self.kd!r}; choose one of {', '.join(KD_MODES)}")
+        if self.precision not in PRECISIONS:
+            raise ZipkdError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        checks = [
+            (self.steps >= 1, f"steps must be at least 1 (got {self.steps})"),
+            (self.batch_size >= 1, f"batch size must be at least 1 (got {self.batch_size})"),
+            (self.lr is None or self.lr > 0, f"learning rate must be positive (got {self.lr})"),
+            (self.warmup_steps >= 0, "warmup steps must be >= 0"),
+            (0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]"),
+            (self.weight_decay >= 0, "weight decay must be >= 0"),
+            (self.max_grad_norm > 0, "max_grad_norm must be positive"),
+            (self.lora_rank >= 1 and self.lora_alpha > 0, "LoRA rank must be >= 1 and alpha positive"),
+            (0.0 <= self.kd_weight <= 1.0, f"kd weight must be in [0, 1] (got {self.kd_weight})"),
+            (self.temperature > 0, f"temperature must be positive (got {self.temperature})"),
+            (0.0 <= self.mix_ratio < 1.0, f"mix ratio must be in [0, 1) (got {self.mix_ratio})"),
+            (self.max_seq_len >= 8, f"max sequence length must be at least 8 (got {self.max_seq_len})"),
+            (self.checkpoint_every >= 1, "checkpoint interval must be at least 1 step"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ZipkdError(msg)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (5e-5 if self.method == "full" else 5e-4)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.kd != "none" and self.kd_weight > 0
+
+
+@dataclass
+class TrainResult:
+    model: Any  # the trained student (LoRA merged in), unwrapped
+    steps: int
+    final_loss: float  # mean loss of the last 10% of steps
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0  # tokens through the student (non-padding)
+    target_tokens: int = 0  # tokens the loss was computed on
+    seconds: float = 0.0  # wall time of the steps run in this process (excludes resumed ones)
+    tokens_per_s: float = 0.0
+    resumed_from: int = 0
+
+
+# ------------------------------------------------------------------------------------------- data order
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio`·lr at the last step (pure function of the step)."""
+    base = cfg.learning_rate
+    if step < cfg.warmup_steps:
+        return base * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return base * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def is_text_step(step: int, ratio: float) -> bool:
+    """Spread text steps evenly: step s trains on text when ⌊(s+1)·r⌋ > ⌊s·r⌋."""
+    return ratio > 0 and math.floor((step + 1) * ratio + 1e-9) > math.floor(step * ratio + 1e-9)
+
+
+def batch_indices(
+    step: int, n_items: int, batch_size: int, seed: int, stream: int, ratio: float
+) -> list[int]:
+    """Item indices of the batch at `step` in one data stream (0 = instructions, 1 = text): the stream's k-th
+    batch covers positions k·B … k·B+B−1 of its epoch-wise seeded permutations. Pure, hence resumable."""
+    import torch
+
+    text_before = math.floor(step * ratio + 1e-9) if ratio > 0 else 0
+    k = text_before if stream == 1 else step - text_before
+    out, cache = [], {}
+    for pos in range(k * batch_size, (k + 1) * batch_size):
+        epoch, i = divmod(pos, n_items)
+        if epoch not in cache:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + stream * 7919 + epoch)
+            cache[epoch] = torch.randperm(n_items, generator=gen).tolist()
+        out.append(cache[epoch][i])
+    return out
+
+
+def collate(items: Sequence[TrainSeq], pad_id: int):
+    """Right-padded (input_ids, attention_mask, target_mask) tensors; target_mask[b, t] says token t is a
+    trained target (predicted from position t−1)."""
+    import torch
+
+    length = max(len(s.ids) for s in items)
+    ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(items), length), dtype=torch.long)
+    target = torch.zeros((len(items), length), dtype=torch.bool)
+    for b, s in enumerate(items):
+        ids[b, : len(s.ids)] = torch.tensor(s.ids)
+        attn[b, : len(s.ids)] = 1
+        target[b, : len(s.ids)] = torch.tensor(s.target)
+    return ids, attn, target
+
+
+# ------------------------------------------------------------------------------------------- the model
+def _selected_logits_module():
+    import torch
+
+    class SelectedLogits(torch.nn.Module):
+        """Runs the decoder on the whole sequence but the (large) LM head only at the trained positions;
+        one module so DDP/FSDP see every parameter used in `forward`."""
+
+        def __init__(self, lm: Any):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, attention_mask, select):  # noqa: D401
+            hidden = self.lm.get_decoder()(
+                input_ids=input_ids, attention_mask=attention_mask
+            ).last_hidden_state
+            return self.lm.get_output_embeddings()(hidden[select])
+
+    return SelectedLogits
+
+
+def lora_targets(model: Any) -> list[str]:
+    from zipkd.models.adapters import adapter_for
+
+    ad = adapter_for(model.config)
+    return [ad.q, ad.k, ad.v, ad.o, ad.gate, ad.up, ad.down]
+
+
+def _wrap_lora(model: Any, cfg: TrainConfig) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=lora_targets(model),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lcfg)
+
+
+def _trainable(model: Any) -> dict[str, Any]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+def _checkpoints(work: Path) -> list[tuple[int, Path]]:
+    out = []
+    for p in work.glob(f"{CKPT_PREFIX}*"):
+        if p.is_dir() and (p / "state.json").is_file():
+            try:
+                out.append((int(p.name[len(CKPT_PREFIX) :]), p))
+            except ValueError:
+                continue
+    return sorted(out)
+
+
+def prepare_work_dir(work: Path, run_key: str) -> None:
+    """Create the work folder; checkpoints of a different run (other inputs or settings) are discarded."""
+    work.mkdir(parents=True, exist_ok=True)
+    marker = work / "run.json"
+    if marker.is_file():
+        try:
+            same = json.loads(marker.read_text()).get("run_key") == run_key
+        except (OSError, ValueError):
+            same = False
+        if same:
+            return
+        for _, p in _checkpoints(work):
+            shutil.rmtree(p, ignore_errors=True)
+    marker.write_text(json.dumps({"run_key": run_key}) + "\n")
+
+
+def _rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
+    import numpy as np
+    import torch
+
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    py = random.getstate()
+    np_state = np.random.get_state()
+    meta = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, Any], meta: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npm = meta["numpy"]
+    np.random.set_state((npm[0], np.array(npm[1], dtype=np.uint32), npm[2], npm[3], npm[4]))
+
+
+def save_checkpoint(work: Path, step: int, model: Any, optimizer: Any, state: dict[str, Any]) -> Path:
+    """Atomically write checkpoint `step` (weights, optimizer, RNG, loop state); keep the last two."""
+    import torch
+    from safetensors.torch import save_file
+
+    tmp = Path(tempfile.mkdtemp(prefix=".ckpt-tmp-", dir=work))
+    try:
+        weights = {n: p.detach().to("cpu").contiguous().clone() for n, p in _trainable(model).items()}
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng_tensors, rng_meta = _rng_state()
+        save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": rng_meta}) + "\n")
+        final = work / f"{CKPT_PREFIX}{step:07d}"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for _, old in _checkpoints(work)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model: Any, optimizer: Any) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG from a checkpoint folder; return its loop state."""
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = _trainable(model)
+    if set(weights) != set(params):
+        raise ZipkdError(f"checkpoint {path} does not match the model being trained; delete it to start over")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(weights[n].to(p.device))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    state = json.loads((path / "state.json").read_text())
+    _set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+    return state
+
+
+# ------------------------------------------------------------------------------------------- the loop
+def _accelerator(device: str, precision: str):
+    from accelerate import Accelerator
+
+    mixed = "bf16" if precision == "bf16" else "no"
+    return Accelerator(cpu=str(device).startswith("cpu"), mixed_precision=mixed)
+
+
+def train(
+    student: Any,
+    teacher: Any | None,
+    qa: Sequence[TrainSeq],
+    text: Sequence[TrainSeq],
+    cfg: TrainConfig,
+    work_dir: str | os.PathLike,
+    pad_id: int,
+    run_key: str = "",
+    device: str = "cpu",
+    progress: Any = None,
+    callback: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Fine-tune `student` for `cfg.steps` steps; resume from the last checkpoint in `work_dir` when it holds
+    one of the same run (`run_key`). `callback(step, metrics)` is called after every step (and checkpoint)."""
+    import torch
+
+    from zipkd.manifest import set_seed
+
+    if not qa:
+        raise ZipkdError("no instruction examples to train on")
+    if cfg.mix_ratio > 0 and not text:
+        raise ZipkdError("a text mix ratio was given but there is no text to mix in")
+    if cfg.uses_teacher and teacher is None:
+        raise ZipkdError(f"distillation mode {cfg.kd!r} needs a teacher model")
+    work = Path(work_dir)
+    acc = _accelerator(device, cfg.precision)
+    if acc.is_main_process:
+        prepare_work_dir(work, run_key)
+    acc.wait_for_everyone()
+
+    set_seed(cfg.seed)
+    model = _wrap_lora(student, cfg) if cfg.method == "lora" else student
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if not cfg.train_embeddings:  # unpruned, and the LM head's weight gradient is the costliest matmul
+            for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+                for p in module.parameters() if module is not None else ():
+                    p.requires_grad_(False)
+    model.train()
+    params = list(_trainable(model).values())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.learning_rate,
+        foreach=False,
+    )
+    wrapped, optimizer = acc.prepare(_selected_logits_module()(model), optimizer)
+    if teacher is not None and cfg.uses_teacher:
+        teacher = teacher.to(acc.device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        teacher_head = _selected_logits_module()(teacher)
+    else:
+        teacher_head = None
+
+    state: dict[str, Any] = {"losses": [], "tokens": 0, "target_tokens": 0}
+    start = 0
+    ckpts = _checkpoints(work)
+    if ckpts:
+        state = load_checkpoint(ckpts[-1][1], model, optimizer)
+        start = int(state["step"])
+    rank, world = acc.process_index, acc.num_processes
+    if cfg.batch_size % world:
+        raise ZipkdError(f"batch size {cfg.batch_size} must be divisible by the {world} processes")
+    task = None
+    if progress is not None and acc.is_main_process:
+        task = progress.add_task("recovery training", total=cfg.steps, completed=start)
+    t0, tokens_here, ema = time.perf_counter(), 0, None
+    for step in range(start, cfg.steps):
+        stream = 1 if is_text_step(step, cfg.mix_ratio) else 0
+        items = text if stream == 1 else qa
+        idx = batch_indices(step, len(items), cfg.batch_size, cfg.seed, stream, cfg.mix_ratio)
+        share = cfg.batch_size // world
+        ids, attn, target = collate([items[i] for i in idx[rank * share : (rank + 1) * share]], pad_id)
+        ids, attn, target = ids.to(acc.device), attn.to(acc.device), target.to(acc.device)
+        inputs, labels = ids[:, :-1], ids[:, 1:]
+        select = target[:, 1:] & attn[:, 1:].bool()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        with acc.autocast():
+            logits = wrapped(inputs, attn[:, :-1], select)
+            t_logits = None
+            if teacher_head is not None:
+                with torch.no_grad():
+                    t_logits = teacher_head(inputs, attn[:, :-1], select)
+            loss, parts = combined_loss(
+                logits, labels[select], t_logits, cfg.kd, cfg.kd_weight, cfg.temperature
+            )
+        acc.backward(loss)
+        acc.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        n_tok, n_tgt = int(attn[:, :-1].sum()) * world, int(select.sum()) * world
+        tokens_here += n_tok
+        state["tokens"] += n_tok
+        state["target_tokens"] += n_tgt
+        state["losses"].append(float(loss.detach()))
+        ema = state["losses"][-1] if ema is None else 0.9 * ema + 0.1 * state["losses"][-1]
+        tps = tokens_here / max(time.perf_counter() - t0, 1e-9)
+        if task is not None:
+            progress.update(task, advance=1, description=f"recovery · loss {ema:.3f} · {tps:,.0f} tok/s")
+        done = step + 1
+        if (done % cfg.checkpoint_every == 0 or done == cfg.steps) and done < cfg.steps:
+            if acc.is_main_process:
+                save_checkpoint(
+                    work, done, model, optimizer, {k: state[k] for k in ("losses", "tokens", "target_tokens")}
+                )
+            acc.wait_for_everyone()
+        if callback is not None:
+            callback(done, {"loss": state["losses"][-1], "tokens_per_s": tps, **parts})
+    seconds = time.perf_counter() - t0
+    final = acc.unwrap_model(wrapped).lm
+    if cfg.method == "lora":
+        final = final.merge_and_unload()
+    final.eval()
+    for p in final.parameters():
+        p.requires_grad_(False)
+    losses = state["losses"]
+    tail = losses[-max(1, len(losses) // 10) :]
+    return TrainResult(
+        final,
+        cfg.steps,
+        sum(tail) / len(tail),
+        losses,
+        state["tokens"],
+        state["target_tokens"],
+        seconds,
+        tokens_here / max(seconds, 1e-9),
+        start,
+    )
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return {**asdict(cfg), "learning_rate": cfg.learning_rate}
