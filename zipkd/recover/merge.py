@@ -60,8 +60,12 @@ def merge_models(model_a: Any, model_b: Any, t: float, names: tuple[str, str] = 
         raise ZipkdError(f"SLERP fraction must be in [0, 1] (got {t})")
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     check_same_shapes(sd_a, sd_b, names)
+    done: set[int] = set()  # tied weights (embeddings / LM head) share storage: merge them once
     with torch.no_grad():
         for k, v in sd_a.items():
+            if v.data_ptr() in done:
+                continue
+            done.add(v.data_ptr())
             if v.is_floating_point():
                 v.copy_(slerp(v, sd_b[k].to(v.device), t))
             elif not torch.equal(v, sd_b[k].to(v.device)):

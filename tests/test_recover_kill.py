@@ -1,0 +1,68 @@
+"""Kill test: `zipkd recover` killed with SIGKILL after its first checkpoint, rerun with the same command,
+resumes from that checkpoint and ends with exactly the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from test_recover import TEXT, _weights
+from test_recover_utils import make_chain, write_jsonl
+from typer.testing import CliRunner
+
+
+def test_sigkill_then_rerun_resumes_with_identical_weights(tmp_path, monkeypatch):
+    from zipkd.cli import app
+
+    monkeypatch.setenv("ZIPKD_CACHE", str(tmp_path / "cache"))  # distilled set shared by the three runs
+    _, pruned = make_chain(tmp_path)
+    data = write_jsonl(tmp_path / "d.jsonl", repeat=2)
+    (tmp_path / "mix.txt").write_text(TEXT)
+    opts = [
+        "--data",
+        str(data),
+        "--mix-text",
+        str(tmp_path / "mix.txt"),
+        "--steps",
+        "12",
+        "--checkpoint-every",
+        "3",
+        "--batch-size",
+        "2",
+        "--max-seq-len",
+        "96",
+        "--max-new-tokens",
+        "8",
+        "--lr",
+        "3e-3",
+        "--json",
+    ]
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "zipkd.cli", "recover", str(pruned), "-o", str(out), *opts]
+    env = {**os.environ, "ZIPKD_CACHE": str(tmp_path / "cache")}
+    work = tmp_path / ".out.recover-work"
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not list(work.glob("ckpt-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, f"run ended before it could be killed: {err.decode()[-2000:]}"
+    assert not out.exists() and [p.name for p in work.glob("ckpt-*")]
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    summary = json.loads(rerun.stdout[rerun.stdout.index("{") :])
+    assert summary["resumed_from_step"] >= 3 and summary["steps"] == 12
+    assert not work.exists()
+
+    res = CliRunner().invoke(app, ["recover", str(pruned), "-o", str(tmp_path / "ref"), *opts])
+    assert res.exit_code == 0, res.output
+    a, b = _weights(tmp_path / "ref"), _weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
