@@ -39,7 +39,7 @@ def _speedup_check(v: Any) -> str | None:
 
 _SECTIONS: dict[str, dict[str, tuple]] = {
     "hardware": _REGIME,
-    "profile": {"table": ((str, type(None)), None, None), "repeats": (int, 5, lambda v: None if v >= 1 else "must be at least 1")},
+    "profile": {"table": ((str, type(None)), None, None)},
     "prune": {
         "target_speedup": ((str, int, float, list), "2x", _speedup_check),
         "method": (str, "zipkd", lambda v: None if v in ("zipkd", "magnitude", "shortgpt", "wanda-sp") else
@@ -55,12 +55,15 @@ _SECTIONS: dict[str, dict[str, tuple]] = {
         "examples": (int, 128, lambda v: None if v >= 1 else "must be at least 1"),
         "steps": (int, 60, lambda v: None if v >= 1 else "must be at least 1"),
         "batch_size": (int, 4, lambda v: None if v >= 1 else "must be at least 1"),
-        "lr": ((int, float), 5e-5, lambda v: None if v > 0 else "must be positive"),
+        "lr": ((int, float, type(None)), None, lambda v: None if v > 0 else "must be positive"),
         "lora": (bool, False, None),
         "self_distill": (bool, True, None),
-        "kd": ((str, type(None)), "forward", lambda v: None if v in (None, "forward", "reverse", "mix") else
-               "must be forward, reverse, mix or null"),
+        "kd": (str, "forward", lambda v: None if v in ("none", "forward", "reverse", "mix") else
+               "must be none, forward, reverse or mix"),
         "kd_weight": ((int, float), 0.5, lambda v: None if 0 <= v <= 1 else "must be between 0 and 1"),
+        "mix_ratio": ((int, float), 0.0, lambda v: None if 0 <= v <= 1 else "must be between 0 and 1"),
+        "max_seq_len": (int, 256, lambda v: None if v >= 16 else "must be at least 16"),
+        "max_new_tokens": (int, 96, lambda v: None if v >= 1 else "must be at least 1"),
         "checkpoint_every": (int, 20, lambda v: None if v >= 1 else "must be at least 1"),
     },
     "quantize": {"method": ((str, type(None)), None, None)},
@@ -69,8 +72,7 @@ _SECTIONS: dict[str, dict[str, tuple]] = {
         "limit": ((int, type(None)), 100, lambda v: None if v is None or v >= 1 else "must be at least 1"),
         "batch_size": (int, 8, lambda v: None if v >= 1 else "must be at least 1"),
         "perplexity": (bool, True, None),
-        "max_drop": ((int, float, type(None)), None, None),
-        "min_speedup": ((int, float, type(None)), None, None),
+        "speed_repeats": (int, 7, lambda v: None if v >= 1 else "must be at least 1"),
     },
 }
 _TOP = {"model": (str, "smollm2-135m", None), "output": (str, None, None), "seed": (int, 0, None),
