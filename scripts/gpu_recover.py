@@ -1,0 +1,289 @@
+"""GPU check for `zipkd recover` (issue #5): a short recovery run in bf16 mixed precision on one GPU.
+
+The embedded model cannot travel to the GPU machine, so the teacher is a random-weight SmolLM2-135M-shaped
+Llama (30 layers, hidden 576, 9/3 heads, MLP 1536, vocab 49152) and the student the same model cut to 2x by
+surgery (every other layer dropped, MLP halved); data are synthetic token sequences (instruction + response
+layout, loss on the response half, plus plain-text windows). Measured: training tokens/s with forward-KL
+distillation against the teacher, the loss trend, peak memory, teacher generation tokens/s (the rewrite step),
+and whether an interrupted + resumed run ends with the same weights as an uninterrupted one on the GPU.
+
+    python scripts/gpu_recover.py --out results/          # on the GPU machine (≤ 3 minutes, hard-stopped)
+    python scripts/gpu_recover.py --out /tmp/x --smoke    # tiny shapes on CPU, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SMOL = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+)
+SMOKE = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+)
+
+
+class Budget(Exception):
+    pass
+
+
+def build_models(shape: dict, device: str):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from zipkd.models.adapters import adapter_for
+    from zipkd.models.surgery import drop_layers, slice_mlp
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("llama", **shape)
+    teacher = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    student = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    student.load_state_dict(teacher.state_dict())
+    ad = adapter_for(student.config)
+    half = shape["intermediate_size"] // 2
+    for layer in ad.layers(student):
+        slice_mlp(layer, ad, list(range(half)))
+    drop_layers(student, list(range(1, shape["num_hidden_layers"], 2)))
+    return teacher.to(device, torch.bfloat16).eval(), student.to(device)
+
+
+def synthetic(n: int, seq: int, vocab: int, seed: int):
+    import torch
+
+    from zipkd.recover.data import TrainSeq
+
+    g = torch.Generator().manual_seed(seed)
+    qa, text = [], []
+    for i in range(n):
+        ids = torch.randint(3, vocab, (seq,), generator=g).tolist()
+        cut = seq // 2 + i % (seq // 4)
+        qa.append(TrainSeq(ids, [False] * cut + [True] * (seq - cut)))
+        text.append(TrainSeq(torch.randint(3, vocab, (seq,), generator=g).tolist(), [True] * seq))
+    return qa, text
+
+
+def run_training(student, teacher, qa, text, cfg, work, device, budget_s):
+    """Train until done or out of time; per-step tokens/s and losses from the callback."""
+    from zipkd.recover.train import train
+
+    log: list[dict] = []
+    t0 = time.perf_counter()
+
+    def cb(step, metrics):
+        log.append({"step": step, "t": time.perf_counter() - t0, **metrics})
+        if time.perf_counter() - t0 > budget_s:
+            raise Budget
+
+    try:
+        res = train(student, teacher, qa, text, cfg, work, pad_id=0, device=device, callback=cb)
+        return res, log
+    except Budget:
+        return None, log
+
+
+def weights_equal(a, b) -> bool:
+    import torch
+
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU")
+    ap.add_argument("--budget-s", type=float, default=170.0, help="hard stop for the whole script")
+    args = ap.parse_args()
+    start = time.perf_counter()
+    signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("gpu_recover hard stop")))
+    signal.alarm(int(args.budget_s) + 5)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from zipkd.recover.data import Example, RewriteSettings, self_distill
+    from zipkd.recover.train import TrainConfig
+
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    shape = SMOKE if args.smoke else SMOL
+    seq, batch = (64, 4) if args.smoke else (512, 16)
+    out: dict = {
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "smoke": args.smoke,
+        "shape": shape,
+        "seq_len": seq,
+        "batch": batch,
+        "precision": "bf16 autocast (fp32 master)",
+        "torch": torch.__version__,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def remaining() -> float:
+        return args.budget_s - (time.perf_counter() - start)
+
+    try:
+        teacher, student = build_models(shape, device)
+        out["student_params"] = sum(p.numel() for p in student.parameters())
+        out["teacher_params"] = sum(p.numel() for p in teacher.parameters())
+        qa, text = synthetic(256, seq, shape["vocab_size"], 0)
+        cfg = TrainConfig(
+            steps=10 if args.smoke else 400,
+            batch_size=batch,
+            lr=1e-4,
+            kd="forward",
+            kd_weight=0.5,
+            mix_ratio=0.5,
+            max_seq_len=seq,
+            checkpoint_every=50,
+            warmup_steps=5,
+            precision="bf16",
+        )
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with tempfile.TemporaryDirectory() as work:
+            _, log = run_training(
+                student,
+                teacher,
+                qa,
+                text,
+                cfg,
+                Path(work) / "w",
+                device,
+                budget_s=min(75.0, remaining() * 0.45),
+            )
+        steady = [r for r in log if r["step"] > 3]
+        if len(steady) >= 2:
+            toks = (steady[-1]["step"] - steady[0]["step"]) * batch * (seq - 1)
+            out["train_tokens_per_s"] = toks / (steady[-1]["t"] - steady[0]["t"])
+        out["train_steps"] = len(log)
+        out["train_loss_first5"] = [round(r["loss"], 4) for r in log[:5]]
+        out["train_loss_last5"] = [round(r["loss"], 4) for r in log[-5:]]
+        out["includes_checkpoints_every"] = cfg.checkpoint_every
+        if device == "cuda":
+            out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        # Teacher rewrites (the generation half of self-data distillation): greedy, batched.
+        if remaining() > 40:
+            tok = char_tokenizer()
+            examples = [
+                Example(f"Question number {i}: what is {i} plus {i}?", f"So the answer is {2 * i}.")
+                for i in range(64 if not args.smoke else 8)
+            ]
+            settings = RewriteSettings(max_new_tokens=64 if not args.smoke else 8, batch_size=32)
+            os.environ["ZIPKD_CACHE"] = tempfile.mkdtemp(prefix="zipkd-gpu-cache-")
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            ds = self_distill(teacher, tok, examples, settings, teacher_hash="random")
+            if device == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t
+            out["generation"] = {
+                "examples": len(examples),
+                "max_new_tokens": settings.max_new_tokens,
+                "batch": settings.batch_size,
+                "seconds": dt,
+                "new_tokens_per_s_upper": len(examples) * settings.max_new_tokens / dt,
+                "reasons": ds.stats["reasons"],
+            }
+        # Resume check on the GPU: 6 steps uninterrupted vs. interrupted after step 4 (checkpoint at 3).
+        if remaining() > 30:
+            small = TrainConfig(
+                steps=6,
+                batch_size=batch,
+                lr=1e-4,
+                kd="forward",
+                mix_ratio=0.5,
+                max_seq_len=seq,
+                checkpoint_every=3,
+                warmup_steps=1,
+                precision="bf16",
+            )
+            with tempfile.TemporaryDirectory() as work:
+                _, ref_student = build_models(shape, device)
+                from zipkd.recover.train import train
+
+                ref = train(ref_student, teacher, qa, text, small, Path(work) / "a", 0, device=device).model
+
+                def crash(step, _m):
+                    if step == 4:
+                        raise Budget
+
+                _, s2 = build_models(shape, device)
+                try:
+                    train(s2, teacher, qa, text, small, Path(work) / "b", 0, device=device, callback=crash)
+                except Budget:
+                    pass
+                _, s3 = build_models(shape, device)
+                res = train(s3, teacher, qa, text, small, Path(work) / "b", 0, device=device)
+                out["resume"] = {
+                    "resumed_from": res.resumed_from,
+                    "bit_identical": weights_equal(ref, res.model),
+                }
+    except (TimeoutError, Budget) as exc:
+        out["stopped"] = str(exc) or "budget"
+    finally:
+        signal.alarm(0)
+    out["wall_s"] = time.perf_counter() - start
+    (args.out / "gpu_recover.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+    print(
+        f"gpu_recover on {out['device']}: {out.get('train_steps', 0)} steps, "
+        f"train {out.get('train_tokens_per_s', float('nan')):,.0f} tok/s (bf16, KD), "
+        f"loss {out.get('train_loss_first5', ['?'])[0]} → {out.get('train_loss_last5', ['?'])[-1]}, "
+        f"generation {out.get('generation', {}).get('new_tokens_per_s_upper', float('nan')):,.0f} tok/s, "
+        f"resume bit-identical: {out.get('resume', {}).get('bit_identical')}, {out['wall_s']:.0f} s"
+    )
+    return 0 if out.get("train_steps", 0) > 0 else 1
+
+
+def char_tokenizer():
+    """A character tokenizer with a chat template, built from the `tokenizers` library (no files needed)."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\x0b\x0c"]
+    vocab = {t: i for i, t in enumerate(["<unk>", "<|im_start|>", "<|im_end|>", *chars])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        bos_token="<|im_start|>",
+    )
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return tok
+
+
+if __name__ == "__main__":
+    sys.exit(main())
