@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -44,21 +44,21 @@ def profile(
         ),
     ] = "eager",
     quantization: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             help="Time blocks quantized in memory with this method (see `zipkd quantize`).",
             rich_help_panel=_REGIME,
         ),
     ] = None,
     table: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             help="Use this table file instead of measuring (checked against the model and device).",
             rich_help_panel=_RUN,
         ),
     ] = None,
     output: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--output", "-o", help="Also write the table to this JSON file.", rich_help_panel=_RUN),
     ] = None,
     validate: Annotated[

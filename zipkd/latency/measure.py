@@ -14,6 +14,7 @@ machine load hit every model alike and ratios between them are honest.
 from __future__ import annotations
 
 import inspect
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -75,7 +76,11 @@ def random_ids(model: torch.nn.Module, batch: int, length: int, seed: int = _SEE
 
 
 class Step:
-    """One timed unit of work: `run()` does it (timed), `reset()` restores state between runs (not timed)."""
+    """One timed unit of work: `run()` does it (timed), `reset()` restores state between runs (not timed).
+
+    With `inner` > 1 a sample runs the work `inner` times back to back between two synchronisations and reports
+    the mean: short GPU kernels are then timed as they run inside a model forward (launches overlapping
+    execution) rather than dominated by one synchronisation each."""
 
     def __init__(
         self,
@@ -88,15 +93,27 @@ class Step:
         self.reset = reset or (lambda: None)
         self.device = torch.device(device)
         self._keep = keep  # tensors the step reads and must outlive it (CUDA graphs)
+        self.inner = 1
 
     def time_once(self) -> float:
         synchronize(self.device)
         t0 = time.perf_counter()
-        self.run()
+        for i in range(self.inner):
+            if i:
+                self.reset()
+            self.run()
         synchronize(self.device)
-        ms = (time.perf_counter() - t0) * 1e3
+        ms = (time.perf_counter() - t0) * 1e3 / self.inner
         self.reset()
         return ms
+
+    def calibrate(self, min_ms: float) -> Step:
+        """Choose `inner` so one sample lasts at least `min_ms` (at most 64 runs)."""
+        with torch.inference_mode():
+            self.time_once()
+            one = self.time_once()
+        self.inner = max(1, min(64, math.ceil(min_ms / max(one, 1e-3))))
+        return self
 
 
 def as_graph(step: Step) -> Step:
@@ -121,7 +138,9 @@ def as_graph(step: Step) -> Step:
         raise ZipkdError(
             f"CUDA graph capture failed ({type(exc).__name__}: {exc}); use --runtime eager"
         ) from exc
-    return Step(graph.replay, None, step.device, keep=(step, graph))
+    graphed = Step(graph.replay, None, step.device, keep=(step, graph))
+    graphed.inner = step.inner
+    return graphed
 
 
 def model_step(model: Any, regime: Regime, inputs: torch.Tensor | None = None) -> Step:

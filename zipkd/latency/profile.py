@@ -45,6 +45,7 @@ from zipkd.latency.table import DEVICE_KEYS, MODEL_KEYS, LatencyTable, Regime
 
 PROFILER_VERSION = 1  # part of the cache key: bump when the method changes
 EXTRA_DEVICE_KEYS = ("driver", "runtime", "quantization")
+GPU_SAMPLE_MS = 3.0  # a GPU layer-timing sample runs the layer back to back for at least this long
 
 
 # ---------------------------------------------------------------- fingerprints
@@ -261,7 +262,9 @@ def layer_step(
         return layer(hidden, **kw)
 
     step = Step(run, reset, device, keep=keep)
-    return as_graph(step) if regime.runtime == "cudagraphs" else step
+    step = as_graph(step) if regime.runtime == "cudagraphs" else step
+    # On a GPU a layer takes well under a millisecond: time it back to back, as it runs inside the model.
+    return step.calibrate(GPU_SAMPLE_MS) if device.type == "cuda" else step
 
 
 def block_entries(
@@ -351,6 +354,10 @@ def profile_model(
 
     # (kv_heads, width) shapes to time; T(K, W) is only a cross-check of additivity.
     specs = [(k, 0) for k in range(1, K + 1)] + [(0, w) for w in grid if w > 0] + [(0, 0), (K, W)]
+    # Alignment probe: a grid width near W/2 and the same plus one (why the grid avoids such widths).
+    probe = min((w for w in grid if w > 0), key=lambda w: abs(w - W / 2))
+    if probe + 1 < W and probe + 1 not in grid:
+        specs.insert(-2, (0, probe + 1))
     budget = _memory_budget(device)
     kv_bytes = 2 * hidden.shape[0] * regime.context * geo.head_dim * hidden.element_size()
     decode = regime.regime == "decode"
@@ -410,6 +417,12 @@ def profile_model(
     T[(0, 0)] = sum(v * dense_layer / r for v, r in zip(results[(0, 0)], ref, strict=True)) / len(ref)
     T[(K, W)] = dense_layer
     attention_ms, mlp_ms, delta = block_entries(T, K, grid)
+    negative = sorted(f"attention {k}" for k, v in attention_ms.items() if v < 0) + sorted(
+        f"mlp {w}" for w, v in mlp_ms.items() if v < 0
+    )
+    if negative:  # only noise makes a block cheaper than nothing; a pruner must not be paid to keep it
+        attention_ms = {k: max(v, 0.0) for k, v in attention_ms.items()}
+        mlp_ms = {w: max(v, 0.0) for w, v in mlp_ms.items()}
     predicted_layer = attention_ms[K] + mlp_ms[W]
     e2e = float(torch.tensor(e2e_samples).median())
     rest = e2e - L * predicted_layer
@@ -424,10 +437,21 @@ def profile_model(
         "layer_overhead_ms": delta,
         "additivity_error": predicted_layer / dense_layer - 1,
         "rest_fraction": rest / e2e,
+        "alignment_probe": {
+            "width": probe,
+            "mlp_ms": mlp_ms[probe],
+            "width_plus_1": probe + 1,
+            "mlp_ms_plus_1": T[(0, probe + 1)] - delta / 2 if (0, probe + 1) in T else None,
+        },
         "build_s": round(time.perf_counter() - t_start, 2),
     }
+    warnings = []
+    if negative:
+        warnings.append(f"negative entries clamped to 0 ({', '.join(negative)}): timings were very noisy")
     if rest < 0:
-        meta["warning"] = "negative rest: the machine was busier during layer timings than end-to-end ones"
+        warnings.append("negative rest: the machine was busier during layer timings than end-to-end ones")
+    if warnings:
+        meta["warning"] = "; ".join(warnings)
     return LatencyTable(
         regime=regime,
         fingerprint=fingerprint,

@@ -131,7 +131,7 @@ def build_variant(
     layers = ad.layers(new)
     if len(shapes) != len(layers):
         raise ZipkdError(f"{len(shapes)} shapes for {len(layers)} layers")
-    for layer, (k, w) in zip(layers, shapes):
+    for layer, (k, w) in zip(layers, shapes, strict=True):
         if k == 0:
             remove_attention(layer, ad)
         elif k < geo.num_kv_heads:
@@ -191,7 +191,7 @@ def validate_table(
             variants = [quantize(v, regime.quantization, str(device)) for v in variants]
         stats = compare_ms([dense, *variants], regime, warmup=warmup, repeats=repeats)
         d = stats[0]["median_ms"]
-        for t, v, st in zip(chunk, variants, stats[1:]):
+        for t, v, st in zip(chunk, variants, stats[1:], strict=True):
             kept = [asdict(s) for s in layer_shapes(v)]
             pred = table.predict(kept)
             report.variants.append(
