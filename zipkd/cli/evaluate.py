@@ -1,10 +1,218 @@
-"""`zipkd eval` (placeholder until its issue lands)."""
+"""`zipkd eval`: lm-eval tasks, held-out perplexity, measured speed vs the base model, a report, and the CI gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from zipkd.cli.app import app
-from zipkd.cli.common import not_built
+from zipkd.cli.common import ForceOpt, JsonOpt, cli_errors, console, err_console, progress
+
+_QUALITY = "Quality"
+_SPEED = "Speed regime (default: the one in the model's manifest)"
+_GATE = "CI gate"
+_OUT = "Output"
+
+
+def parse_limit(value: str | None) -> int | float | None:
+    """`50` documents per task, `0.1` of each task, or `all`."""
+    if value is None:
+        return None
+    text = value.strip().lower()
+    if text in ("all", "none", "0"):
+        return None
+    try:
+        x = float(text)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a limit; write a count (50), a fraction (0.1) or all") from None
+    if not x > 0 or (x >= 1 and x != int(x)):
+        raise typer.BadParameter(f"limit {value!r} must be a whole count, a fraction below 1, or all")
+    return int(x) if x >= 1 else x
+
+
+def _tasks(value: str | None) -> list[str] | None:
+    return None if value is None else [t for t in value.split(",") if t.strip()]
 
 
 @app.command(name="eval", rich_help_panel="Pipeline")
-def evaluate() -> None:
-    """Not built yet."""
-    not_built("eval")
+@cli_errors
+def evaluate(
+    models: Annotated[
+        list[str] | None,
+        typer.Argument(help="Model(s) to evaluate: `smollm2-135m`, model folders or .gguf files. Several = a "
+                       "family (one report, one Pareto plot).", show_default=False),
+    ] = None,
+    base: Annotated[
+        str | None,
+        typer.Option(help="Base model for retention and measured speedup (default: the first model of the "
+                     "manifest chain, if any).", show_default=False),
+    ] = None,
+    no_base: Annotated[bool, typer.Option("--no-base", help="Compare with no base model.")] = False,
+    tasks: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated tasks (default: all, or the baseline report's). See --list-tasks.",
+                     rich_help_panel=_QUALITY, show_default=False),
+    ] = None,
+    limit: Annotated[
+        str | None,
+        typer.Option(help="Documents per task: a count, a fraction, or `all` (default: 50, a fixed random "
+                     "sample; or the baseline report's).", rich_help_panel=_QUALITY, show_default=False),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="lm-eval batch size.", rich_help_panel=_QUALITY)] = 8,
+    max_length: Annotated[
+        int | None,
+        typer.Option(min=16, help="lm-eval context length (default: the model's).", rich_help_panel=_QUALITY),
+    ] = None,
+    perplexity: Annotated[
+        bool, typer.Option(help="Held-out perplexity (LAMBADA passages).", rich_help_panel=_QUALITY)
+    ] = True,
+    ppl_max_length: Annotated[
+        int | None, typer.Option(min=2, help="Perplexity window in tokens (default 512, or the baseline's).",
+                                 rich_help_panel=_QUALITY, show_default=False)
+    ] = None,
+    ppl_tokens: Annotated[
+        int | None, typer.Option(min=2, help="Held-out tokens scored for perplexity (default 8192, or the "
+                                 "baseline's).", rich_help_panel=_QUALITY, show_default=False)
+    ] = None,
+    list_tasks: Annotated[bool, typer.Option("--list-tasks", help="List the tasks and exit.")] = False,
+    speed: Annotated[bool, typer.Option(help="Measure speed and memory.", rich_help_panel=_SPEED)] = True,
+    device: Annotated[
+        str | None,
+        typer.Option(help="cpu or cuda[:N]: where tasks run and speed is measured (default cpu).",
+                     rich_help_panel=_SPEED, show_default=False),
+    ] = None,
+    regime: Annotated[
+        str | None, typer.Option(help="prefill or decode.", rich_help_panel=_SPEED, show_default=False)
+    ] = None,
+    batch: Annotated[
+        int | None, typer.Option(min=1, help="Sequences per forward.", rich_help_panel=_SPEED, show_default=False)
+    ] = None,
+    seq_len: Annotated[
+        int | None, typer.Option(min=1, help="Prompt tokens (prefill).", rich_help_panel=_SPEED, show_default=False)
+    ] = None,
+    context: Annotated[
+        int | None, typer.Option(min=1, help="KV-cache tokens (decode).", rich_help_panel=_SPEED, show_default=False)
+    ] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed repeats (median).", rich_help_panel=_SPEED)] = 7,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(help="Baseline report (report.json or its folder): exit 1 naming every metric that "
+                     "regressed.", rich_help_panel=_GATE, show_default=False),
+    ] = None,
+    max_drop: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Largest allowed drop of a task score (absolute).",
+                            rich_help_panel=_GATE)
+    ] = 0.02,
+    min_speedup: Annotated[
+        str | None,
+        typer.Option(help="Smallest allowed measured speedup vs the base (e.g. 1.8 or 1.8x).",
+                     rich_help_panel=_GATE, show_default=False),
+    ] = None,
+    max_ppl_increase: Annotated[
+        float, typer.Option(min=0.0, help="Largest allowed relative rise of held-out perplexity.",
+                            rich_help_panel=_GATE)
+    ] = 0.05,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write report.json, report.md and PNG plots into this folder.",
+                     rich_help_panel=_OUT, show_default=False),
+    ] = None,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Score models on lm-eval tasks (offline data never used for pruning or recovery), held-out perplexity,
+    speed vs their base measured in one alternating run, size and memory; optionally gate against a baseline."""
+    from zipkd.errors import ZipkdError
+    from zipkd.evaluate.harness import available_tasks, resolve_tasks
+
+    if list_tasks:
+        for name in available_tasks():
+            console.print(name)
+        return
+    if not models:
+        raise typer.BadParameter("give at least one model (e.g. smollm2-135m or a model folder)",
+                                 param_hint="MODELS")
+    if base is not None and no_base:
+        raise typer.BadParameter("--base and --no-base exclude each other")
+    speedup_floor = _speedup(min_speedup)
+    if regime is not None and regime not in ("prefill", "decode"):
+        raise typer.BadParameter(f"unknown regime {regime!r}; choose prefill or decode", param_hint="--regime")
+    _quiet_lm_eval()
+
+    from zipkd.evaluate.api import AUTO, DEFAULT_LIMIT, DEFAULT_TASKS, EvalConfig
+    from zipkd.evaluate.api import evaluate as run_eval
+    from zipkd.evaluate.gate import GateConfig, check_comparable, gate
+    from zipkd.evaluate.report import Report, markdown, write_report
+
+    ref = Report.load(baseline) if baseline is not None else None
+    task_list = _tasks(tasks) or (list(ref.tasks) if ref else list(DEFAULT_TASKS))
+    try:
+        task_list = resolve_tasks(task_list)
+    except ZipkdError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--tasks") from None
+    lim = parse_limit(limit) if limit is not None else (ref.limit if ref else DEFAULT_LIMIT)
+    overrides = {k: v for k, v in (("device", device), ("regime", regime), ("batch", batch),
+                                    ("seq_len", seq_len), ("context", context)) if v is not None}
+    ref_cfg = ref.config if ref else {}
+    ppl_window = ppl_max_length or ref_cfg.get("ppl_max_length") or EvalConfig.ppl_max_length
+    ppl_count = ppl_tokens or ref_cfg.get("ppl_max_tokens") or EvalConfig.ppl_max_tokens
+    config = EvalConfig(tasks=task_list, limit=lim, batch_size=batch_size, max_length=max_length,
+                        device=device or "cpu", perplexity=perplexity, ppl_max_length=ppl_window,
+                        ppl_max_tokens=ppl_count, speed=speed, regime=overrides or None, repeats=repeats,
+                        base=None if no_base else (base or AUTO))
+    if ref is not None and set(config.tasks) != set(ref.tasks):
+        check_comparable(Report(tasks=list(config.tasks), limit=lim, models=[]), ref)  # raises, naming both
+    if output is not None:
+        from zipkd.outputs import check_output
+
+        check_output(output, force)
+    with progress() as bar:
+        report = run_eval(models, config, progress=bar)
+    if output is not None:
+        write_report(report, output, force=force)
+    if json_out:
+        console.print_json(json.dumps(report.to_json()))
+    else:
+        console.print(markdown(report), markup=False, highlight=False)
+        if output is not None:
+            console.print(f"report written to {output}")
+    if ref is not None:
+        result = gate(report, ref, GateConfig(max_drop=max_drop, min_speedup=speedup_floor,
+                                              max_ppl_increase=max_ppl_increase))
+        for check in result.checks:
+            if check.passed:
+                console.print(f"[green]ok[/] {check.describe()}", highlight=False)
+        if not result.passed:
+            for check in result.failures:
+                err_console.print(f"[bold red]regressed:[/] {check.describe()}", highlight=False)
+            err_console.print(f"[bold red]gate failed:[/] {len(result.failures)} metric(s) regressed against "
+                              f"{baseline}")
+            raise typer.Exit(1)
+        console.print(f"[green]gate passed[/] ({len(result.checks)} checks against {baseline})")
+
+
+def _speedup(value: str | None) -> float | None:
+    """`1.8`, `1.8x`; below 1 allowed (a quantized model may be gated to stay at most so much slower)."""
+    if value is None:
+        return None
+    try:
+        s = float(value.strip().lower().removesuffix("x"))
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a speedup; write e.g. 1.8 or 1.8x",
+                                 param_hint="--min-speedup") from None
+    if not 0 < s < float("inf"):
+        raise typer.BadParameter(f"speedup {value!r} must be a positive number", param_hint="--min-speedup")
+    return s
+
+
+def _quiet_lm_eval() -> None:
+    """lm-eval logs a warning per model object and per task; our progress bar says what runs."""
+    import logging
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-document bars (read when tqdm is imported)
+    for name in ("lm_eval", "lm-eval", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -1,0 +1,158 @@
+"""lm-evaluation-harness (the real package) on zipkd's shipped task YAMLs and offline data.
+
+The YAMLs in `zipkd/evaluate/tasks/` name their data file by a placeholder; `materialize_tasks` writes a copy
+with this machine's paths (from `zipkd.data.assets.eval_data_path`), which both `run_tasks` (Python API) and
+the `lm_eval` command line (`--include_path`) read, so the two score the same documents the same way."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zipkd.errors import ZipkdError
+
+TASK_DIR = Path(__file__).parent / "tasks"
+PLACEHOLDER = re.compile(r"@ZIPKD_DATA\((\w+)\)@")
+TASK_PREFIX = "zipkd_"
+# The metric a task is judged by (retention, the gate, plots), as pruning papers report them (ZipLM,
+# SliceGPT): length-normalised accuracy where choices differ much in length. lm-eval's others are kept too.
+PRIMARY_METRIC = {"arc_easy": "acc", "arc_challenge": "acc_norm", "hellaswag": "acc_norm", "piqa": "acc",
+                  "winogrande": "acc", "boolq": "acc", "lambada": "acc", "mmlu": "acc"}
+
+
+@dataclass
+class TaskResult:
+    """Scores of one task: every lm-eval metric (and its stderr), the primary one, and how many documents."""
+
+    task: str
+    metrics: dict[str, float]
+    stderr: dict[str, float]
+    primary: str
+    n: int
+
+    @property
+    def score(self) -> float:
+        return self.metrics[self.primary]
+
+
+def available_tasks() -> list[str]:
+    """Short names of the shipped tasks (file `zipkd_<name>.yaml`)."""
+    return sorted(p.stem.removeprefix(TASK_PREFIX) for p in TASK_DIR.glob(f"{TASK_PREFIX}*.yaml"))
+
+
+def resolve_tasks(names: Sequence[str]) -> list[str]:
+    """Validate task names (short, or with the `zipkd_` prefix); an unknown one lists the available ones."""
+    known = available_tasks()
+    out: list[str] = []
+    for raw in names:
+        name = raw.strip().removeprefix(TASK_PREFIX)
+        if not name:
+            continue
+        if name not in known:
+            raise ZipkdError(f"unknown task {raw!r}; available tasks: {', '.join(known)}")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise ZipkdError(f"no tasks given; available tasks: {', '.join(known)}")
+    return out
+
+
+def materialize_tasks(dest: str | os.PathLike, tasks: Sequence[str] | None = None) -> Path:
+    """Write the task YAMLs (placeholders replaced by this machine's data paths) and their helper module into
+    `dest`; return it. The folder works as lm-eval's `--include_path`."""
+    from zipkd.data.assets import eval_data_path
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    names = resolve_tasks(tasks) if tasks is not None else available_tasks()
+    shutil.copyfile(TASK_DIR / "task_utils.py", dest / "task_utils.py")
+    for name in names:
+        text = (TASK_DIR / f"{TASK_PREFIX}{name}.yaml").read_text()
+        text = PLACEHOLDER.sub(lambda m: str(eval_data_path(m.group(1))), text)
+        (dest / f"{TASK_PREFIX}{name}.yaml").write_text(text)
+    return dest
+
+
+@contextmanager
+def task_folder(tasks: Sequence[str] | None = None) -> Iterator[Path]:
+    """A temporary materialized task folder, removed afterwards."""
+    tmp = Path(tempfile.mkdtemp(prefix="zipkd-tasks-"))
+    try:
+        yield materialize_tasks(tmp, tasks)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def parse_results(results: dict[str, Any], tasks: Sequence[str]) -> dict[str, TaskResult]:
+    """lm-eval's results dict (`simple_evaluate`, or the JSON its command line writes) -> TaskResult per task."""
+    out: dict[str, TaskResult] = {}
+    for name in tasks:
+        key = TASK_PREFIX + name
+        raw = results["results"].get(key)
+        if raw is None:
+            raise ZipkdError(f"lm-eval returned no result for {key}")
+        metrics, stderr = {}, {}
+        for k, v in raw.items():
+            if "," not in k or not isinstance(v, (int, float)):
+                continue
+            metric, _filter = k.split(",", 1)
+            if metric.endswith("_stderr"):
+                stderr[metric.removesuffix("_stderr")] = float(v)
+            else:
+                metrics[metric] = float(v)
+        n_samples = results.get("n-samples", {}).get(key, {})
+        n = int(n_samples.get("effective", n_samples.get("original", 0)))
+        out[name] = TaskResult(name, metrics, stderr, PRIMARY_METRIC.get(name, "acc"), n)
+    return out
+
+
+def _lm_class() -> Any:
+    """lm-eval's HFLM without its own tqdm bars (zipkd shows one rich progress bar); scoring is unchanged."""
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM
+
+
+def run_tasks(model: Any, tokenizer: Any, tasks: Sequence[str], limit: int | float | None = None,
+              batch_size: int = 8, max_length: int | None = None, progress: Any = None,
+              label: str = "") -> dict[str, TaskResult]:
+    """Score an in-memory model (any shapes: pruned, heterogeneous) on zipkd tasks with lm-eval's
+    `simple_evaluate`, one task at a time (progress advances per task)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    names = resolve_tasks(tasks)
+    if batch_size < 1:
+        raise ZipkdError(f"batch size must be at least 1 (got {batch_size})")
+    lm = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    out: dict[str, TaskResult] = {}
+    label = f"{label} " if label else ""
+    bar = progress.add_task(f"{label}lm-eval", total=len(names)) if progress is not None else None
+    with task_folder(names) as folder:
+        manager = TaskManager(include_path=str(folder), include_defaults=False)
+        for name in names:
+            if bar is not None:
+                progress.update(bar, description=f"{label}lm-eval {name}")
+            results = simple_evaluate(model=lm, tasks=[TASK_PREFIX + name], task_manager=manager, limit=limit,
+                                      log_samples=False)
+            out.update(parse_results(results, [name]))
+            if bar is not None:
+                progress.advance(bar)
+    return out
