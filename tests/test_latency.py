@@ -287,7 +287,21 @@ def test_cli_profile_json(tmp_path, cache_env):
     m = _saved(tmp_path)
     out = tmp_path / "table.json"
     res = runner.invoke(
-        app, ["profile", m, "--seq-len", "8", "--repeats", "1", "--json", "-o", str(out), "--validate", "2"]
+        app,
+        [
+            "profile",
+            m,
+            "--seq-len",
+            "8",
+            "--repeats",
+            "1",
+            "--json",
+            "-o",
+            str(out),
+            "--validate",
+            "--variants",
+            "2",
+        ],
     )
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
