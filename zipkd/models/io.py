@@ -151,7 +151,11 @@ def load_model(spec: str | os.PathLike | None = None, dtype: str = "float32", de
         zipkd_layers = cfg.get("zipkd_layers")
 
     try:
-        if is_heterogeneous(_Cfg):
+        if cfg.get("zipkd_quantization"):  # saved by `zipkd quantize`: rebuilt from its recipe
+            from zipkd.quantize.api import load_quantized
+
+            model = load_quantized(path, dt, device)
+        elif is_heterogeneous(_Cfg):
             model = _load_heterogeneous(path, dt)
         else:
             from transformers import AutoModelForCausalLM

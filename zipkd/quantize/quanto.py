@@ -1,0 +1,58 @@
+"""optimum-quanto back end: weight-only int8 (per output channel) and int4 (groups of 128 input columns, one
+group per row when the width is not a multiple of the group) linears, quantized with `quantize` + `freeze`.
+
+Saved with quanto's own state-dict layout (`weight._data`, `weight._scale`, int4 also `weight._shift`);
+transformers cannot serialise quanto models, so these folders load only through zipkd (`requantize`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+QTYPES = {"int8": "qint8", "int4": "qint4"}
+
+
+def import_quanto() -> Any:
+    quiet = logging.getLogger("optimum")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        import optimum.quanto as quanto
+    finally:
+        quiet.setLevel(level)
+    return quanto
+
+
+def is_quantized_module(module: nn.Module) -> bool:
+    return isinstance(module, import_quanto().QModuleMixin)
+
+
+def _qtype(weights: str) -> Any:
+    return getattr(import_quanto(), QTYPES[weights])
+
+
+def quantize_modules(root: nn.Module, names: list[str], weights: str) -> None:
+    """Quantize the named `nn.Linear` submodules of `root` in place (weight-only) and freeze them."""
+    quanto = import_quanto()
+    quanto.quantize(root, weights=_qtype(weights), include=names)
+    missing = [n for n in names if not isinstance(root.get_submodule(n), quanto.QModuleMixin)]
+    if missing:  # pragma: no cover - quanto quantizes every nn.Linear it is pointed at
+        raise RuntimeError(f"optimum-quanto did not quantize {missing[:3]}")
+    quanto.freeze(root)
+
+
+def load_modules(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    names: list[str],
+    weights: str,
+    device: torch.device,
+) -> None:
+    """Rebuild the named quanto linears of a freshly built (meta) model and load every weight from
+    `state_dict` (quanto's `requantize`)."""
+    quanto = import_quanto()
+    qmap = {n: {"weights": QTYPES[weights], "activations": "none"} for n in names}
+    quanto.requantize(model, state_dict, qmap, device=device)
