@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -116,6 +117,8 @@ def device_fingerprint(regime: Regime, strict: bool = True) -> dict[str, Any]:
     else:
         fp["device_name"] = cpu_model()
         fp["threads"] = torch.get_num_threads()
+        # Informational (not a mismatch key, but part of the cache key): sleeping vs spinning OpenMP threads.
+        fp["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     return fp
 
 
