@@ -343,3 +343,15 @@ def test_real_model_decode_table(real_model):
     assert tab.attention_levels == [0, 1, 2, 3] and len(tab.mlp_levels) == 25
     assert tab.mlp_ms[1536] > tab.mlp_ms[64] > 0 and tab.attention_ms[3] > 0
     assert tab.dense_ms() == pytest.approx(tab.measured_dense_ms)
+
+
+def test_profile_quantized_blocks(tiny_llama):
+    """--quantization times quantized copies; the caller's model stays unquantized; bad methods fail clearly."""
+    from zipkd.quantize.api import available_methods
+
+    method = available_methods("cpu")[0]
+    tab = profile_model(tiny_llama, Regime(seq_len=8, quantization=method), **FAST)
+    assert tab.fingerprint["quantization"] == method and tab.mlp_levels == mlp_grid(96, "cpu")
+    assert type(tiny_llama.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    with pytest.raises(ZipkdError):
+        profile_model(tiny_llama, Regime(seq_len=8, quantization="int3-magic"), **FAST)
