@@ -37,7 +37,7 @@ class TrainConfig:
 
     steps: int = 200
     batch_size: int = 8
-    lr: float | None = None  # None: 5e-5 for full fine-tuning, 5e-4 for LoRA
+    lr: float | None = None  # None: 1e-4 for full fine-tuning, 5e-4 for LoRA
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1  # cosine decay down to this fraction of lr
     weight_decay: float = 0.0
@@ -49,7 +49,7 @@ class TrainConfig:
     kd: str = "forward"
     kd_weight: float = 0.5
     temperature: float = 1.0
-    mix_ratio: float = 0.0  # fraction of steps that train on plain-text windows
+    mix_ratio: float = 0.5  # fraction of steps that train on plain-text windows (calibration-role prose)
     max_seq_len: int = 256
     checkpoint_every: int = 50
     seed: int = 0
@@ -83,7 +83,7 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (5e-5 if self.method == "full" else 5e-4)
+        return self.lr if self.lr is not None else (1e-4 if self.method == "full" else 5e-4)
 
     @property
     def uses_teacher(self) -> bool:

@@ -1,0 +1,316 @@
+"""Benchmark for `zipkd recover` (issue #5): does self-data distillation recover what pruning lost?
+
+On the embedded SmolLM2-135M-Instruct pruned to 2x (zipkd's own pruner, `zipkd.prune`, cached after the first
+run; `--pruner surgery` uses a simple layer-drop + MLP-halving variant instead), every recovery arm gets the same
+budget (steps, batch, sequence length, learning rate, seed) and is scored on held-out data only:
+
+- perplexity on LAMBADA passages (`heldout_text_path()`, evaluation role; never trained on), and
+- lm-eval accuracy (ARC-Easy and PIQA, `--limit` questions each) on the evaluation partition.
+
+Arms (the fine-tuning data are the same seeded subset of zipkd's fine-tuning set: GSM8K, CommonsenseQA, Social
+IQa, OpenBookQA, NQ-open — none of them an evaluation task):
+- `sft`: plain SFT on the original responses (cross-entropy on the response tokens);
+- `sdd`: self-data distillation alone — the same, on the teacher's rewrites (originals kept where the final
+  answer changed);
+- `sdd+kd`: zipkd recover's default recipe — the rewrites, plus forward-KL logit distillation against the
+  teacher and half of the steps on calibration-role prose (BoolQ passages; disjoint from the evaluation data).
+- `sft+kd` (with `--all-arms`): the recipe on the original responses, to isolate the data's share.
+
+Targets (the script exits 1 when one is missed): the default recipe retains more of the dense model's quality
+than plain SFT (mean over the held-out metrics of the retention ratio: accuracy/dense accuracy, dense ppl/ppl),
+it recovers at least half of the perplexity lost to pruning ((ppl_pruned − ppl)/(ppl_pruned − ppl_dense) ≥ 0.5),
+and the whole benchmark (excluding the one-time, cached pruning) runs within 30 minutes.
+
+    python scripts/bench_recover.py                 # the full benchmark (≈ 25-30 min on 2 cores)
+    python scripts/bench_recover.py --quick         # a few minutes, tiny budgets (checks the script only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TARGET_MINUTES = 30.0
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def surgery_2x(lm, out: Path) -> Path:
+    """Fallback 2x model: drop every other layer among layers 2..27 (13 of 30) and keep the half of each MLP
+    with the largest |gate|·|up|·|down| channel norms. FLOPs: 17·(attn + half MLP) + LM head ≈ dense / 2."""
+    import torch
+
+    from zipkd.models.adapters import adapter_for
+    from zipkd.models.io import save_model
+    from zipkd.models.surgery import drop_layers, slice_mlp
+
+    model = lm.model
+    ad = adapter_for(model.config)
+    for layer in ad.layers(model):
+        mlp = ad.mlp_block(layer)
+        score = (
+            getattr(mlp, ad.gate).weight.norm(dim=1)
+            * getattr(mlp, ad.up).weight.norm(dim=1)
+            * getattr(mlp, ad.down).weight.norm(dim=0)
+        )
+        slice_mlp(layer, ad, torch.topk(score, score.numel() // 2).indices)
+    drop_layers(model, list(range(3, 28, 2)))
+    return save_model(
+        model,
+        lm.tokenizer,
+        out,
+        stage="prune",
+        inputs={"model": lm.path},
+        config={"method": "surgery", "rule": "drop layers 3,5,..,27; MLP half by channel norm"},
+        force=True,
+    )
+
+
+def get_pruned(method: str, root: Path) -> tuple[Path, dict]:
+    """The 2x model, built once and cached in `root` (it does not depend on anything recovery does)."""
+    from zipkd.manifest import read_manifest
+    from zipkd.models.io import load_model
+
+    folder = root / f"pruned-2x-{method}"
+    if (folder / "zipkd.json").is_file():
+        return folder, {"cached": True, **(read_manifest(folder) or {}).get("metrics", {})}
+    t = time.perf_counter()
+    lm = load_model("smollm2-135m")
+    if method == "zipkd":
+        from zipkd.prune import PruneConfig, prune, save_pruned
+
+        cfg = PruneConfig(target_speedup=2.0)
+        res = prune(lm, cfg)
+        save_pruned(res, lm, folder, cfg, force=True)
+    else:
+        surgery_2x(lm, folder)
+    return folder, {
+        "cached": False,
+        "seconds": time.perf_counter() - t,
+        **(read_manifest(folder) or {})["metrics"],
+    }
+
+
+def evaluate(path, tasks, limit, ppl_tokens) -> dict:
+    from zipkd.data.assets import heldout_text_path
+    from zipkd.data.text import load_texts
+    from zipkd.evaluate.harness import run_tasks
+    from zipkd.evaluate.perplexity import perplexity
+    from zipkd.models.io import load_model
+
+    lm = load_model(path)
+    t = time.perf_counter()
+    ppl = perplexity(
+        lm.model, lm.tokenizer, load_texts(heldout_text_path()), max_length=512, max_tokens=ppl_tokens
+    )["perplexity"]
+    acc = {}
+    if tasks:
+        res = run_tasks(lm.model, lm.tokenizer, tasks, limit=limit, batch_size=8, max_length=512)
+        acc = {k: v.score for k, v in res.items()}
+    return {"perplexity": ppl, "acc": acc, "eval_s": time.perf_counter() - t}
+
+
+def retention(m: dict, dense: dict) -> float:
+    """Mean over held-out metrics of quality relative to dense (accuracy ratio; dense ppl / ppl)."""
+    parts = [m["acc"][k] / dense["acc"][k] for k in dense["acc"] if dense["acc"][k] > 0]
+    parts.append(dense["perplexity"] / m["perplexity"])
+    return sum(parts) / len(parts)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default: cache/bench_recover)")
+    ap.add_argument("--pruner", choices=("zipkd", "surgery"), default="zipkd")
+    ap.add_argument("--examples", type=int, default=192, help="fine-tuning examples (teacher rewrites)")
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-seq-len", type=int, default=256)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--tasks", default="arc_easy,piqa")
+    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--ppl-tokens", type=int, default=8192)
+    ap.add_argument("--all-arms", action="store_true", help="also sft+kd (isolates the data's share)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="tiny budgets: checks the script, not the method")
+    args = ap.parse_args()
+    if args.quick:
+        args.examples, args.steps, args.limit, args.ppl_tokens, args.max_new_tokens = 16, 4, 10, 1024, 32
+        args.max_seq_len, args.batch_size = 128, 4
+
+    from zipkd.paths import cache_dir, offline_env
+
+    offline_env()
+    import torch
+
+    from zipkd.data.assets import finetune_path
+    from zipkd.latency.measure import compare_ms
+    from zipkd.latency.table import Regime
+    from zipkd.manifest import content_hash, hardware_fingerprint, read_manifest
+    from zipkd.models.io import load_model
+    from zipkd.recover.api import RecoverConfig, recover
+    from zipkd.recover.data import RewriteSettings, load_examples, select_examples, self_distill
+    from zipkd.recover.train import TrainConfig
+
+    root = args.out or cache_dir() / "bench_recover"
+    root.mkdir(parents=True, exist_ok=True)
+    tasks = [t for t in args.tasks.split(",") if t]
+    result: dict = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "hardware": hardware_fingerprint(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+    log(f"[1/5] 2x model ({args.pruner})")
+    pruned_path, prune_info = get_pruned(args.pruner, cache_dir() / "bench_recover")
+    result["prune"] = {
+        "path": str(pruned_path),
+        **{k: v for k, v in prune_info.items() if not isinstance(v, dict)},
+    }
+    t_bench = time.perf_counter()
+    dense = load_model("smollm2-135m")
+    pruned = load_model(pruned_path)
+    speed = compare_ms([dense.model, pruned.model], Regime(), warmup=1, repeats=3 if args.quick else 5)
+    result["speedup_prefill_b1_s512"] = speed[0]["median_ms"] / speed[1]["median_ms"]
+    result["params"] = {
+        "dense": sum(p.numel() for p in dense.model.parameters()),
+        "pruned": sum(p.numel() for p in pruned.model.parameters()),
+    }
+    log(f"      measured speedup {result['speedup_prefill_b1_s512']:.2f}x (prefill 1x512, alternating)")
+    del pruned
+
+    log("[2/5] teacher rewrites (self-data distillation; cached by content hash)")
+    settings = RewriteSettings(max_new_tokens=args.max_new_tokens)
+    examples = select_examples(load_examples(finetune_path()), args.examples, args.seed)
+    t = time.perf_counter()
+    ds = self_distill(dense.model, dense.tokenizer, examples, settings, content_hash(dense.path))
+    result["distill"] = {"seconds": time.perf_counter() - t, "cached": ds.cached, **ds.stats}
+    log(
+        f"      {ds.stats['rewritten']}/{len(examples)} rewritten in {result['distill']['seconds']:.0f} s "
+        f"({'cache' if ds.cached else 'generated'})"
+    )
+    del dense
+
+    common = dict(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        max_seq_len=args.max_seq_len,
+        seed=args.seed,
+        lr=args.lr,
+        checkpoint_every=max(args.steps, 1) + 1,
+    )
+    arms = {
+        "sft": (False, TrainConfig(kd="none", mix_ratio=0.0, **common)),
+        "sdd": (True, TrainConfig(kd="none", mix_ratio=0.0, **common)),
+        "sdd+kd": (True, TrainConfig(**common)),  # the library's defaults: forward KL 0.5, prose mix 0.5
+    }
+    if args.all_arms:
+        arms["sft+kd"] = (False, TrainConfig(**common))
+    result["arms"] = {}
+    for i, (name, (distill, tcfg)) in enumerate(arms.items()):
+        log(f"[3/5] recovery arm {i + 1}/{len(arms)}: {name}")
+        cfg = RecoverConfig(distill=distill, max_examples=args.examples, rewrite=settings, train=tcfg)
+        t = time.perf_counter()
+        out = recover(str(pruned_path), cfg, root / f"recovered-{name.replace('+', '-')}", force=True)
+        m = (read_manifest(out) or {}).get("metrics", {})
+        result["arms"][name] = {
+            "path": str(out),
+            "seconds": time.perf_counter() - t,
+            "steps": m.get("steps"),
+            "tokens": m.get("tokens"),
+            "target_tokens": m.get("target_tokens"),
+            "tokens_per_s": m.get("tokens_per_s"),
+            "final_loss": m.get("final_loss"),
+            "kd": tcfg.kd,
+            "mix_ratio": tcfg.mix_ratio,
+            "lr": tcfg.learning_rate,
+        }
+        log(
+            f"      {m.get('tokens')} tokens, {m.get('tokens_per_s', 0):.0f} tok/s, "
+            f"{result['arms'][name]['seconds']:.0f} s"
+        )
+
+    log("[4/5] held-out evaluation")
+    models = {
+        "dense": "smollm2-135m",
+        "pruned": str(pruned_path),
+        **{k: v["path"] for k, v in result["arms"].items()},
+    }
+    scores = {}
+    for name, path in models.items():
+        scores[name] = evaluate(path, tasks, args.limit, args.ppl_tokens)
+        s = scores[name]
+        log(
+            f"      {name:8s} ppl {s['perplexity']:8.2f}  "
+            + "  ".join(f"{k} {v:.3f}" for k, v in s["acc"].items())
+        )
+    result["scores"] = scores
+    result["bench_minutes"] = (time.perf_counter() - t_bench) / 60
+
+    d, p = scores["dense"], scores["pruned"]
+    for name, s in scores.items():
+        s["retention"] = retention(s, d)
+        lost = p["perplexity"] - d["perplexity"]
+        s["ppl_recovered"] = (p["perplexity"] - s["perplexity"]) / lost if lost > 0 else float("nan")
+        lost_log = math.log(p["perplexity"]) - math.log(d["perplexity"])
+        s["log_ppl_recovered"] = (
+            (math.log(p["perplexity"]) - math.log(s["perplexity"])) / lost_log
+            if lost_log > 0
+            else float("nan")
+        )
+    main_arm, base = scores["sdd+kd"], scores["sft"]
+    checks = {
+        "recipe_beats_plain_sft": main_arm["retention"] > base["retention"],
+        "half_of_ppl_recovered": main_arm["ppl_recovered"] >= 0.5,
+        "within_30_minutes": result["bench_minutes"] <= TARGET_MINUTES,
+    }
+    result["checks"] = checks
+    result["sdd_alone_beats_plain_sft"] = scores["sdd"]["retention"] > base["retention"]
+    (root / "bench_recover.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+    print(
+        "\n[5/5] results (held-out: LAMBADA perplexity, "
+        + ", ".join(f"{t} acc_norm" for t in tasks)
+        + f"; limit {args.limit})"
+    )
+    head = (
+        f"{'model':9s} {'ppl':>8s} "
+        + " ".join(f"{t:>9s}" for t in tasks)
+        + f" {'retain':>7s} {'ppl rec':>8s} {'tokens':>8s} {'train s':>8s}"
+    )
+    print(head)
+    for name, s in scores.items():
+        arm = result["arms"].get(name, {})
+        print(
+            f"{name:9s} {s['perplexity']:8.2f} "
+            + " ".join(f"{s['acc'].get(t, float('nan')):9.3f}" for t in tasks)
+            + f" {s['retention']:7.3f} {s['ppl_recovered']:8.1%} {arm.get('tokens', 0) or 0:8d}"
+            + f" {arm.get('seconds', 0):8.0f}"
+        )
+    print(
+        f"2x model: {args.pruner} pruner, measured speedup {result['speedup_prefill_b1_s512']:.2f}x "
+        f"(CPU prefill 1x512); rewrites kept {ds.stats['rewritten']}/{len(examples)}; "
+        f"self-data distillation alone vs plain SFT: retention {scores['sdd']['retention']:.3f} vs "
+        f"{base['retention']:.3f}"
+    )
+    ok = all(checks.values())
+    print(
+        f"HEADLINE recover: perplexity {d['perplexity']:.1f} dense → {p['perplexity']:.1f} pruned → "
+        f"{main_arm['perplexity']:.1f} recovered ({main_arm['ppl_recovered']:.0%} of the loss recovered, target "
+        f"≥ 50%); retention {main_arm['retention']:.3f} (zipkd recover) vs {base['retention']:.3f} (plain SFT); "
+        f"{result['bench_minutes']:.1f} min (target ≤ {TARGET_MINUTES:.0f}) — "
+        + ("PASS" if ok else "MISS: " + ", ".join(k for k, v in checks.items() if not v))
+    )
+    return 0 if ok or args.quick else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
