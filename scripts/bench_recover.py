@@ -256,7 +256,7 @@ def main() -> int:
     result["bench_minutes"] = (time.perf_counter() - t_bench) / 60
 
     d, p = scores["dense"], scores["pruned"]
-    for name, s in scores.items():
+    for s in scores.values():
         s["retention"] = retention(s, d)
         lost = p["perplexity"] - d["perplexity"]
         s["ppl_recovered"] = (p["perplexity"] - s["perplexity"]) / lost if lost > 0 else float("nan")
