@@ -440,3 +440,16 @@ def test_cli_recover(tmp_path):
     assert res.exit_code == 1 and "already exists" in res.stderr
     res = runner.invoke(app, [*args[:-3], "--kd", "js"])
     assert res.exit_code == 2 and "js" in res.stderr
+
+
+def test_checkpoints_of_another_run_are_discarded(tmp_path):
+    from zipkd.recover.train import prepare_work_dir
+
+    work = tmp_path / "work"
+    prepare_work_dir(work, "run-a")
+    (work / "ckpt-0000004").mkdir()
+    (work / "ckpt-0000004" / "state.json").write_text("{}")
+    prepare_work_dir(work, "run-a")  # same run: kept for resuming
+    assert (work / "ckpt-0000004").is_dir()
+    prepare_work_dir(work, "run-b")  # other inputs or settings: never resumed from
+    assert not (work / "ckpt-0000004").exists()
