@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,10 +14,18 @@ from conftest import tiny_model
 from zipkd.errors import ZipkdError
 from zipkd.evaluate import harness
 from zipkd.evaluate.gate import GateConfig, gate
-from zipkd.evaluate.report import SCHEMA_VERSION, ModelEval, Report, markdown, write_report
+from zipkd.evaluate.report import SCHEMA_VERSION, ModelEval, Report, write_report
 
-REGIME = {"device": "cpu", "regime": "prefill", "batch": 1, "seq_len": 16, "context": 16, "dtype": "float32",
-          "runtime": "eager", "quantization": None}
+REGIME = {
+    "device": "cpu",
+    "regime": "prefill",
+    "batch": 1,
+    "seq_len": 16,
+    "context": 16,
+    "dtype": "float32",
+    "runtime": "eager",
+    "quantization": None,
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +38,18 @@ def tokenizer():
 
 
 def _tiny(tokenizer, layers: int = 4, seed: int = 0):
-    return tiny_model("llama", seed=seed, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                      max_position_embeddings=2048)
+    return tiny_model(
+        "llama",
+        seed=seed,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=2048,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +63,23 @@ def family(tmp_path_factory, tokenizer):
     pruned_model = _tiny(tokenizer)
     drop_layers(pruned_model, [1, 2])
     sync_config(pruned_model)
-    pruned = save_model(pruned_model, tokenizer, root / "pruned", stage="prune", inputs={"model": base},
-                        metrics={"predicted_speedup": 1.7}, extra={"prune": {"table": {"regime": REGIME}}})
-    child = save_model(pruned_model, tokenizer, root / "child", stage="recover", inputs={"model": pruned},
-                       metrics={"loss": 1.0})
+    pruned = save_model(
+        pruned_model,
+        tokenizer,
+        root / "pruned",
+        stage="prune",
+        inputs={"model": base},
+        metrics={"predicted_speedup": 1.7},
+        extra={"prune": {"table": {"regime": REGIME}}},
+    )
+    child = save_model(
+        pruned_model,
+        tokenizer,
+        root / "child",
+        stage="recover",
+        inputs={"model": pruned},
+        metrics={"loss": 1.0},
+    )
     return {"base": base, "pruned": pruned, "child": child}
 
 
@@ -61,8 +90,16 @@ def test_every_task_file_loads_with_lm_eval(tmp_path):
     from lm_eval.tasks import TaskManager
 
     names = harness.available_tasks()
-    assert set(names) >= {"arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "lambada",
-                          "mmlu"}
+    assert set(names) >= {
+        "arc_easy",
+        "arc_challenge",
+        "hellaswag",
+        "piqa",
+        "winogrande",
+        "boolq",
+        "lambada",
+        "mmlu",
+    }
     folder = harness.materialize_tasks(tmp_path, names)
     assert "@ZIPKD_DATA" not in "".join(p.read_text() for p in folder.glob("*.yaml"))
     tm = TaskManager(include_path=str(folder), include_defaults=False)
@@ -78,7 +115,9 @@ def test_every_task_file_loads_with_lm_eval(tmp_path):
         assert isinstance(text, (str, int)), name
         if task.OUTPUT_TYPE == "multiple_choice":
             choices = task.doc_to_choice(doc)
-            gold = text if isinstance(text, int) else int(task.doc_to_target(doc))  # winogrande: context index
+            gold = (
+                text if isinstance(text, int) else int(task.doc_to_target(doc))
+            )  # winogrande: context index
             assert len(choices) >= 2 and 0 <= gold < len(choices), name
         assert harness.PRIMARY_METRIC[name] in {m["metric"] for m in task.config.metric_list}
 
@@ -132,7 +171,8 @@ def test_run_tasks_matches_naive_scorer(tokenizer, tmp_path):
     assert res.n == 6 and res.primary == "acc"
     folder = harness.materialize_tasks(tmp_path, ["arc_easy"])
     task = TaskManager(include_path=str(folder), include_defaults=False).load(["zipkd_arc_easy"])["tasks"][
-        "zipkd_arc_easy"]
+        "zipkd_arc_easy"
+    ]
     docs = list(task.eval_docs)[:6]  # --limit takes the first documents after the fixed shuffle
     acc, acc_norm = _naive_arc(model, tokenizer, docs)
     assert res.metrics["acc"] == pytest.approx(acc, abs=1e-12)
@@ -148,7 +188,11 @@ def test_speed_sizes_and_memory(tokenizer, family):
     from zipkd.latency.table import Regime
 
     a, b = _tiny(tokenizer), _tiny(tokenizer, layers=2)
-    naive = sum(p.numel() for n, p in a.named_parameters() if n != "lm_head.weight" or not a.config.tie_word_embeddings)
+    naive = sum(
+        p.numel()
+        for n, p in a.named_parameters()
+        if n != "lm_head.weight" or not a.config.tie_word_embeddings
+    )
     assert parameter_count(a) == naive
     assert tensor_bytes(a) >= 4 * naive
     rows = measure_speed([a, b], Regime(seq_len=16), warmup=1, repeats=3)
@@ -171,7 +215,17 @@ def test_lineage(family):
     regime, source = lineage.recorded_regime(family["child"])
     assert regime.seq_len == 16 and "prune.table.regime" in source and "pruned" in source
     assert lineage.predicted_speedup(family["child"])[0] == 1.7
-    assert lineage.recorded_regime(family["base"]) is None and lineage.predicted_speedup(family["base"]) is None
+    assert (
+        lineage.recorded_regime(family["base"]) is None and lineage.predicted_speedup(family["base"]) is None
+    )
+
+
+def test_family_folder_expands_to_its_models(family):
+    from zipkd.evaluate.api import expand_specs
+
+    root = family["base"].parent
+    assert expand_specs([root, family["child"]]) == [str(family[k]) for k in ("base", "child", "pruned")]
+    assert expand_specs(["smollm2-135m"]) == ["smollm2-135m"]
 
 
 # ---------------------------------------------------------------- the API end to end on tiny models
@@ -181,8 +235,15 @@ def test_lineage(family):
 def tiny_report(family):
     from zipkd.evaluate import EvalConfig, evaluate
 
-    cfg = EvalConfig(tasks=["arc_easy", "boolq"], limit=4, batch_size=4, ppl_max_length=64, ppl_max_tokens=256,
-                     warmup=1, repeats=3)
+    cfg = EvalConfig(
+        tasks=["arc_easy", "boolq"],
+        limit=4,
+        batch_size=4,
+        ppl_max_length=64,
+        ppl_max_tokens=256,
+        warmup=1,
+        repeats=3,
+    )
     return evaluate([family["child"]], cfg)
 
 
@@ -216,8 +277,15 @@ def test_bad_config_values():
 
     with pytest.raises(ZipkdError, match="available tasks"):
         EvalConfig(tasks=["arc_easy", "winogrand"])
-    for bad in ({"limit": 0}, {"limit": 2.5}, {"batch_size": 0}, {"repeats": 0}, {"regime": {"regime": "x"}},
-                {"regime": {"nope": 1}}, {"dtype": "int3"}):
+    for bad in (
+        {"limit": 0},
+        {"limit": 2.5},
+        {"batch_size": 0},
+        {"repeats": 0},
+        {"regime": {"regime": "x"}},
+        {"regime": {"nope": 1}},
+        {"dtype": "int3"},
+    ):
         with pytest.raises(ZipkdError):
             EvalConfig(**bad)
 
@@ -225,13 +293,25 @@ def test_bad_config_values():
 # ---------------------------------------------------------------- report schema, plots
 
 
-def _report(scores: dict[str, float], n: int = 50, speedup: float | None = 2.0, ppl: float = 20.0,
-            weights: int = 2**20) -> Report:
-    quality = {t: {"metric": "acc", "score": s, "stderr": 0.05, "n": n, "metrics": {"acc": s}}
-               for t, s in scores.items()}
-    m = ModelEval(name="m", path=None, quality=quality, perplexity={"perplexity": ppl, "tokens": 1024,
-                                                                   "max_length": 512},
-                  memory={"weights_bytes": weights}, measured_speedup=speedup)
+def _report(
+    scores: dict[str, float],
+    n: int = 50,
+    speedup: float | None = 2.0,
+    ppl: float = 20.0,
+    weights: int = 2**20,
+) -> Report:
+    quality = {
+        t: {"metric": "acc", "score": s, "stderr": 0.05, "n": n, "metrics": {"acc": s}}
+        for t, s in scores.items()
+    }
+    m = ModelEval(
+        name="m",
+        path=None,
+        quality=quality,
+        perplexity={"perplexity": ppl, "tokens": 1024, "max_length": 512},
+        memory={"weights_bytes": weights},
+        measured_speedup=speedup,
+    )
     return Report(tasks=list(scores), limit=n, models=[m])
 
 
@@ -258,8 +338,9 @@ def test_pareto_front_matches_naive():
     rng = random.Random(0)
     for _ in range(20):
         pts = [(rng.choice([1.0, 1.5, 2.0, 3.0]), rng.choice([0.5, 0.7, 0.9])) for _ in range(7)]
-        naive = [i for i, p in enumerate(pts)
-                 if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in pts)]
+        naive = [
+            i for i, p in enumerate(pts) if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in pts)
+        ]
         assert sorted(pareto_front(pts)) == naive
         assert all(a in naive for a in itertools.chain(pareto_front(pts)))
 
@@ -267,9 +348,15 @@ def test_pareto_front_matches_naive():
 def test_plots_are_pngs_with_labelled_axes(tiny_report, tmp_path):
     from zipkd.evaluate.plots import pareto_figure, retention_figure, save_plots
 
-    family = replace(tiny_report, models=tiny_report.models + [replace(tiny_report.models[0], name="other",
-                                                                        measured_speedup=3.0)])
-    for fig in (pareto_figure(family), retention_figure(family), pareto_figure(_report({"a": 0.5, "b": 0.6}))):
+    family = replace(
+        tiny_report,
+        models=tiny_report.models + [replace(tiny_report.models[0], name="other", measured_speedup=3.0)],
+    )
+    for fig in (
+        pareto_figure(family),
+        retention_figure(family),
+        pareto_figure(_report({"a": 0.5, "b": 0.6})),
+    ):
         ax = fig.axes[0]
         assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
     assert "speedup" in pareto_figure(family).axes[0].get_xlabel()
@@ -293,7 +380,12 @@ def test_gate_passes_same_and_names_each_regression():
     worse = _report({"arc_easy": 0.50, "boolq": 0.69}, speedup=1.5, ppl=30.0, weights=2**21)
     res = gate(worse, base, GateConfig(max_drop=0.02, min_speedup=1.8))
     failed = {c.metric for c in res.failures}
-    assert failed == {"arc_easy acc", "held-out perplexity", "weights in memory (MiB)", "measured speedup vs base"}
+    assert failed == {
+        "arc_easy acc",
+        "held-out perplexity",
+        "weights in memory (MiB)",
+        "measured speedup vs base",
+    }
     assert "0.5" in next(c.describe() for c in res.failures if c.metric == "arc_easy acc")
     no_speed = _report({"arc_easy": 0.60, "boolq": 0.70}, speedup=None)
     res = gate(no_speed, base, GateConfig(min_speedup=1.2))
@@ -320,28 +412,64 @@ def test_cli_eval_report_and_gate(family, tmp_path):
     from zipkd.cli import app
 
     runner = CliRunner()
-    common = ["--tasks", "arc_easy", "--limit", "4", "--batch-size", "4", "--ppl-max-length", "64",
-              "--ppl-tokens", "256", "--repeats", "2"]
+    common = [
+        "--tasks",
+        "arc_easy",
+        "--limit",
+        "4",
+        "--batch-size",
+        "4",
+        "--ppl-max-length",
+        "64",
+        "--ppl-tokens",
+        "256",
+        "--repeats",
+        "2",
+    ]
     res = runner.invoke(app, ["eval", str(family["child"]), *common, "-o", str(tmp_path / "rep")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "rep" / "pareto.png").is_file() and "measured speedup" in res.output
     # the same model against its own report passes; against a baseline that scored higher it fails, naming it
-    res = runner.invoke(app, ["eval", str(family["child"]), "--baseline", str(tmp_path / "rep"), "--no-speed",
-                              "--max-drop", "0.02"])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            str(family["child"]),
+            "--baseline",
+            str(tmp_path / "rep"),
+            "--no-speed",
+            "--max-drop",
+            "0.02",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "gate passed" in res.output
+    assert "Scores of base reused" in res.output  # the base's scores come from the baseline report
     better = json.loads((tmp_path / "rep" / "report.json").read_text())
     better["models"][0]["quality"]["arc_easy"]["score"] = 1.0
     (tmp_path / "better.json").write_text(json.dumps(better))
-    res = runner.invoke(app, ["eval", str(family["child"]), "--baseline", str(tmp_path / "better.json"),
-                              "--max-drop", "0.02", "--min-speedup", "100"])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            str(family["child"]),
+            "--baseline",
+            str(tmp_path / "better.json"),
+            "--max-drop",
+            "0.02",
+            "--min-speedup",
+            "100",
+        ],
+    )
     assert res.exit_code == 1
     assert "arc_easy acc" in res.output and "measured speedup" in res.output and "gate failed" in res.output
     # bad input: unknown task (lists them), another task set than the baseline, another schema version
+    assert runner.invoke(app, ["eval"]).exit_code == 2
     res = runner.invoke(app, ["eval", str(family["child"]), "--tasks", "arc_esay"])
     assert res.exit_code == 2 and "arc_easy" in res.output
-    res = runner.invoke(app, ["eval", str(family["child"]), "--tasks", "boolq", "--baseline",
-                              str(tmp_path / "rep")])
+    res = runner.invoke(
+        app, ["eval", str(family["child"]), "--tasks", "boolq", "--baseline", str(tmp_path / "rep")]
+    )
     assert res.exit_code == 1 and "scores tasks" in res.output
     (tmp_path / "v0.json").write_text(json.dumps({**better, "schema_version": 0}))
     res = runner.invoke(app, ["eval", str(family["child"]), "--baseline", str(tmp_path / "v0.json")])

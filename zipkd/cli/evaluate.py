@@ -27,7 +27,9 @@ def parse_limit(value: str | None) -> int | float | None:
     try:
         x = float(text)
     except ValueError:
-        raise typer.BadParameter(f"{value!r} is not a limit; write a count (50), a fraction (0.1) or all") from None
+        raise typer.BadParameter(
+            f"{value!r} is not a limit; write a count (50), a fraction (0.1) or all"
+        ) from None
     if not x > 0 or (x >= 1 and x != int(x)):
         raise typer.BadParameter(f"limit {value!r} must be a whole count, a fraction below 1, or all")
     return int(x) if x >= 1 else x
@@ -42,26 +44,47 @@ def _tasks(value: str | None) -> list[str] | None:
 def evaluate(
     models: Annotated[
         list[str] | None,
-        typer.Argument(help="Model(s) to evaluate: `smollm2-135m`, model folders or .gguf files. Several = a "
-                       "family (one report, one Pareto plot).", show_default=False),
+        typer.Argument(
+            help="Model(s) to evaluate: `smollm2-135m`, model folders or .gguf files. Several (or a folder "
+            "of models, as `zipkd prune` writes for several targets) = a family: one report, one Pareto plot.",
+            show_default=False,
+        ),
     ] = None,
     base: Annotated[
         str | None,
-        typer.Option(help="Base model for retention and measured speedup (default: the first model of the "
-                     "manifest chain, if any).", show_default=False),
+        typer.Option(
+            help="Base model for retention and measured speedup (default: the first model of the "
+            "manifest chain, if any).",
+            show_default=False,
+        ),
     ] = None,
     no_base: Annotated[bool, typer.Option("--no-base", help="Compare with no base model.")] = False,
     tasks: Annotated[
         str | None,
-        typer.Option(help="Comma-separated tasks (default: all, or the baseline report's). See --list-tasks.",
-                     rich_help_panel=_QUALITY, show_default=False),
+        typer.Option(
+            help="Comma-separated tasks (default: all, or the baseline report's). See --list-tasks.",
+            rich_help_panel=_QUALITY,
+            show_default=False,
+        ),
     ] = None,
     limit: Annotated[
         str | None,
-        typer.Option(help="Documents per task: a count, a fraction, or `all` (default: 50, a fixed random "
-                     "sample; or the baseline report's).", rich_help_panel=_QUALITY, show_default=False),
+        typer.Option(
+            help="Documents per task: a count, a fraction, or `all` (default: 50, a fixed random "
+            "sample; or the baseline report's).",
+            rich_help_panel=_QUALITY,
+            show_default=False,
+        ),
     ] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="lm-eval batch size.", rich_help_panel=_QUALITY)] = 8,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="lm-eval batch size (default 8, or the baseline's).",
+            rich_help_panel=_QUALITY,
+            show_default=False,
+        ),
+    ] = None,
     max_length: Annotated[
         int | None,
         typer.Option(min=16, help="lm-eval context length (default: the model's).", rich_help_panel=_QUALITY),
@@ -70,55 +93,86 @@ def evaluate(
         bool, typer.Option(help="Held-out perplexity (LAMBADA passages).", rich_help_panel=_QUALITY)
     ] = True,
     ppl_max_length: Annotated[
-        int | None, typer.Option(min=2, help="Perplexity window in tokens (default 512, or the baseline's).",
-                                 rich_help_panel=_QUALITY, show_default=False)
+        int | None,
+        typer.Option(
+            min=2,
+            help="Perplexity window in tokens (default 512, or the baseline's).",
+            rich_help_panel=_QUALITY,
+            show_default=False,
+        ),
     ] = None,
     ppl_tokens: Annotated[
-        int | None, typer.Option(min=2, help="Held-out tokens scored for perplexity (default 8192, or the "
-                                 "baseline's).", rich_help_panel=_QUALITY, show_default=False)
+        int | None,
+        typer.Option(
+            min=2,
+            help="Held-out tokens scored for perplexity (default 8192, or the baseline's).",
+            rich_help_panel=_QUALITY,
+            show_default=False,
+        ),
     ] = None,
     list_tasks: Annotated[bool, typer.Option("--list-tasks", help="List the tasks and exit.")] = False,
     speed: Annotated[bool, typer.Option(help="Measure speed and memory.", rich_help_panel=_SPEED)] = True,
     device: Annotated[
         str | None,
-        typer.Option(help="cpu or cuda[:N]: where tasks run and speed is measured (default cpu).",
-                     rich_help_panel=_SPEED, show_default=False),
+        typer.Option(
+            help="cpu or cuda[:N]: where tasks run and speed is measured (default cpu).",
+            rich_help_panel=_SPEED,
+            show_default=False,
+        ),
     ] = None,
     regime: Annotated[
         str | None, typer.Option(help="prefill or decode.", rich_help_panel=_SPEED, show_default=False)
     ] = None,
     batch: Annotated[
-        int | None, typer.Option(min=1, help="Sequences per forward.", rich_help_panel=_SPEED, show_default=False)
+        int | None,
+        typer.Option(min=1, help="Sequences per forward.", rich_help_panel=_SPEED, show_default=False),
     ] = None,
     seq_len: Annotated[
-        int | None, typer.Option(min=1, help="Prompt tokens (prefill).", rich_help_panel=_SPEED, show_default=False)
+        int | None,
+        typer.Option(min=1, help="Prompt tokens (prefill).", rich_help_panel=_SPEED, show_default=False),
     ] = None,
     context: Annotated[
-        int | None, typer.Option(min=1, help="KV-cache tokens (decode).", rich_help_panel=_SPEED, show_default=False)
+        int | None,
+        typer.Option(min=1, help="KV-cache tokens (decode).", rich_help_panel=_SPEED, show_default=False),
     ] = None,
     repeats: Annotated[int, typer.Option(min=1, help="Timed repeats (median).", rich_help_panel=_SPEED)] = 7,
     baseline: Annotated[
         Path | None,
-        typer.Option(help="Baseline report (report.json or its folder): exit 1 naming every metric that "
-                     "regressed.", rich_help_panel=_GATE, show_default=False),
+        typer.Option(
+            help="Baseline report (report.json or its folder): exit 1 naming every metric that regressed.",
+            rich_help_panel=_GATE,
+            show_default=False,
+        ),
     ] = None,
     max_drop: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Largest allowed drop of a task score (absolute).",
-                            rich_help_panel=_GATE)
+        float,
+        typer.Option(
+            min=0.0, max=1.0, help="Largest allowed drop of a task score (absolute).", rich_help_panel=_GATE
+        ),
     ] = 0.02,
     min_speedup: Annotated[
         str | None,
-        typer.Option(help="Smallest allowed measured speedup vs the base (e.g. 1.8 or 1.8x).",
-                     rich_help_panel=_GATE, show_default=False),
+        typer.Option(
+            help="Smallest allowed measured speedup vs the base (e.g. 1.8 or 1.8x).",
+            rich_help_panel=_GATE,
+            show_default=False,
+        ),
     ] = None,
     max_ppl_increase: Annotated[
-        float, typer.Option(min=0.0, help="Largest allowed relative rise of held-out perplexity.",
-                            rich_help_panel=_GATE)
+        float,
+        typer.Option(
+            min=0.0, help="Largest allowed relative rise of held-out perplexity.", rich_help_panel=_GATE
+        ),
     ] = 0.05,
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="Write report.json, report.md and PNG plots into this folder.",
-                     rich_help_panel=_OUT, show_default=False),
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write report.json, report.md and PNG plots into this folder.",
+            rich_help_panel=_OUT,
+            show_default=False,
+        ),
     ] = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -133,13 +187,16 @@ def evaluate(
             console.print(name)
         return
     if not models:
-        raise typer.BadParameter("give at least one model (e.g. smollm2-135m or a model folder)",
-                                 param_hint="MODELS")
+        raise typer.BadParameter(
+            "give at least one model (e.g. smollm2-135m or a model folder)", param_hint="MODELS"
+        )
     if base is not None and no_base:
         raise typer.BadParameter("--base and --no-base exclude each other")
     speedup_floor = _speedup(min_speedup)
     if regime is not None and regime not in ("prefill", "decode"):
-        raise typer.BadParameter(f"unknown regime {regime!r}; choose prefill or decode", param_hint="--regime")
+        raise typer.BadParameter(
+            f"unknown regime {regime!r}; choose prefill or decode", param_hint="--regime"
+        )
     _quiet_lm_eval()
 
     from zipkd.evaluate.api import AUTO, DEFAULT_LIMIT, DEFAULT_TASKS, EvalConfig
@@ -154,15 +211,34 @@ def evaluate(
     except ZipkdError as exc:
         raise typer.BadParameter(str(exc), param_hint="--tasks") from None
     lim = parse_limit(limit) if limit is not None else (ref.limit if ref else DEFAULT_LIMIT)
-    overrides = {k: v for k, v in (("device", device), ("regime", regime), ("batch", batch),
-                                    ("seq_len", seq_len), ("context", context)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (
+            ("device", device),
+            ("regime", regime),
+            ("batch", batch),
+            ("seq_len", seq_len),
+            ("context", context),
+        )
+        if v is not None
+    }
     ref_cfg = ref.config if ref else {}
     ppl_window = ppl_max_length or ref_cfg.get("ppl_max_length") or EvalConfig.ppl_max_length
     ppl_count = ppl_tokens or ref_cfg.get("ppl_max_tokens") or EvalConfig.ppl_max_tokens
-    config = EvalConfig(tasks=task_list, limit=lim, batch_size=batch_size, max_length=max_length,
-                        device=device or "cpu", perplexity=perplexity, ppl_max_length=ppl_window,
-                        ppl_max_tokens=ppl_count, speed=speed, regime=overrides or None, repeats=repeats,
-                        base=None if no_base else (base or AUTO))
+    config = EvalConfig(
+        tasks=task_list,
+        limit=lim,
+        batch_size=batch_size or ref_cfg.get("batch_size") or EvalConfig.batch_size,
+        max_length=max_length or ref_cfg.get("max_length"),
+        device=device or "cpu",
+        perplexity=perplexity,
+        ppl_max_length=ppl_window,
+        ppl_max_tokens=ppl_count,
+        speed=speed,
+        regime=overrides or None,
+        repeats=repeats,
+        base=None if no_base else (base or AUTO),
+    )
     if ref is not None and set(config.tasks) != set(ref.tasks):
         check_comparable(Report(tasks=list(config.tasks), limit=lim, models=[]), ref)  # raises, naming both
     if output is not None:
@@ -170,7 +246,7 @@ def evaluate(
 
         check_output(output, force)
     with progress() as bar:
-        report = run_eval(models, config, progress=bar)
+        report = run_eval(models, config, progress=bar, reuse_base=ref)
     if output is not None:
         write_report(report, output, force=force)
     if json_out:
@@ -180,16 +256,20 @@ def evaluate(
         if output is not None:
             console.print(f"report written to {output}")
     if ref is not None:
-        result = gate(report, ref, GateConfig(max_drop=max_drop, min_speedup=speedup_floor,
-                                              max_ppl_increase=max_ppl_increase))
+        result = gate(
+            report,
+            ref,
+            GateConfig(max_drop=max_drop, min_speedup=speedup_floor, max_ppl_increase=max_ppl_increase),
+        )
         for check in result.checks:
             if check.passed:
                 console.print(f"[green]ok[/] {check.describe()}", highlight=False)
         if not result.passed:
             for check in result.failures:
                 err_console.print(f"[bold red]regressed:[/] {check.describe()}", highlight=False)
-            err_console.print(f"[bold red]gate failed:[/] {len(result.failures)} metric(s) regressed against "
-                              f"{baseline}")
+            err_console.print(
+                f"[bold red]gate failed:[/] {len(result.failures)} metric(s) regressed against {baseline}"
+            )
             raise typer.Exit(1)
         console.print(f"[green]gate passed[/] ({len(result.checks)} checks against {baseline})")
 
@@ -201,8 +281,9 @@ def _speedup(value: str | None) -> float | None:
     try:
         s = float(value.strip().lower().removesuffix("x"))
     except ValueError:
-        raise typer.BadParameter(f"{value!r} is not a speedup; write e.g. 1.8 or 1.8x",
-                                 param_hint="--min-speedup") from None
+        raise typer.BadParameter(
+            f"{value!r} is not a speedup; write e.g. 1.8 or 1.8x", param_hint="--min-speedup"
+        ) from None
     if not 0 < s < float("inf"):
         raise typer.BadParameter(f"speedup {value!r} must be a positive number", param_hint="--min-speedup")
     return s
@@ -214,5 +295,9 @@ def _quiet_lm_eval() -> None:
     import os
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-document bars (read when tqdm is imported)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     for name in ("lm_eval", "lm-eval", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as tlog
+
+    tlog.disable_progress_bar()

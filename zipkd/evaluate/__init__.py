@@ -6,5 +6,15 @@ from zipkd.evaluate.gate import GateConfig, GateResult, gate
 from zipkd.evaluate.harness import available_tasks
 from zipkd.evaluate.report import Report, write_report
 
-__all__ = ["DEFAULT_LIMIT", "DEFAULT_TASKS", "EvalConfig", "GateConfig", "GateResult", "Report", "available_tasks",
-           "evaluate", "gate", "write_report"]
+__all__ = [
+    "DEFAULT_LIMIT",
+    "DEFAULT_TASKS",
+    "EvalConfig",
+    "GateConfig",
+    "GateResult",
+    "Report",
+    "available_tasks",
+    "evaluate",
+    "gate",
+    "write_report",
+]

@@ -59,20 +59,26 @@ class EvalConfig:
                 raise ZipkdError(f"limit must be positive (a count, or a fraction below 1), got {self.limit}")
             if self.limit >= 1:
                 if float(self.limit) != int(self.limit):
-                    raise ZipkdError(f"a limit of 1 or more must be a whole number of documents, got {self.limit}")
+                    raise ZipkdError(
+                        f"a limit of 1 or more must be a whole number of documents, got {self.limit}"
+                    )
                 self.limit = int(self.limit)
         if self.batch_size < 1:
             raise ZipkdError(f"batch size must be at least 1, got {self.batch_size}")
         if self.max_length is not None and self.max_length < 16:
             raise ZipkdError(f"max length must be at least 16 tokens, got {self.max_length}")
         if self.ppl_max_length < 2 or self.ppl_max_tokens < self.ppl_max_length:
-            raise ZipkdError("perplexity needs windows of at least 2 tokens and max tokens ≥ the window length")
+            raise ZipkdError(
+                "perplexity needs windows of at least 2 tokens and max tokens ≥ the window length"
+            )
         if self.warmup < 0 or self.repeats < 1:
             raise ZipkdError("warmup must be at least 0 and repeats at least 1")
         if isinstance(self.regime, dict):
             unknown = set(self.regime) - set(Regime.__dataclass_fields__)
             if unknown:
-                raise ZipkdError(f"unknown regime fields {sorted(unknown)}; known: {', '.join(Regime.__dataclass_fields__)}")
+                raise ZipkdError(
+                    f"unknown regime fields {sorted(unknown)}; known: {', '.join(Regime.__dataclass_fields__)}"
+                )
             Regime(**self.regime)  # validates the values
         from zipkd.models.io import DTYPES
 
@@ -89,6 +95,21 @@ def _model_path(spec: str) -> Path:
     from zipkd.models.io import resolve_model
 
     return resolve_model(spec)
+
+
+def expand_specs(specs: Sequence[str | os.PathLike]) -> list[str]:
+    """Model specs, with a family folder (sub-folders holding models, as `zipkd prune` writes for several
+    targets) replaced by its models in name order."""
+    out: list[str] = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.is_dir() and not (path / "config.json").is_file():
+            members = sorted(p for p in path.iterdir() if p.is_dir() and (p / "config.json").is_file())
+            if members:
+                out.extend(str(p) for p in members)
+                continue
+        out.append(str(spec))
+    return list(dict.fromkeys(out))
 
 
 def resolve_base(specs: Sequence[str], config: EvalConfig) -> str | None:
@@ -118,8 +139,9 @@ def resolve_regime(specs: Sequence[str], config: EvalConfig) -> tuple[Regime, st
         found = recorded_regime(_model_path(s))
         if found is not None:
             break
-    regime, source = found if found is not None else (Regime(device=config.device, dtype=config.dtype),
-                                                      "defaults")
+    regime, source = (
+        found if found is not None else (Regime(device=config.device, dtype=config.dtype), "defaults")
+    )
     if config.regime:
         regime = Regime(**{**dataclasses.asdict(regime), **config.regime})
         source += " with " + ", ".join(f"{k}={v}" for k, v in config.regime.items()) + " given"
@@ -143,31 +165,65 @@ def _quality(spec: str, config: EvalConfig, progress: Any) -> ModelEval:
 
     path = _model_path(spec)
     lm = load_model(spec, dtype=config.dtype, device=config.device)
-    results = run_tasks(lm.model, lm.tokenizer, config.tasks, limit=config.limit, batch_size=config.batch_size,
-                        max_length=config.max_length, progress=progress, label=short_name(spec))
-    quality = {t: {"metric": r.primary, "score": r.score, "stderr": r.stderr.get(r.primary), "n": r.n,
-                   "metrics": r.metrics} for t, r in results.items()}
+    results = run_tasks(
+        lm.model,
+        lm.tokenizer,
+        config.tasks,
+        limit=config.limit,
+        batch_size=config.batch_size,
+        max_length=config.max_length,
+        progress=progress,
+        label=short_name(spec),
+    )
+    quality = {
+        t: {
+            "metric": r.primary,
+            "score": r.score,
+            "stderr": r.stderr.get(r.primary),
+            "n": r.n,
+            "metrics": r.metrics,
+        }
+        for t, r in results.items()
+    }
     ppl = None
     if config.perplexity:
         from zipkd.data.assets import heldout_text_path
         from zipkd.data.text import load_texts
         from zipkd.evaluate.perplexity import perplexity
 
-        ppl = perplexity(lm.model, lm.tokenizer, load_texts(heldout_text_path()), max_length=config.ppl_max_length,
-                         max_tokens=config.ppl_max_tokens, batch_size=max(1, min(config.batch_size, 4)),
-                         progress=progress)
+        ppl = perplexity(
+            lm.model,
+            lm.tokenizer,
+            load_texts(heldout_text_path()),
+            max_length=config.ppl_max_length,
+            max_tokens=config.ppl_max_tokens,
+            batch_size=max(1, min(config.batch_size, 4)),
+            progress=progress,
+        )
     predicted = predicted_speedup(path)
-    memory = {"params": parameter_count(lm.model), "disk_bytes": disk_bytes(path),
-              "weights_bytes": tensor_bytes(lm.model)}
+    memory = {
+        "params": parameter_count(lm.model),
+        "disk_bytes": disk_bytes(path),
+        "weights_bytes": tensor_bytes(lm.model),
+    }
     del lm
     gc.collect()
-    return ModelEval(name=short_name(spec), path=str(path), stage=_stage(path),
-                     sha256=content_hash(path) if config.hash_models else None, quality=quality, perplexity=ppl,
-                     memory=memory, predicted_speedup=predicted[0] if predicted else None,
-                     predicted_from=predicted[1] if predicted else None)
+    return ModelEval(
+        name=short_name(spec),
+        path=str(path),
+        stage=_stage(path),
+        sha256=content_hash(path) if config.hash_models else None,
+        quality=quality,
+        perplexity=ppl,
+        memory=memory,
+        predicted_speedup=predicted[0] if predicted else None,
+        predicted_from=predicted[1] if predicted else None,
+    )
 
 
-def _speed(evals: list[ModelEval], specs: list[str], regime: Regime, config: EvalConfig, progress: Any) -> None:
+def _speed(
+    evals: list[ModelEval], specs: list[str], regime: Regime, config: EvalConfig, progress: Any
+) -> None:
     """Load every model in the regime's device and dtype and time them alternately in one run."""
     import torch
 
@@ -175,12 +231,16 @@ def _speed(evals: list[ModelEval], specs: list[str], regime: Regime, config: Eva
     from zipkd.models.io import load_model
 
     if regime.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ZipkdError(f"the speed regime is on {regime.device} but no CUDA device is here; pass --device cpu "
-                         "(or --no-speed)")
+        raise ZipkdError(
+            f"the speed regime is on {regime.device} but no CUDA device is here; pass --device cpu "
+            "(or --no-speed)"
+        )
     task = progress.add_task("speed (alternating)", total=None) if progress is not None else None
     models = [load_model(s, dtype=regime.dtype, device=regime.device, tokenizer=False).model for s in specs]
     try:
-        rows = measure_speed(models, regime, warmup=config.warmup, repeats=config.repeats, memory=config.memory)
+        rows = measure_speed(
+            models, regime, warmup=config.warmup, repeats=config.repeats, memory=config.memory
+        )
     finally:
         del models
         gc.collect()
@@ -188,8 +248,13 @@ def _speed(evals: list[ModelEval], specs: list[str], regime: Regime, config: Eva
         mem = row.pop("memory", None)
         ev.speed = row
         if mem:
-            ev.memory.update({"peak_bytes": mem["peak_bytes"], "activation_bytes": mem["activation_bytes"],
-                              "peak_method": mem["method"]})
+            ev.memory.update(
+                {
+                    "peak_bytes": mem["peak_bytes"],
+                    "activation_bytes": mem["activation_bytes"],
+                    "peak_method": mem["method"],
+                }
+            )
     if task is not None:
         progress.update(task, total=1, completed=1)
 
@@ -216,15 +281,76 @@ def _retention(report: Report) -> None:
         base.measured_speedup = 1.0
 
 
-def evaluate(model_spec: str | os.PathLike | Sequence[str | os.PathLike], config: EvalConfig | None = None,
-             progress: Any = None) -> Report:
-    """Evaluate one model or a family (and their base, for retention and measured speedup) into a Report."""
+# Settings that must match for an earlier report's scores of a model to stand for this run's.
+_SCORING_KEYS = (
+    "tasks",
+    "limit",
+    "batch_size",
+    "max_length",
+    "dtype",
+    "perplexity",
+    "ppl_max_length",
+    "ppl_max_tokens",
+)
+
+
+def reusable_scores(report: Report | None, path: Path, config: EvalConfig) -> ModelEval | None:
+    """The scores of the identical model (same content hash) in `report`, if it was scored with the same
+    settings; tasks and perplexity are deterministic for a given model, data and settings."""
+    if report is None or not config.hash_models:
+        return None
+    mine = _config_json(config)
+    theirs = report.config or {}
+    if any(
+        (sorted(mine[k]) if k == "tasks" else mine[k])
+        != (sorted(theirs.get(k) or []) if k == "tasks" else theirs.get(k))
+        for k in _SCORING_KEYS
+    ):
+        return None
+    from zipkd.manifest import content_hash
+
+    sha = content_hash(path)
+    for m in report.all_models():
+        if m.sha256 == sha and all(t in m.quality for t in config.tasks):
+            return m
+    return None
+
+
+def _reuse(found: ModelEval, spec: str, path: Path, source: str) -> ModelEval:
+    from zipkd.evaluate.lineage import predicted_speedup
+
+    predicted = predicted_speedup(path)
+    memory = {k: found.memory[k] for k in ("params", "disk_bytes", "weights_bytes") if k in found.memory}
+    return ModelEval(
+        name=short_name(spec),
+        path=str(path),
+        stage=_stage(path),
+        sha256=found.sha256,
+        quality=dict(found.quality),
+        perplexity=found.perplexity,
+        memory=memory,
+        predicted_speedup=predicted[0] if predicted else None,
+        predicted_from=predicted[1] if predicted else None,
+        scored_in=source,
+    )
+
+
+def evaluate(
+    model_spec: str | os.PathLike | Sequence[str | os.PathLike],
+    config: EvalConfig | None = None,
+    progress: Any = None,
+    reuse_base: Report | None = None,
+) -> Report:
+    """Evaluate one model or a family (and their base, for retention and measured speedup) into a Report.
+
+    `reuse_base`: an earlier report (e.g. the CI baseline); if it holds the base model's scores under the same
+    settings, they are reused instead of scoring the base again (its speed is always measured in this run)."""
     from zipkd.manifest import hardware_fingerprint, package_versions
     from zipkd.paths import offline_env
 
     offline_env()
     config = config or EvalConfig()
-    specs = [str(model_spec)] if isinstance(model_spec, (str, os.PathLike)) else [str(s) for s in model_spec]
+    specs = expand_specs([model_spec] if isinstance(model_spec, (str, os.PathLike)) else list(model_spec))
     if not specs:
         raise ZipkdError("no model to evaluate")
     base_spec = resolve_base(specs, config)
@@ -232,16 +358,30 @@ def evaluate(model_spec: str | os.PathLike | Sequence[str | os.PathLike], config
         base_spec = None  # evaluating the base itself: nothing to compare with
     regime, regime_source = resolve_regime(specs, config) if config.speed else (None, None)
     evals = [_quality(s, config, progress) for s in specs]
-    base = _quality(base_spec, config, progress) if base_spec is not None else None
+    base = None
+    if base_spec is not None:
+        found = reusable_scores(reuse_base, _model_path(base_spec), config)
+        source = (reuse_base.created or "an earlier report") if reuse_base is not None else ""
+        base = (
+            _reuse(found, base_spec, _model_path(base_spec), f"report of {source}")
+            if found
+            else _quality(base_spec, config, progress)
+        )
     if config.speed:
         all_specs = ([base_spec] if base else []) + specs
         _speed(([base] if base else []) + evals, all_specs, regime, config, progress)
     _unique_names(([base] if base else []) + evals)
     report = Report(
-        tasks=list(config.tasks), limit=config.limit, models=evals, base=base,
-        regime=dataclasses.asdict(regime) if regime else None, regime_source=regime_source,
-        config=_config_json(config), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        versions=package_versions(), hardware=hardware_fingerprint(),
+        tasks=list(config.tasks),
+        limit=config.limit,
+        models=evals,
+        base=base,
+        regime=dataclasses.asdict(regime) if regime else None,
+        regime_source=regime_source,
+        config=_config_json(config),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        versions=package_versions(),
+        hardware=hardware_fingerprint(),
     )
     _retention(report)
     return report

@@ -89,8 +89,16 @@ def _quality_checks(m: ModelEval, ref: ModelEval, tasks: list[str], cfg: GateCon
         if r.get("metric") != metric:
             raise ZipkdError(f"{task}: the baseline is judged by {r.get('metric')}, this run by {metric}")
         drop = r["score"] - q["score"]
-        out.append(Check(m.name, f"{task} {metric}", q["score"], r["score"], f"drop ≤ {cfg.max_drop:g}",
-                         drop <= cfg.max_drop + 1e-12))
+        out.append(
+            Check(
+                m.name,
+                f"{task} {metric}",
+                q["score"],
+                r["score"],
+                f"drop ≤ {cfg.max_drop:g}",
+                drop <= cfg.max_drop + 1e-12,
+            )
+        )
     return out
 
 
@@ -105,20 +113,43 @@ def gate(report: Report, baseline: Report, config: GateConfig | None = None) -> 
         if cfg.max_ppl_increase is not None and ref.perplexity and m.perplexity:
             a, b = m.perplexity, ref.perplexity
             if (a.get("max_length"), a.get("tokens")) != (b.get("max_length"), b.get("tokens")):
-                raise ZipkdError("the baseline's held-out perplexity used other windows or another token count; "
-                                 "re-run with the same perplexity settings")
-            result.checks.append(Check(m.name, "held-out perplexity", a["perplexity"], b["perplexity"],
-                                       f"rise ≤ {cfg.max_ppl_increase:.0%}",
-                                       a["perplexity"] <= b["perplexity"] * (1 + cfg.max_ppl_increase)))
+                raise ZipkdError(
+                    "the baseline's held-out perplexity used other windows or another token count; "
+                    "re-run with the same perplexity settings"
+                )
+            result.checks.append(
+                Check(
+                    m.name,
+                    "held-out perplexity",
+                    a["perplexity"],
+                    b["perplexity"],
+                    f"rise ≤ {cfg.max_ppl_increase:.0%}",
+                    a["perplexity"] <= b["perplexity"] * (1 + cfg.max_ppl_increase),
+                )
+            )
         now_mem, ref_mem = m.memory.get("weights_bytes"), ref.memory.get("weights_bytes")
         if cfg.max_memory_increase is not None and now_mem and ref_mem:
-            result.checks.append(Check(m.name, "weights in memory (MiB)", now_mem / 2**20, ref_mem / 2**20,
-                                       f"growth ≤ {cfg.max_memory_increase:.0%}",
-                                       now_mem <= ref_mem * (1 + cfg.max_memory_increase)))
+            result.checks.append(
+                Check(
+                    m.name,
+                    "weights in memory (MiB)",
+                    now_mem / 2**20,
+                    ref_mem / 2**20,
+                    f"growth ≤ {cfg.max_memory_increase:.0%}",
+                    now_mem <= ref_mem * (1 + cfg.max_memory_increase),
+                )
+            )
         if cfg.min_speedup is not None:
             s = m.measured_speedup
-            result.checks.append(Check(m.name, "measured speedup vs base", s, None,
-                                       f"≥ {cfg.min_speedup:g}x" + ("" if s is not None else
-                                                                  " (no base model was timed: pass --base)"),
-                                       s is not None and s >= cfg.min_speedup))
+            result.checks.append(
+                Check(
+                    m.name,
+                    "measured speedup vs base",
+                    s,
+                    None,
+                    f"≥ {cfg.min_speedup:g}x"
+                    + ("" if s is not None else " (no base model was timed: pass --base)"),
+                    s is not None and s >= cfg.min_speedup,
+                )
+            )
     return result

@@ -23,8 +23,16 @@ PLACEHOLDER = re.compile(r"@ZIPKD_DATA\((\w+)\)@")
 TASK_PREFIX = "zipkd_"
 # The metric a task is judged by (retention, the gate, plots), as pruning papers report them (ZipLM,
 # SliceGPT): length-normalised accuracy where choices differ much in length. lm-eval's others are kept too.
-PRIMARY_METRIC = {"arc_easy": "acc", "arc_challenge": "acc_norm", "hellaswag": "acc_norm", "piqa": "acc",
-                  "winogrande": "acc", "boolq": "acc", "lambada": "acc", "mmlu": "acc"}
+PRIMARY_METRIC = {
+    "arc_easy": "acc",
+    "arc_challenge": "acc_norm",
+    "hellaswag": "acc_norm",
+    "piqa": "acc",
+    "winogrande": "acc",
+    "boolq": "acc",
+    "lambada": "acc",
+    "mmlu": "acc",
+}
 
 
 @dataclass
@@ -130,9 +138,16 @@ def _lm_class() -> Any:
     return QuietHFLM
 
 
-def run_tasks(model: Any, tokenizer: Any, tasks: Sequence[str], limit: int | float | None = None,
-              batch_size: int = 8, max_length: int | None = None, progress: Any = None,
-              label: str = "") -> dict[str, TaskResult]:
+def run_tasks(
+    model: Any,
+    tokenizer: Any,
+    tasks: Sequence[str],
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    progress: Any = None,
+    label: str = "",
+) -> dict[str, TaskResult]:
     """Score an in-memory model (any shapes: pruned, heterogeneous) on zipkd tasks with lm-eval's
     `simple_evaluate`, one task at a time (progress advances per task)."""
     from lm_eval import simple_evaluate
@@ -150,8 +165,9 @@ def run_tasks(model: Any, tokenizer: Any, tasks: Sequence[str], limit: int | flo
         for name in names:
             if bar is not None:
                 progress.update(bar, description=f"{label}lm-eval {name}")
-            results = simple_evaluate(model=lm, tasks=[TASK_PREFIX + name], task_manager=manager, limit=limit,
-                                      log_samples=False)
+            results = simple_evaluate(
+                model=lm, tasks=[TASK_PREFIX + name], task_manager=manager, limit=limit, log_samples=False
+            )
             out.update(parse_results(results, [name]))
             if bar is not None:
                 progress.advance(bar)

@@ -62,13 +62,31 @@ def pareto_figure(report: Report) -> Any:
     front = pareto_front(list(zip(x, y, strict=True)))
     for i, m in enumerate(models):
         on_front = i in front
-        ax.scatter(x[i], y[i], s=60 if on_front else 35, marker="*" if m is report.base else "o",
-                   color="tab:red" if on_front else "tab:gray", zorder=3)
-        ax.annotate(m.name + (" (base)" if m is report.base else ""), (x[i], y[i]),
-                    textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.scatter(
+            x[i],
+            y[i],
+            s=60 if on_front else 35,
+            marker="*" if m is report.base else "o",
+            color="tab:red" if on_front else "tab:gray",
+            zorder=3,
+        )
+        ax.annotate(
+            m.name + (" (base)" if m is report.base else ""),
+            (x[i], y[i]),
+            textcoords="offset points",
+            xytext=(5, 5),
+            fontsize=8,
+        )
     if len(front) > 1:
-        ax.plot([x[i] for i in front], [y[i] for i in front], color="tab:red", lw=1.2, ls="--",
-                label="Pareto front", zorder=2)
+        ax.plot(
+            [x[i] for i in front],
+            [y[i] for i in front],
+            color="tab:red",
+            lw=1.2,
+            ls="--",
+            label="Pareto front",
+            zorder=2,
+        )
         ax.legend(loc="best", fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

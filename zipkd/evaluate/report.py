@@ -34,6 +34,7 @@ class ModelEval:
     predicted_speedup: float | None = None
     predicted_from: str | None = None
     retention: dict[str, float | None] = field(default_factory=dict)  # score / base score per task
+    scored_in: str | None = None  # None: scored in this run; else the earlier report its scores come from
 
     def score(self, task: str) -> float:
         return float(self.quality[task]["score"])
@@ -77,7 +78,7 @@ class Report:
     @classmethod
     def from_json(cls, d: dict[str, Any], source: str = "report") -> Report:
         if not isinstance(d, dict) or d.get("kind") != KIND:
-            raise ZipkdError(f"{source} is not a zipkd eval report (no \"kind\": \"{KIND}\")")
+            raise ZipkdError(f'{source} is not a zipkd eval report (no "kind": "{KIND}")')
         if d.get("schema_version") != SCHEMA_VERSION:
             raise ZipkdError(
                 f"{source} has report schema version {d.get('schema_version')}, this zipkd reads version "
@@ -86,8 +87,11 @@ class Report:
         try:
             models = [_model(m) for m in d["models"]]
             base = _model(d["base"]) if d.get("base") else None
-            fields = {k: d[k] for k in ("regime", "regime_source", "config", "created", "versions", "hardware")
-                      if k in d}
+            fields = {
+                k: d[k]
+                for k in ("regime", "regime_source", "config", "created", "versions", "hardware")
+                if k in d
+            }
             return cls(tasks=list(d["tasks"]), limit=d.get("limit"), models=models, base=base, **fields)
         except (KeyError, TypeError, ValueError) as exc:
             raise ZipkdError(f"{source} is a malformed eval report: {exc}") from exc
@@ -139,13 +143,20 @@ def markdown(report: Report) -> str:
     names = [f"{m.name} (base)" if m is report.base else m.name for m in cols]
     lines = ["# zipkd evaluation", ""]
     limit = "all documents" if report.limit is None else f"limit {report.limit} per task"
-    lines.append(f"Tasks: {', '.join(report.tasks)} ({limit}); scores are lm-eval's, ± one standard error; "
-                 "retention = score / base score.")
+    lines.append(
+        f"Tasks: {', '.join(report.tasks)} ({limit}); scores are lm-eval's, ± one standard error; "
+        "retention = score / base score."
+    )
     if report.regime:
         r = report.regime
         shape = f"seq_len {r['seq_len']}" if r["regime"] == "prefill" else f"context {r['context']}"
-        lines.append(f"Speed regime: {r['device']} {r['regime']}, batch {r['batch']}, {shape}, {r['dtype']}, "
-                     f"{r['runtime']} (from {report.regime_source}); all models timed alternately in one run.")
+        lines.append(
+            f"Speed regime: {r['device']} {r['regime']}, batch {r['batch']}, {shape}, {r['dtype']}, "
+            f"{r['runtime']} (from {report.regime_source}); all models timed alternately in one run."
+        )
+    for m in cols:
+        if m.scored_in:
+            lines.append(f"Scores of {m.name} reused from the {m.scored_in} (same weights, same settings).")
     lines += ["", "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(cols)]
     for task in report.tasks:
         metric = next((m.quality[task]["metric"] for m in cols if task in m.quality), "")
@@ -171,7 +182,10 @@ def markdown(report: Report) -> str:
         ("tokens/s", [_num((m.speed or {}).get("tokens_per_s"), "{:,.0f}") for m in cols]),
         ("measured speedup", [_num(m.measured_speedup, "{:.2f}x") for m in cols]),
         ("predicted speedup", [_num(m.predicted_speedup, "{:.2f}x") for m in cols]),
-        ("parameters (M)", [_num(m.memory.get("params") and m.memory["params"] / 1e6, "{:.1f}") for m in cols]),
+        (
+            "parameters (M)",
+            [_num(m.memory.get("params") and m.memory["params"] / 1e6, "{:.1f}") for m in cols],
+        ),
         ("weights on disk, MiB", [_mib(m.memory.get("disk_bytes")) for m in cols]),
         ("weights in memory, MiB", [_mib(m.memory.get("weights_bytes")) for m in cols]),
         ("peak memory, MiB", [_mib(m.memory.get("peak_bytes")) for m in cols]),
@@ -181,8 +195,13 @@ def markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: Report, out: str | os.PathLike, force: bool = False, plots: bool = True,
-                 inputs: tuple[Path, ...] = ()) -> Path:
+def write_report(
+    report: Report,
+    out: str | os.PathLike,
+    force: bool = False,
+    plots: bool = True,
+    inputs: tuple[Path, ...] = (),
+) -> Path:
     """Write `report.json`, `report.md` and the plots into the folder `out` atomically."""
     from zipkd.outputs import atomic_dir, check_output
 

@@ -82,8 +82,12 @@ def peak_memory_bytes(model: Any, regime: Regime) -> dict[str, Any]:
             model_step(model, eager).time_once()  # a decode step's KV-cache prefill counts too
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
-        return {"peak_bytes": weights + max(0, peak - base), "weights_bytes": weights,
-                "activation_bytes": max(0, peak - base), "method": "cuda max_memory_allocated"}
+        return {
+            "peak_bytes": weights + max(0, peak - base),
+            "weights_bytes": weights,
+            "activation_bytes": max(0, peak - base),
+            "method": "cuda max_memory_allocated",
+        }
     before = _rss()
     high = [before]
     stop = threading.Event()
@@ -102,12 +106,17 @@ def peak_memory_bytes(model: Any, regime: Regime) -> dict[str, Any]:
         stop.set()
         sampler.join()
     rise = max(0, high[0] - before)
-    return {"peak_bytes": weights + rise, "weights_bytes": weights, "activation_bytes": rise,
-            "method": "cpu resident-set sampling (approximate)"}
+    return {
+        "peak_bytes": weights + rise,
+        "weights_bytes": weights,
+        "activation_bytes": rise,
+        "method": "cpu resident-set sampling (approximate)",
+    }
 
 
-def measure_speed(models: list[Any], regime: Regime, warmup: int = 2, repeats: int = 7,
-                  memory: bool = True) -> list[dict[str, Any]]:
+def measure_speed(
+    models: list[Any], regime: Regime, warmup: int = 2, repeats: int = 7, memory: bool = True
+) -> list[dict[str, Any]]:
     """Time `models` alternately in one run (`compare_ms`); one dict per model with median/p10/p90 ms,
     tokens/s and (optionally) peak memory."""
     from zipkd.latency.measure import compare_ms
