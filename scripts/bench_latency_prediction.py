@@ -58,7 +58,7 @@ def main() -> int:
         f"table built in {build_s:.1f} s on {table.fingerprint['device_name']}, {torch.get_num_threads()} "
         f"threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}; dense measured {table.measured_dense_ms:.1f} ms, rest {table.rest_ms:.1f} ms "
         f"({table.meta['rest_fraction']:.1%}), layer {table.meta['dense_layer_ms']:.2f} ms, "
-        f"additivity error {table.meta['additivity_error']:+.1%}"
+        f"layer overhead c {table.layer_overhead_ms:.2f} ms"
     )
     print("attention ms by KV heads:", {k: round(v, 2) for k, v in table.attention_ms.items()})
     print("MLP ms by width:", {k: round(v, 2) for k, v in table.mlp_ms.items()})

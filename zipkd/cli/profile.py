@@ -164,6 +164,7 @@ def _print_table(tab) -> None:
     for w, v in shown:
         t.add_row("mlp", f"width {w}", f"{v:.3f}")
     t.add_row("rest", "embeddings, norm, lm_head, overheads", f"{tab.rest_ms:.3f}")
+    t.add_row("layer overhead", "half in each kept block (see docs)", f"{tab.layer_overhead_ms:.3f}")
     console.print(t)
     if len(shown) < len(mlp):
         console.print(f"({len(mlp)} MLP widths measured; --json or --output for all)")

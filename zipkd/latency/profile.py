@@ -3,17 +3,20 @@
 Method (all timings alternate round by round, see `measure.compare_steps`):
 - capture the exact arguments the model passes to a decoder layer in the regime (hidden states, rotary
   embeddings, mask; for decode also the step's position), with a forward pre-hook on a full-size layer;
-- time copies of that layer sliced to: attention at every kept KV-head count k with the MLP removed, T(k, 0);
-  the MLP at every width w of the grid with attention removed, T(0, w); the empty layer T(0, 0); and the dense
-  layer T(K, W). Decode layers run over their own KV cache holding `context` tokens;
+- time copies of that layer: the dense layer T(K, W); attention at every kept KV-head count k (0 = removed)
+  with the full MLP, T(k, W); the MLP at every width w of the grid (0 = removed) with full attention, T(K, w).
+  Decode layers run over their own KV cache holding `context` tokens; on a GPU each sample runs the layer back
+  to back, so kernel launches overlap execution as inside a forward;
 - time the dense model end to end in the same rounds.
 
-An additive table a[k] + m[w] cannot hold both the per-layer overhead δ = T(0, 0) (norm-free residual
-pass-through, call overhead) and the fact that a fully removed layer is dropped (costs 0). We use
-a[k] = T(k, 0) − T(0, 0) + δ/2, m[w] = T(0, w) − T(0, 0) + δ/2 and a[0] = m[0] = 0: exact for layers
-with both blocks (T(k, w) = a[k] + m[w] under additivity) and for dropped layers; δ/2 low for a layer that
-keeps one block. `rest` = dense end-to-end − L × (a[K] + m[W]), so the table reproduces the dense model's
-measured latency and holds embeddings, final norm, lm_head and per-forward overheads.
+Model: a kept layer costs T(k, w) = c + A[k] + M[w] (A[0] = M[0] = 0), a dropped layer nothing. Anchoring at the
+dense layer, A[k] = T(k, W) − T(0, W), M[w] = T(K, w) − T(K, 0) and c = T(0, W) + T(K, 0) − T(K, W): exact at
+every measured shape, also where blocks are not additive (on a GPU the CPU launches one block while the other
+computes, so a layer costs less than its blocks timed alone). Entries fold c in, half into each kept block
+(attention[k] = A[k] + c/2, mlp[w] = M[w] + c/2, both 0 when removed), so attention + mlp alone is exact for
+layers that keep both blocks and for dropped ones; the table's `layer_overhead_ms` = c lets `layer_ms` add the
+missing c/2 to a layer that keeps one block. `rest` = dense end-to-end − L × T(K, W): embeddings, final norm,
+lm_head and per-forward overheads, so the table reproduces the dense model's measured latency.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from zipkd.latency.measure import (
 )
 from zipkd.latency.table import DEVICE_KEYS, MODEL_KEYS, LatencyTable, Regime
 
-PROFILER_VERSION = 1  # part of the cache key: bump when the method changes
+PROFILER_VERSION = 2  # part of the cache key: bump when the method changes
 EXTRA_DEVICE_KEYS = ("driver", "runtime", "quantization")
 GPU_SAMPLE_MS = 3.0  # a GPU layer-timing sample runs the layer back to back for at least this long
 
@@ -271,15 +274,16 @@ def layer_step(
 
 
 def block_entries(
-    T: dict[tuple[int, int], float], num_kv_heads: int, widths: Sequence[int]
+    T: dict[tuple[int, int], float], num_kv_heads: int, intermediate: int, widths: Sequence[int]
 ) -> tuple[dict[int, float], dict[int, float], float]:
-    """Additive per-block entries from single-layer times T[(k, w)] (k KV heads, w MLP width; needs (k, 0) for
-    k = 1..K, (0, w) for each width and (0, 0)). Returns (attention_ms, mlp_ms, δ) with a[0] = m[0] = 0 and the
-    layer overhead δ = T(0, 0) split between the two blocks (see the module docstring). Pure."""
-    delta = T[(0, 0)]
-    attention = {0: 0.0, **{k: T[(k, 0)] - delta / 2 for k in range(1, num_kv_heads + 1)}}
-    mlp = {0: 0.0, **{w: T[(0, w)] - delta / 2 for w in widths if w > 0}}
-    return attention, mlp, delta
+    """Per-block entries from single-layer times T[(k, w)] (k KV heads, w MLP width), which must hold (k, W) for
+    k = 0..K and (K, w) for every width w (0 included). Returns (attention_ms, mlp_ms, c) as in the module
+    docstring: removed blocks 0, kept ones carrying c/2 each. Pure."""
+    K, W = num_kv_heads, intermediate
+    c = T[(0, W)] + T[(K, 0)] - T[(K, W)]
+    attention = {0: 0.0, **{k: T[(k, W)] - T[(0, W)] + c / 2 for k in range(1, K + 1)}}
+    mlp = {0: 0.0, **{w: T[(K, w)] - T[(K, 0)] + c / 2 for w in widths if w > 0}}
+    return attention, mlp, c
 
 
 def _quantizer(method: str | None):
@@ -355,33 +359,28 @@ def profile_model(
     if quantize is not None:
         dense_model = quantize(copy.deepcopy(model), regime.quantization, str(device))
 
-    # (kv_heads, width) shapes to time; T(K, W) is only a cross-check of additivity.
-    specs = [(k, 0) for k in range(1, K + 1)] + [(0, w) for w in grid if w > 0] + [(0, 0), (K, W)]
+    # (kv_heads, width) shapes to time around the dense layer T(K, W), which every chunk also times as reference.
+    specs = [(k, W) for k in range(K)] + [(K, w) for w in grid if w < W]
     # Alignment probe: a grid width near W/2 and the same plus one (why the grid avoids such widths).
-    probe = min((w for w in grid if w > 0), key=lambda w: abs(w - W / 2))
+    probe = min((w for w in grid if 0 < w < W), key=lambda w: abs(w - W / 2), default=W)
     if probe + 1 < W and probe + 1 not in grid:
-        specs.insert(-2, (0, probe + 1))
+        specs.append((K, probe + 1))
     budget = _memory_budget(device)
     kv_bytes = 2 * hidden.shape[0] * regime.context * geo.head_dim * hidden.element_size()
     decode = regime.regime == "decode"
-    est = {
-        (k, w): _nbytes(base_layer) * ((k / K) * 0.5 + (w / W) * 0.5) + decode * k * kv_bytes + 1
-        for k, w in specs
-    }
+    est = {(k, w): _nbytes(base_layer) * (k / K + w / W) / 2 + decode * k * kv_bytes + 1 for k, w in specs}
     chunks: list[list[tuple[int, int]]] = [[]]
     used = 0.0
-    for s in specs:
-        if s in ((0, 0), (K, W)):
-            continue
-        if chunks[-1] and used + est[s] > budget:
+    for spec in specs:
+        if chunks[-1] and used + est[spec] > budget:
             chunks.append([])
             used = 0.0
-        chunks[-1].append(s)
-        used += est[s]
+        chunks[-1].append(spec)
+        used += est[spec]
 
     task = None
     if progress is not None:
-        total = sum((len(c) + 3) * (warmup + repeats) for c in chunks)
+        total = sum((len(c) + 2) * (warmup + repeats) for c in chunks)
         task = progress.add_task(f"profiling {regime.regime} on {device.type}", total=total)
 
     def tick() -> None:
@@ -389,17 +388,14 @@ def profile_model(
             progress.advance(task)
 
     e2e_step = model_step(dense_model, regime)
-    results: dict[tuple[int, int], list[float]] = {}
+    results: dict[tuple[int, int], float] = {}
     ref: list[float] = []  # dense-layer medians per chunk, to put chunks on one scale
     e2e_samples: list[float] = []
     for chunk in chunks:
-        shapes = [(K, W), (0, 0), *chunk]
+        shapes = [(K, W), *chunk]
         layers = [layer_variant(base_layer, config, k, w) for k, w in shapes]
         if quantize is not None:
-            layers = [
-                quantize(layer, regime.quantization, str(device)) if (k or w) else layer
-                for layer, (k, w) in zip(layers, shapes, strict=True)
-            ]
+            layers = [quantize(layer, regime.quantization, str(device)) for layer in layers]
         steps = [e2e_step] + [
             layer_step(layer, hidden, kwargs, regime, config, k)
             for layer, (k, _) in zip(layers, shapes, strict=True)
@@ -407,19 +403,14 @@ def profile_model(
         stats = compare_steps(steps, warmup, repeats, callback=tick)
         e2e_samples += stats[0]["samples_ms"]
         ref.append(stats[1]["median_ms"])
-        for (k, w), st in zip(shapes, stats[1:], strict=True):
-            results.setdefault((k, w), []).append(st["median_ms"])
+        for spec, st in zip(chunk, stats[2:], strict=True):
+            results[spec] = (st["median_ms"], len(ref) - 1)
         del layers, steps
     dense_layer = float(torch.tensor(ref).median())
     # Chunks measured at different moments: rescale each chunk by its own dense-layer reference.
-    T: dict[tuple[int, int], float] = {}
-    for i, chunk in enumerate(chunks):
-        scale = dense_layer / ref[i]
-        for s in chunk:
-            T[s] = results[s][i] * scale
-    T[(0, 0)] = sum(v * dense_layer / r for v, r in zip(results[(0, 0)], ref, strict=True)) / len(ref)
+    T = {spec: ms * dense_layer / ref[i] for spec, (ms, i) in results.items()}
     T[(K, W)] = dense_layer
-    attention_ms, mlp_ms, delta = block_entries(T, K, grid)
+    attention_ms, mlp_ms, overhead = block_entries(T, K, W, grid)
     negative = sorted(f"attention {k}" for k, v in attention_ms.items() if v < 0) + sorted(
         f"mlp {w}" for w, v in mlp_ms.items() if v < 0
     )
@@ -429,23 +420,24 @@ def profile_model(
     predicted_layer = attention_ms[K] + mlp_ms[W]
     e2e = float(torch.tensor(e2e_samples).median())
     rest = e2e - L * predicted_layer
+    probe_ms = T[(K, probe + 1)] - T[(K, 0)] + overhead / 2 if (K, probe + 1) in T else None
     meta = {
         "profiler_version": PROFILER_VERSION,
-        "method": "single-layer timing, additive blocks, rest = dense end-to-end - L x layer",
+        "method": "single-layer timing around the dense layer; rest = dense end-to-end - L x dense layer",
         "prefill_logits": "last position only (logits_to_keep=1)",
         "warmup": warmup,
         "repeats": repeats,
         "chunks": len(chunks),
         "dense_layer_ms": dense_layer,
-        "layer_overhead_ms": delta,
-        "additivity_error": predicted_layer / dense_layer - 1,
+        "layer_overhead_fraction": overhead / dense_layer,
         "rest_fraction": rest / e2e,
         "alignment_probe": {
             "width": probe,
             "mlp_ms": mlp_ms[probe],
             "width_plus_1": probe + 1,
-            "mlp_ms_plus_1": T[(0, probe + 1)] - delta / 2 if (0, probe + 1) in T else None,
+            "mlp_ms_plus_1": probe_ms,
         },
+        "layer_ms": {f"{k},{w}": v for (k, w), v in sorted(T.items())},
         "build_s": round(time.perf_counter() - t_start, 2),
     }
     warnings = []
@@ -464,6 +456,7 @@ def profile_model(
         num_layers=L,
         measured_dense_ms=e2e,
         meta=meta,
+        layer_overhead_ms=overhead,
     )
 
 

@@ -16,8 +16,16 @@ from zipkd.errors import ZipkdError
 
 SCHEMA_VERSION = 1
 # Fingerprint keys that must match between a table and the model/device it is used for.
-MODEL_KEYS = ("architecture", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-              "intermediate_size", "vocab_size")
+MODEL_KEYS = (
+    "architecture",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+)
 DEVICE_KEYS = ("device", "device_name", "torch", "dtype", "threads")
 
 
@@ -55,6 +63,10 @@ class LatencyTable:
     measured_dense_ms: float | None = None  # end-to-end dense model, for reference
     meta: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    # Per-layer cost beyond its blocks (call, residual pass-through, overlap of blocks on a GPU). The entries of
+    # kept blocks each already carry half of it, so `attention_ms[k] + mlp_ms[w]` alone is exact for layers that
+    # keep both blocks and for dropped layers; `layer_ms` adds the other half to a layer that keeps one block.
+    layer_overhead_ms: float = 0.0
 
     @property
     def attention_levels(self) -> list[int]:
@@ -66,7 +78,12 @@ class LatencyTable:
 
     def layer_ms(self, kv_heads: int, width: int) -> float:
         try:
-            return self.attention_ms[kv_heads] + self.mlp_ms[width]
+            one_block = (kv_heads == 0) != (width == 0)
+            return (
+                self.attention_ms[kv_heads]
+                + self.mlp_ms[width]
+                + (self.layer_overhead_ms / 2 if one_block else 0.0)
+            )
         except KeyError as exc:
             raise ZipkdError(
                 f"no latency entry for {exc.args[0]} (attention levels {self.attention_levels}, MLP levels "
@@ -82,7 +99,9 @@ class LatencyTable:
         missing from `shapes` count as removed."""
         total = self.rest_ms
         for s in shapes:
-            kv, width = (s["kv_heads"], s["intermediate"]) if isinstance(s, dict) else (s.kv_heads, s.intermediate)
+            kv, width = (
+                (s["kv_heads"], s["intermediate"]) if isinstance(s, dict) else (s.kv_heads, s.intermediate)
+            )
             total += self.layer_ms(kv, width)
         total += (self.num_layers - len(shapes)) * self.layer_ms(0, 0)
         return total
@@ -105,7 +124,9 @@ class LatencyTable:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> LatencyTable:
         if d.get("schema_version") != SCHEMA_VERSION:
-            raise ZipkdError(f"latency table schema {d.get('schema_version')} is not supported (need {SCHEMA_VERSION})")
+            raise ZipkdError(
+                f"latency table schema {d.get('schema_version')} is not supported (need {SCHEMA_VERSION})"
+            )
         try:
             return cls(
                 regime=Regime(**d["regime"]),
@@ -116,6 +137,7 @@ class LatencyTable:
                 num_layers=int(d["num_layers"]),
                 measured_dense_ms=d.get("measured_dense_ms"),
                 meta=d.get("meta", {}),
+                layer_overhead_ms=float(d.get("layer_overhead_ms", 0.0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ZipkdError(f"malformed latency table: {exc}") from exc
@@ -128,7 +150,9 @@ class LatencyTable:
         except (OSError, json.JSONDecodeError) as exc:
             raise ZipkdError(f"cannot read latency table {path}: {exc}") from exc
 
-    def mismatch(self, other_fingerprint: dict[str, Any], keys: Sequence[str] = MODEL_KEYS + DEVICE_KEYS) -> list[str]:
+    def mismatch(
+        self, other_fingerprint: dict[str, Any], keys: Sequence[str] = MODEL_KEYS + DEVICE_KEYS
+    ) -> list[str]:
         """Human-readable differences between this table's fingerprint and another (empty = compatible)."""
         out = []
         for k in keys:
