@@ -23,8 +23,9 @@ run() {  # name budget script args...
   tail -n 25 "$OUT/$name.log"
   echo "=== $name rc=$rc in $((SECONDS - t0))s"
 }
-run latency "${1:-200}" scripts/gpu_latency.py
-run prune "${2:-240}" scripts/gpu_prune.py
-run quantize "${3:-75}" scripts/gpu_quantize.py
-run recover "${4:-60}" scripts/gpu_recover.py
+L=${1:-170}; P=${2:-200}; Q=${3:-75}; R=${4:-50}
+run latency $((L + 20)) scripts/gpu_latency.py --budget "$L"
+run prune $((P + 20)) scripts/gpu_prune.py --budget-s "$P"
+[ -f scripts/gpu_quantize.py ] && run quantize $((Q + 15)) scripts/gpu_quantize.py --budget-s "$Q"
+run recover $((R + 15)) scripts/gpu_recover.py --budget-s "$R"
 ls -la "$OUT"
