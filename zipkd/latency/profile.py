@@ -3,20 +3,25 @@
 Method (all timings alternate round by round, see `measure.compare_steps`):
 - capture the exact arguments the model passes to a decoder layer in the regime (hidden states, rotary
   embeddings, mask; for decode also the step's position), with a forward pre-hook on a full-size layer;
-- time copies of that layer: the dense layer T(K, W); attention at every kept KV-head count k (0 = removed)
-  with the full MLP, T(k, W); the MLP at every width w of the grid (0 = removed) with full attention, T(K, w).
-  Decode layers run over their own KV cache holding `context` tokens; on a GPU each sample runs the layer back
-  to back, so kernel launches overlap execution as inside a forward;
+- time copies of that layer sliced to each shape the table needs (below) and the dense layer T(K, W) as a
+  reference in every round. Decode layers run over their own KV cache holding `context` tokens; on a GPU each
+  sample runs the layer back to back, so kernel launches overlap execution as inside a forward;
 - time the dense model end to end in the same rounds.
 
-Model: a kept layer costs T(k, w) = c + A[k] + M[w] (A[0] = M[0] = 0), a dropped layer nothing. Anchoring at the
-dense layer, A[k] = T(k, W) − T(0, W), M[w] = T(K, w) − T(K, 0) and c = T(0, W) + T(K, 0) − T(K, W): exact at
-every measured shape, also where blocks are not additive (on a GPU the CPU launches one block while the other
-computes, so a layer costs less than its blocks timed alone). Entries fold c in, half into each kept block
-(attention[k] = A[k] + c/2, mlp[w] = M[w] + c/2, both 0 when removed), so attention + mlp alone is exact for
-layers that keep both blocks and for dropped ones; the table's `layer_overhead_ms` = c lets `layer_ms` add the
-missing c/2 to a layer that keeps one block. `rest` = dense end-to-end − L × T(K, W): embeddings, final norm,
-lm_head and per-forward overheads, so the table reproduces the dense model's measured latency.
+Model: a kept layer costs T(k, w) = c + A[k] + M[w] (A[0] = M[0] = 0), a dropped layer nothing. Two ways to
+measure it:
+- "blocks" (default on CPU, where blocks are compute-bound and add up): each block alone, T(k, 0) and T(0, w),
+  and the empty layer c = T(0, 0); A[k] = T(k, 0) − c, M[w] = T(0, w) − c. Each entry is measured directly, so
+  its noise is a fraction of its own size (small widths stay accurate on a busy CPU).
+- "anchored" (default on GPU): inside the dense layer, T(k, W) and T(K, w); A[k] = T(k, W) − T(0, W),
+  M[w] = T(K, w) − T(K, 0), c = T(0, W) + T(K, 0) − T(K, W). Exact at every measured shape even where blocks do
+  not add up (on a GPU the CPU launches one block while the other computes, so a layer costs less than its blocks
+  timed alone); entries are differences of dense-layer-sized times, fine on a quiet GPU.
+Entries fold c in, half into each kept block (attention[k] = A[k] + c/2, mlp[w] = M[w] + c/2, both 0 when
+removed), so attention + mlp alone is right for layers that keep both blocks and for dropped ones; the table's
+`layer_overhead_ms` = c lets `layer_ms` add the missing c/2 to a layer that keeps one block. `rest` = dense
+end-to-end − L × (attention[K] + mlp[W]): embeddings, final norm, lm_head and per-forward overheads, so the
+table reproduces the dense model's measured latency.
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ from zipkd.latency.measure import (
 )
 from zipkd.latency.table import DEVICE_KEYS, MODEL_KEYS, LatencyTable, Regime
 
-PROFILER_VERSION = 2  # part of the cache key: bump when the method changes
+PROFILER_VERSION = 3  # part of the cache key: bump when the method changes
+METHODS = ("blocks", "anchored")
 EXTRA_DEVICE_KEYS = ("driver", "runtime", "quantization")
 GPU_SAMPLE_MS = 3.0  # a GPU layer-timing sample runs the layer back to back for at least this long
 
@@ -274,16 +280,32 @@ def layer_step(
 
 
 def block_entries(
-    T: dict[tuple[int, int], float], num_kv_heads: int, intermediate: int, widths: Sequence[int]
+    T: dict[tuple[int, int], float],
+    num_kv_heads: int,
+    intermediate: int,
+    widths: Sequence[int],
+    method: str = "blocks",
 ) -> tuple[dict[int, float], dict[int, float], float]:
-    """Per-block entries from single-layer times T[(k, w)] (k KV heads, w MLP width), which must hold (k, W) for
-    k = 0..K and (K, w) for every width w (0 included). Returns (attention_ms, mlp_ms, c) as in the module
-    docstring: removed blocks 0, kept ones carrying c/2 each. Pure."""
+    """Per-block entries from single-layer times T[(k, w)] (k KV heads, w MLP width). "blocks" needs (k, 0) for
+    k = 0..K and (0, w) for every width; "anchored" needs (k, W) for k = 0..K and (K, w) for every width (0
+    included). Returns (attention_ms, mlp_ms, c) as in the module docstring: removed blocks 0, kept ones
+    carrying c/2 each. Pure."""
     K, W = num_kv_heads, intermediate
-    c = T[(0, W)] + T[(K, 0)] - T[(K, W)]
-    attention = {0: 0.0, **{k: T[(k, W)] - T[(0, W)] + c / 2 for k in range(1, K + 1)}}
-    mlp = {0: 0.0, **{w: T[(K, w)] - T[(K, 0)] + c / 2 for w in widths if w > 0}}
-    return attention, mlp, c
+    if method == "blocks":
+        c = T[(0, 0)]
+        A = {k: T[(k, 0)] - c for k in range(1, K + 1)}
+        M = {w: T[(0, w)] - c for w in widths if w > 0}
+    elif method == "anchored":
+        c = T[(0, W)] + T[(K, 0)] - T[(K, W)]
+        A = {k: T[(k, W)] - T[(0, W)] for k in range(1, K + 1)}
+        M = {w: T[(K, w)] - T[(K, 0)] for w in widths if w > 0}
+    else:
+        raise ZipkdError(f"unknown profiling method {method!r}; choose {' or '.join(METHODS)}")
+    return (
+        {0: 0.0, **{k: v + c / 2 for k, v in A.items()}},
+        {0: 0.0, **{w: v + c / 2 for w, v in M.items()}},
+        c,
+    )
 
 
 def _quantizer(method: str | None):
@@ -335,9 +357,11 @@ def profile_model(
     repeats: int = 9,
     max_levels: int = 32,
     widths: Sequence[int] | None = None,
+    method: str | None = None,
 ) -> LatencyTable:
     """Measure a latency table for this (unpruned) model on the regime's device. `lm`: LoadedModel or module
-    (already on the device, in the regime's dtype)."""
+    (already on the device, in the regime's dtype). `method`: "blocks" (each block timed alone; default on CPU)
+    or "anchored" (timed inside the dense layer; default on GPU), see the module docstring."""
     t_start = time.perf_counter()
     model = _module(lm).eval()
     config = model.config
@@ -360,11 +384,17 @@ def profile_model(
         dense_model = quantize(copy.deepcopy(model), regime.quantization, str(device))
 
     # (kv_heads, width) shapes to time around the dense layer T(K, W), which every chunk also times as reference.
-    specs = [(k, W) for k in range(K)] + [(K, w) for w in grid if w < W]
+    method = method or ("anchored" if device.type == "cuda" else "blocks")
+    if method not in METHODS:
+        raise ZipkdError(f"unknown profiling method {method!r}; choose {' or '.join(METHODS)}")
+    if method == "blocks":
+        specs = [(k, 0) for k in range(K + 1)] + [(0, w) for w in grid if w > 0]
+    else:
+        specs = [(k, W) for k in range(K)] + [(K, w) for w in grid if w < W]
     # Alignment probe: a grid width near W/2 and the same plus one (why the grid avoids such widths).
     probe = min((w for w in grid if 0 < w < W), key=lambda w: abs(w - W / 2), default=W)
     if probe + 1 < W and probe + 1 not in grid:
-        specs.append((K, probe + 1))
+        specs.append((0, probe + 1) if method == "blocks" else (K, probe + 1))
     budget = _memory_budget(device)
     kv_bytes = 2 * hidden.shape[0] * regime.context * geo.head_dim * hidden.element_size()
     decode = regime.regime == "decode"
@@ -395,7 +425,10 @@ def profile_model(
         shapes = [(K, W), *chunk]
         layers = [layer_variant(base_layer, config, k, w) for k, w in shapes]
         if quantize is not None:
-            layers = [quantize(layer, regime.quantization, str(device)) for layer in layers]
+            layers = [
+                quantize(layer, regime.quantization, str(device)) if k or w else layer
+                for layer, (k, w) in zip(layers, shapes, strict=True)
+            ]
         steps = [e2e_step] + [
             layer_step(layer, hidden, kwargs, regime, config, k)
             for layer, (k, _) in zip(layers, shapes, strict=True)
@@ -410,7 +443,7 @@ def profile_model(
     # Chunks measured at different moments: rescale each chunk by its own dense-layer reference.
     T = {spec: ms * dense_layer / ref[i] for spec, (ms, i) in results.items()}
     T[(K, W)] = dense_layer
-    attention_ms, mlp_ms, overhead = block_entries(T, K, W, grid)
+    attention_ms, mlp_ms, overhead = block_entries(T, K, W, grid, method)
     negative = sorted(f"attention {k}" for k, v in attention_ms.items() if v < 0) + sorted(
         f"mlp {w}" for w, v in mlp_ms.items() if v < 0
     )
@@ -420,10 +453,12 @@ def profile_model(
     predicted_layer = attention_ms[K] + mlp_ms[W]
     e2e = float(torch.tensor(e2e_samples).median())
     rest = e2e - L * predicted_layer
-    probe_ms = T[(K, probe + 1)] - T[(K, 0)] + overhead / 2 if (K, probe + 1) in T else None
+    probe_key, base = ((0, probe + 1), (0, 0)) if method == "blocks" else ((K, probe + 1), (K, 0))
+    probe_ms = T[probe_key] - T[base] + overhead / 2 if probe_key in T else None
     meta = {
         "profiler_version": PROFILER_VERSION,
-        "method": "single-layer timing around the dense layer; rest = dense end-to-end - L x dense layer",
+        "method": method,
+        "additivity_error": predicted_layer / dense_layer - 1,
         "prefill_logits": "last position only (logits_to_keep=1)",
         "warmup": warmup,
         "repeats": repeats,
