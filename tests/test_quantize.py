@@ -216,6 +216,21 @@ def test_4bit_widths_not_multiple_of_block(weights, in_features):
             assert rel_err(q(x), expected) < 1e-5 and rel_err(back(x), expected) < 1e-5
 
 
+@pytest.mark.parametrize("method", ALL)
+def test_inference_mode_and_deepcopy(method):
+    """zipkd times and scores models under torch.inference_mode (quanto int4 fails there unguarded). bitsandbytes
+    models also deep-copy (quanto's tensors cannot: copy before quantizing, as the latency profiler does)."""
+    import copy
+
+    model = quantize_model(tiny_model(), method, "cpu")
+    x = ids()
+    expected = logits(model, x)
+    twins = [copy.deepcopy(model)] if METHODS[method].backend == "bitsandbytes" else []
+    with torch.inference_mode():
+        for m in [model, *twins]:
+            assert torch.equal(m(x).logits, expected)
+
+
 def test_eight_bit_beats_four_bit():
     x = ids()
     ref = logits(tiny_model(), x)

@@ -7,6 +7,7 @@ transformers cannot serialise quanto models, so these folders load only through 
 from __future__ import annotations
 
 import logging
+import types
 from typing import Any
 
 import torch
@@ -34,6 +35,22 @@ def _qtype(weights: str) -> Any:
     return getattr(import_quanto(), QTYPES[weights])
 
 
+def _forward_outside_inference_mode(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """quanto's int4 weights fail under `torch.inference_mode` ("Cannot set version_counter for inference
+    tensor"; zipkd's timing and perplexity run in it): compute such calls under `no_grad` instead."""
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False), torch.no_grad():
+            return type(self).forward(self, x)
+    return type(self).forward(self, x)
+
+
+def _guard_inference_mode(root: nn.Module, names: list[str]) -> None:
+    for n in names:
+        module = root.get_submodule(n)
+        # A bound method (not a closure), so deep copies of the model call their own module.
+        module.forward = types.MethodType(_forward_outside_inference_mode, module)
+
+
 def quantize_modules(root: nn.Module, names: list[str], weights: str) -> None:
     """Quantize the named `nn.Linear` submodules of `root` in place (weight-only) and freeze them."""
     quanto = import_quanto()
@@ -42,6 +59,7 @@ def quantize_modules(root: nn.Module, names: list[str], weights: str) -> None:
     if missing:  # pragma: no cover - quanto quantizes every nn.Linear it is pointed at
         raise RuntimeError(f"optimum-quanto did not quantize {missing[:3]}")
     quanto.freeze(root)
+    _guard_inference_mode(root, names)
 
 
 def load_modules(
@@ -56,3 +74,4 @@ def load_modules(
     quanto = import_quanto()
     qmap = {n: {"weights": QTYPES[weights], "activations": "none"} for n in names}
     quanto.requantize(model, state_dict, qmap, device=device)
+    _guard_inference_mode(model, names)
