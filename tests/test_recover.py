@@ -113,6 +113,17 @@ def test_answers_agree(instruction, original, rewrite, ok):
     assert answers_agree(instruction, original, rewrite)[0] is ok
 
 
+def test_keeps_substance():
+    from zipkd.recover.data import keeps_substance
+
+    worked = "First add 3 and 4 to get 7, then double it to get 14, then take away 2 which leaves 12. So the answer is 12."
+    assert not keeps_substance(worked, "The answer is 12.")
+    assert keeps_substance(
+        worked, "Adding 3 and 4 gives 7; doubled that is 14, and 2 less is 12. The answer is 12."
+    )
+    assert keeps_substance("The answer is bank.", "Bank.")  # short originals: nothing to lose
+
+
 def test_final_answer():
     assert final_answer("x. So the answer is 42.") == "42"
     assert final_answer('The answer is "live long".') == "live long"

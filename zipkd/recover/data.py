@@ -21,8 +21,11 @@ from zipkd.outputs import atomic_write_text
 from zipkd.paths import cache_dir
 
 REWRITE_PROMPT = (
-    "Rewrite the answer below in your own words. Keep the same final answer and end with "
-    '"The answer is ...".\n\nQuestion: {instruction}\n\nAnswer: {response}'
+    "Rewrite the answer below in your own words. Keep every reasoning step and the same final answer, and end "
+    'with "The answer is ...".\n\nQuestion: {instruction}\n\nAnswer: {response}'
+)
+MIN_LENGTH_RATIO = (
+    0.3  # a rewrite of a long answer (≥ 20 words) shorter than this fraction lost the reasoning
 )
 PLAIN_TEMPLATE = "Question: {instruction}\nAnswer: "  # for tokenizers without a chat template
 CACHE_VERSION = 1
@@ -159,6 +162,12 @@ def answers_agree(instruction: str, original: str, rewrite: str) -> tuple[bool, 
         if n_opt != n_orig and not _contains(n_orig, n_opt) and _contains(n_scope, n_opt):
             return False, "other option"
     return True, "match"
+
+
+def keeps_substance(original: str, rewrite: str) -> bool:
+    """False when a long answer (worked reasoning) was cut down to little more than its final answer."""
+    n = len(original.split())
+    return n < 20 or len(rewrite.split()) >= MIN_LENGTH_RATIO * n
 
 
 # --------------------------------------------------------------------------------------- self-distillation
@@ -299,6 +308,8 @@ def self_distill(
                 ok, reason = answers_agree(examples[i].instruction, examples[i].response, text)
                 if not finished:
                     ok, reason = False, "truncated"
+                elif ok and not keeps_substance(examples[i].response, text):
+                    ok, reason = False, "too short"
                 done[i] = {"index": i, "rewrite": text, "accepted": ok, "reason": reason}
                 log.write(json.dumps(done[i], ensure_ascii=False) + "\n")
             log.flush()
@@ -317,7 +328,12 @@ def self_distill(
                 "original": e.response,
             }
         )
-    stats = {"examples": len(rows), "rewritten": sum(r["rewritten"] for r in rows), "reasons": reasons}
+    stats = {
+        "examples": len(rows),
+        "rewritten": sum(r["rewritten"] for r in rows),
+        "identical": sum(r["rewritten"] and r["response"].strip() == r["original"].strip() for r in rows),
+        "reasons": reasons,
+    }
     atomic_write_text(
         final,
         json.dumps(
