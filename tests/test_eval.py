@@ -200,6 +200,17 @@ def test_speed_sizes_and_memory(tokenizer, family):
         assert row["tokens_per_s"] == pytest.approx(16 / (row["median_ms"] / 1e3))
         assert row["p10_ms"] <= row["median_ms"] <= row["p90_ms"] and row["repeats"] == 3
         assert row["memory"]["peak_bytes"] >= row["memory"]["weights_bytes"] > 0
+    # the forward's activations are seen: at least one MLP intermediate (batch x seq x width floats), and
+    # more for a bigger batch; a decode step's peak includes its KV cache prefill
+    from zipkd.evaluate.speed import peak_memory_bytes
+
+    one = peak_memory_bytes(a, Regime(seq_len=64))["activation_bytes"]
+    four = peak_memory_bytes(a, Regime(seq_len=64, batch=4))
+    assert one >= 64 * 64 * 4 and four["activation_bytes"] >= 4 * 64 * 64 * 4
+    assert (
+        four["activation_bytes"] > one
+        and four["peak_bytes"] == four["weights_bytes"] + four["activation_bytes"]
+    )
     decode = measure_speed([b], Regime(regime="decode", batch=2, context=8), warmup=0, repeats=2)[0]
     assert decode["tokens_per_s"] == pytest.approx(2 / (decode["median_ms"] / 1e3))
     on_disk = sum(f.stat().st_size for f in family["base"].glob("*.safetensors"))

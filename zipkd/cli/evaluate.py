@@ -252,7 +252,9 @@ def evaluate(
     if json_out:
         console.print_json(json.dumps(report.to_json()))
     else:
-        console.print(markdown(report), markup=False, highlight=False)
+        from rich.markdown import Markdown
+
+        console.print(Markdown(markdown(report)))
         if output is not None:
             console.print(f"report written to {output}")
     if ref is not None:

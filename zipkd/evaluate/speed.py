@@ -2,15 +2,15 @@
 
 Latency comes from `zipkd.latency.measure.compare_ms`: every model (the base and its compressed versions) is
 timed alternately in the same run, so load changes on the machine hit them alike; we report medians and
-tokens/s. Size: parameter count and weight-file bytes on disk. Peak memory: the device allocator's high-water
-mark on CUDA; on CPU the process's resident set sampled during one forward (approximate) on top of the
-weights' bytes."""
+tokens/s. Size: parameter count and weight-file bytes on disk. Peak memory: the weights plus the most memory
+one forward in the regime allocates (CUDA allocator high-water mark; on CPU torch's allocations as the
+profiler records them)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import threading
-import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -58,15 +58,49 @@ def tokens_per_forward(regime: Regime) -> int:
     return regime.batch * (regime.seq_len if regime.regime == "prefill" else 1)
 
 
-def _rss() -> int:
-    import psutil
+@contextlib.contextmanager
+def _quiet_stderr_fd() -> Iterator[None]:
+    """The profiler's C++ side prints start/stop lines on file descriptor 2; keep them off the terminal."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
-    return psutil.Process().memory_info().rss
+
+def _cpu_allocation_peak(run: Any) -> int:
+    """Peak bytes held by torch's CPU allocator while `run()` executes, above what was held before: the
+    profiler's memory events carry the running total of allocations made under it."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr_fd(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text()).get("traceEvents", [])
+    totals = [
+        e["args"].get("Total Allocated", 0)
+        for e in events
+        if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0
+    ]
+    return max([0, *totals])
 
 
 def peak_memory_bytes(model: Any, regime: Regime) -> dict[str, Any]:
-    """Peak memory of one forward in the regime: CUDA allocator peak (exact), or on CPU weights + the largest
-    rise of the resident set sampled every ~0.2 ms during the forward (approximate)."""
+    """Peak memory to run the regime once: the weights plus the largest amount of memory the forward (for
+    decode: the prefill of its KV cache, then one step) allocates on top. CUDA: the allocator's high-water
+    mark; CPU: torch's CPU allocations recorded by the profiler."""
     import torch
 
     from zipkd.latency.measure import model_device, model_step
@@ -74,43 +108,27 @@ def peak_memory_bytes(model: Any, regime: Regime) -> dict[str, Any]:
     device = model_device(model)
     weights = tensor_bytes(model)
     eager = Regime(**{**asdict(regime), "runtime": "eager"})
+
+    def run() -> None:
+        with torch.inference_mode():
+            model_step(model, eager).time_once()
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        with torch.inference_mode():
-            model_step(model, eager).time_once()  # a decode step's KV-cache prefill counts too
+        run()
         torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        return {
-            "peak_bytes": weights + max(0, peak - base),
-            "weights_bytes": weights,
-            "activation_bytes": max(0, peak - base),
-            "method": "cuda max_memory_allocated",
-        }
-    before = _rss()
-    high = [before]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            high[0] = max(high[0], _rss())
-            time.sleep(0.0002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        with torch.inference_mode():
-            model_step(model, eager).time_once()  # a decode step's KV-cache prefill counts too
-    finally:
-        stop.set()
-        sampler.join()
-    rise = max(0, high[0] - before)
+        rise = max(0, torch.cuda.max_memory_allocated(device) - base)
+        method = "cuda max_memory_allocated"
+    else:
+        rise = _cpu_allocation_peak(run)
+        method = "torch CPU allocations (profiler)"
     return {
         "peak_bytes": weights + rise,
         "weights_bytes": weights,
         "activation_bytes": rise,
-        "method": "cpu resident-set sampling (approximate)",
+        "method": method,
     }
 
 
