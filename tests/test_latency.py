@@ -28,6 +28,7 @@ from zipkd.latency.profile import (
     parse_device,
     profile_model,
     table_cache_path,
+    without_layers,
 )
 from zipkd.latency.table import LatencyTable, Regime
 from zipkd.latency.validate import build_variant, random_shapes, validate_table
@@ -115,6 +116,19 @@ def test_layer_variant_shapes():
     assert layer.mlp.down_proj.in_features == 96  # the source layer is untouched
 
 
+def test_without_layers_shares_everything_else(tiny_llama):
+    """The `rest` model: same embeddings/norm/lm_head objects, no layers, and the original keeps its layers."""
+    rest = without_layers(tiny_llama)
+    assert len(rest.model.layers) == 0 and len(tiny_llama.model.layers) == 3
+    assert rest.lm_head is tiny_llama.lm_head and rest.model.embed_tokens is tiny_llama.model.embed_tokens
+    ids = torch.randint(0, 128, (1, 5))
+    with torch.inference_mode():
+        out = rest(input_ids=ids, logits_to_keep=1).logits
+        ref = tiny_llama.lm_head(tiny_llama.model.norm(tiny_llama.model.embed_tokens(ids)))[:, -1:]
+    torch.testing.assert_close(out, ref)
+    assert measure_ms(rest, DECODE, warmup=0, repeats=1)["median_ms"] > 0
+
+
 def test_mlp_grid():
     g = mlp_grid(1536, "cpu")
     assert g[0] == 0 and g[-1] == 1536 and all(w % 64 == 0 for w in g) and len(g) == 25
@@ -172,7 +186,10 @@ def test_profile_table_structure(tiny_llama):
     tab = profile_model(tiny_llama, PREFILL, **FAST)
     assert tab.attention_levels == [0, 1, 2]
     assert tab.mlp_levels == mlp_grid(96, "cpu")
-    assert tab.dense_ms() == pytest.approx(tab.measured_dense_ms)  # rest is what reconciles them
+    assert tab.dense_ms() == pytest.approx(
+        tab.measured_dense_ms
+    )  # entries scaled to reproduce the dense model
+    assert tab.rest_ms > 0 and tab.meta["in_model_scale"] > 0
     assert tab.fingerprint["num_kv_heads"] == 2 and tab.fingerprint["device"] == "cpu"
     assert tab.fingerprint["threads"] == torch.get_num_threads()
     assert (

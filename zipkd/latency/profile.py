@@ -19,9 +19,11 @@ measure it:
   timed alone); entries are differences of dense-layer-sized times, fine on a quiet GPU.
 Entries fold c in, half into each kept block (attention[k] = A[k] + c/2, mlp[w] = M[w] + c/2, both 0 when
 removed), so attention + mlp alone is right for layers that keep both blocks and for dropped ones; the table's
-`layer_overhead_ms` = c lets `layer_ms` add the missing c/2 to a layer that keeps one block. `rest` = dense
-end-to-end − L × (attention[K] + mlp[W]): embeddings, final norm, lm_head and per-forward overheads, so the
-table reproduces the dense model's measured latency.
+`layer_overhead_ms` = c lets `layer_ms` add the missing c/2 to a layer that keeps one block. `rest` is timed
+directly (the model with its layers taken out: embeddings, rotary and mask set-up, final norm, lm_head, call
+overheads), and the layer entries are scaled by (dense end-to-end − rest) / (L × dense layer) so the table
+reproduces the dense model's measured latency: layers inside the model run slightly slower or faster than one
+layer timed alone, and that difference grows and shrinks with the layers kept.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from zipkd.latency.measure import (
 )
 from zipkd.latency.table import DEVICE_KEYS, MODEL_KEYS, LatencyTable, Regime
 
-PROFILER_VERSION = 3  # part of the cache key: bump when the method changes
+PROFILER_VERSION = 4  # part of the cache key: bump when the method changes
 METHODS = ("blocks", "anchored")
 EXTRA_DEVICE_KEYS = ("driver", "runtime", "quantization")
 GPU_SAMPLE_MS = 3.0  # a GPU layer-timing sample runs the layer back to back for at least this long
@@ -308,6 +310,25 @@ def block_entries(
     )
 
 
+def without_layers(model: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy of the model with no decoder layers (sharing every other module): what a forward costs
+    besides its layers — embeddings, rotary and mask set-up, final norm, lm_head, call overheads."""
+    from zipkd.models.adapters import adapter_for
+
+    ad = adapter_for(model.config)
+    parts = ad.layers_path.split(".")
+    root = copy.copy(model)
+    root._modules = dict(model._modules)
+    parent = root
+    for name in parts[:-1]:
+        child = copy.copy(getattr(parent, name))
+        child._modules = dict(child._modules)
+        parent._modules[name] = child
+        parent = child
+    parent._modules[parts[-1]] = torch.nn.ModuleList()
+    return root
+
+
 def _quantizer(method: str | None):
     if method is None:
         return None
@@ -410,7 +431,7 @@ def profile_model(
 
     task = None
     if progress is not None:
-        total = sum((len(c) + 2) * (warmup + repeats) for c in chunks)
+        total = sum((len(c) + 3) * (warmup + repeats) for c in chunks)
         task = progress.add_task(f"profiling {regime.regime} on {device.type}", total=total)
 
     def tick() -> None:
@@ -418,6 +439,8 @@ def profile_model(
             progress.advance(task)
 
     e2e_step = model_step(dense_model, regime)
+    rest_step = model_step(without_layers(dense_model), regime)
+    rest_samples: list[float] = []
     results: dict[tuple[int, int], float] = {}
     ref: list[float] = []  # dense-layer medians per chunk, to put chunks on one scale
     e2e_samples: list[float] = []
@@ -429,14 +452,15 @@ def profile_model(
                 quantize(layer, regime.quantization, str(device)) if k or w else layer
                 for layer, (k, w) in zip(layers, shapes, strict=True)
             ]
-        steps = [e2e_step] + [
+        steps = [e2e_step, rest_step] + [
             layer_step(layer, hidden, kwargs, regime, config, k)
             for layer, (k, _) in zip(layers, shapes, strict=True)
         ]
         stats = compare_steps(steps, warmup, repeats, callback=tick)
         e2e_samples += stats[0]["samples_ms"]
-        ref.append(stats[1]["median_ms"])
-        for spec, st in zip(chunk, stats[2:], strict=True):
+        rest_samples += stats[1]["samples_ms"]
+        ref.append(stats[2]["median_ms"])
+        for spec, st in zip(chunk, stats[3:], strict=True):
             results[spec] = (st["median_ms"], len(ref) - 1)
         del layers, steps
     dense_layer = float(torch.tensor(ref).median())
@@ -450,9 +474,17 @@ def profile_model(
     if negative:  # only noise makes a block cheaper than nothing; a pruner must not be paid to keep it
         attention_ms = {k: max(v, 0.0) for k, v in attention_ms.items()}
         mlp_ms = {w: max(v, 0.0) for w, v in mlp_ms.items()}
-    predicted_layer = attention_ms[K] + mlp_ms[W]
     e2e = float(torch.tensor(e2e_samples).median())
-    rest = e2e - L * predicted_layer
+    rest = float(torch.tensor(rest_samples).median())
+    # Whatever the dense model spends beyond its measured rest and L isolated layers is spent in its layers
+    # (in-model layers run a little slower or faster than one layer timed alone): scale the entries to match.
+    scale = (e2e - rest) / (L * (attention_ms[K] + mlp_ms[W]))
+    if not 0.0 < scale < float("inf"):
+        raise ZipkdError(f"inconsistent timings (dense {e2e:.3f} ms, rest {rest:.3f} ms); profile again")
+    attention_ms = {k: v * scale for k, v in attention_ms.items()}
+    mlp_ms = {w: v * scale for w, v in mlp_ms.items()}
+    overhead *= scale
+    predicted_layer = attention_ms[K] + mlp_ms[W]
     probe_key, base = ((0, probe + 1), (0, 0)) if method == "blocks" else ((K, probe + 1), (K, 0))
     probe_ms = T[probe_key] - T[base] + overhead / 2 if probe_key in T else None
     meta = {
@@ -466,6 +498,7 @@ def profile_model(
         "dense_layer_ms": dense_layer,
         "layer_overhead_fraction": overhead / dense_layer,
         "rest_fraction": rest / e2e,
+        "in_model_scale": scale,
         "alignment_probe": {
             "width": probe,
             "mlp_ms": mlp_ms[probe],
@@ -478,8 +511,8 @@ def profile_model(
     warnings = []
     if negative:
         warnings.append(f"negative entries clamped to 0 ({', '.join(negative)}): timings were very noisy")
-    if rest < 0:
-        warnings.append("negative rest: the machine was busier during layer timings than end-to-end ones")
+    if not 0.8 < scale < 1.25:
+        warnings.append(f"layers in the model ran {scale:.2f}x their isolated time: timings were noisy")
     if warnings:
         meta["warning"] = "; ".join(warnings)
     return LatencyTable(
