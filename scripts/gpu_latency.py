@@ -226,6 +226,7 @@ def main() -> int:
         f"{results['device']}"
     )
     if args.smoke:
+        print("(smoke run: tiny shapes on a CPU check that the script works; their errors mean nothing)")
         return 0 if all("error" not in e for e in results["regimes"].values()) else 1  # smoke: it runs
     return 0 if ok else 1
 
