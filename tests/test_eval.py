@@ -122,6 +122,22 @@ def test_every_task_file_loads_with_lm_eval(tmp_path):
         assert harness.PRIMARY_METRIC[name] in {m["metric"] for m in task.config.metric_list}
 
 
+def test_scoring_data_is_disjoint_from_calibration_and_finetuning():
+    """The tasks read only evaluation-role files; none of their passages feed pruning or recovery."""
+    from zipkd.data.assets import calib_text_path, eval_data_path, finetune_path, heldout_text_path
+
+    calib = calib_text_path().read_text()
+    finetune = finetune_path().read_text()
+    for line in eval_data_path("boolq").open():
+        passage = json.loads(line)["passage"].strip()
+        assert passage not in calib
+    heldout = [p for p in heldout_text_path().read_text().split("\n\n") if p.strip()]
+    assert heldout and not any(p.strip() in calib or p.strip() in finetune for p in heldout[:200])
+    for name in harness.available_tasks():
+        text = (harness.TASK_DIR / f"zipkd_{name}.yaml").read_text()
+        assert f"@ZIPKD_DATA({name})@" in text  # each task reads its own evaluation file, nothing else
+
+
 def test_shuffle_is_fixed_and_a_permutation():
     import datasets
 

@@ -23,7 +23,7 @@ def dense(tmp_path_factory):
     from zipkd.evaluate import EvalConfig, evaluate, write_report
 
     cfg = EvalConfig(
-        tasks=["arc_easy"], limit=LIMIT, batch_size=BATCH, ppl_max_tokens=2048, speed=False, base=None
+        tasks=["arc_easy"], limit=LIMIT, batch_size=BATCH, ppl_max_tokens=1024, speed=False, base=None
     )
     report = evaluate("smollm2-135m", cfg)
     folder = write_report(report, tmp_path_factory.mktemp("dense") / "report")
