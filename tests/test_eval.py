@@ -492,6 +492,9 @@ def test_cli_eval_report_and_gate(family, tmp_path):
     assert "arc_easy acc" in res.output and "measured speedup" in res.output and "gate failed" in res.output
     # bad input: unknown task (lists them), another task set than the baseline, another schema version
     assert runner.invoke(app, ["eval"]).exit_code == 2
+    if not torch.cuda.is_available():
+        res = runner.invoke(app, ["eval", str(family["child"]), "--device", "cuda"])
+        assert res.exit_code == 1 and "no CUDA device" in res.output
     res = runner.invoke(app, ["eval", str(family["child"]), "--tasks", "arc_esay"])
     assert res.exit_code == 2 and "arc_easy" in res.output
     res = runner.invoke(

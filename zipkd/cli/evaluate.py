@@ -263,9 +263,10 @@ def evaluate(
             ref,
             GateConfig(max_drop=max_drop, min_speedup=speedup_floor, max_ppl_increase=max_ppl_increase),
         )
+        out = err_console if json_out else console  # keep stdout pure JSON with --json
         for check in result.checks:
             if check.passed:
-                console.print(f"[green]ok[/] {check.describe()}", highlight=False)
+                out.print(f"[green]ok[/] {check.describe()}", highlight=False)
         if not result.passed:
             for check in result.failures:
                 err_console.print(f"[bold red]regressed:[/] {check.describe()}", highlight=False)
@@ -273,7 +274,7 @@ def evaluate(
                 f"[bold red]gate failed:[/] {len(result.failures)} metric(s) regressed against {baseline}"
             )
             raise typer.Exit(1)
-        console.print(f"[green]gate passed[/] ({len(result.checks)} checks against {baseline})")
+        out.print(f"[green]gate passed[/] ({len(result.checks)} checks against {baseline})")
 
 
 def _speedup(value: str | None) -> float | None:

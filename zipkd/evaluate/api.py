@@ -148,6 +148,16 @@ def resolve_regime(specs: Sequence[str], config: EvalConfig) -> tuple[Regime, st
     return regime, source
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    text = device.strip().lower()
+    if text != "cpu" and not (text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())):
+        raise ZipkdError(f"unknown device {device!r}; choose cpu or cuda (cuda:N)")
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        raise ZipkdError(f"device {device} asked for but no CUDA device is available here; use --device cpu")
+
+
 def _stage(path: Path) -> str | None:
     from zipkd.manifest import read_manifest
 
@@ -353,8 +363,11 @@ def evaluate(
     specs = expand_specs([model_spec] if isinstance(model_spec, (str, os.PathLike)) else list(model_spec))
     if not specs:
         raise ZipkdError("no model to evaluate")
+    _check_device(config.device)
     base_spec = resolve_base(specs, config)
-    if base_spec is not None and any(_model_path(base_spec) == _model_path(s) for s in specs):
+    if base_spec is not None and any(
+        _model_path(base_spec).resolve() == _model_path(s).resolve() for s in specs
+    ):
         base_spec = None  # evaluating the base itself: nothing to compare with
     regime, regime_source = resolve_regime(specs, config) if config.speed else (None, None)
     evals = [_quality(s, config, progress) for s in specs]
