@@ -1,10 +1,190 @@
-"""`zipkd prune` (placeholder until its issue lands)."""
+"""`zipkd prune`: ZipLM-style structured pruning to measured speedup targets (a thin layer over zipkd.prune)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
 
 from zipkd.cli.app import app
-from zipkd.cli.common import not_built
+from zipkd.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    JsonOpt,
+    ModelArg,
+    SeedOpt,
+    cli_errors,
+    console,
+    parse_speedups,
+    progress,
+)
+
+_REGIME = "Regime (what the speedup is measured on)"
+_CALIB = "Calibration"
+_SEARCH = "Method"
+METHODS_HELP = (
+    "zipkd (structured OBS + DP search), or a baseline through the same path: magnitude (uniform "
+    "width by weight norm), shortgpt (drop layers by block influence), wanda-sp (|W|·‖x‖ scores, "
+    "no weight update)."
+)
+
+
+def _targets(value: str) -> list[float]:
+    targets = parse_speedups(value)
+    if not targets:
+        raise typer.BadParameter("give at least one target speedup, e.g. 2x or 1.5x,2x,3x")
+    return targets
+
+
+def _method(value: str) -> str:
+    from zipkd.prune.database import METHODS
+
+    if value not in METHODS:
+        raise typer.BadParameter(f"unknown method {value!r}; choose one of {', '.join(METHODS)}")
+    return value
 
 
 @app.command(name="prune", rich_help_panel="Pipeline")
-def prune() -> None:
-    """Not built yet."""
-    not_built("prune")
+@cli_errors
+def prune(
+    model: ModelArg = "smollm2-135m",
+    target_speedup: Annotated[
+        str,
+        typer.Option(
+            "--target-speedup",
+            "-t",
+            help="Speedup target(s) on the regime: 2x, 2, 2.0, or a family 1.5x,2x,3x "
+            "(one output folder per target, OUT/1.5x, OUT/2x, ...).",
+        ),
+    ] = "2x",
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Output folder (written atomically).")
+    ] = Path("pruned"),
+    force: ForceOpt = False,
+    table: Annotated[
+        Path | None,
+        typer.Option(
+            help="Latency table file from `zipkd profile -o` (else the cached table, else profiled now).",
+            rich_help_panel=_REGIME,
+        ),
+    ] = None,
+    force_table: Annotated[
+        bool,
+        typer.Option(
+            "--force-table",
+            help="Accept a --table measured for another model or device.",
+            rich_help_panel=_REGIME,
+        ),
+    ] = False,
+    device: DeviceOpt = "cpu",
+    regime: Annotated[str, typer.Option(help="prefill or decode.", rich_help_panel=_REGIME)] = "prefill",
+    batch: Annotated[int, typer.Option(min=1, help="Sequences per forward.", rich_help_panel=_REGIME)] = 1,
+    seq_len: Annotated[
+        int, typer.Option(min=1, help="Prompt tokens (prefill).", rich_help_panel=_REGIME)
+    ] = 512,
+    context: Annotated[
+        int, typer.Option(min=1, help="KV-cache tokens (decode).", rich_help_panel=_REGIME)
+    ] = 512,
+    dtype: DtypeOpt = "float32",
+    calib: Annotated[
+        Path | None,
+        typer.Option(
+            help="Calibration data (.txt, .jsonl, .parquet); default: zipkd's local calibration text (BoolQ "
+            "passages, never used for evaluation).",
+            rich_help_panel=_CALIB,
+        ),
+    ] = None,
+    samples: Annotated[int, typer.Option(min=1, help="Calibration sequences.", rich_help_panel=_CALIB)] = 32,
+    calib_len: Annotated[
+        int, typer.Option(min=2, help="Tokens per calibration sequence.", rich_help_panel=_CALIB)
+    ] = 512,
+    damp: Annotated[
+        float, typer.Option(help="Hessian damping λ (× mean diagonal).", rich_help_panel=_SEARCH)
+    ] = 0.01,
+    method: Annotated[str, typer.Option(help=METHODS_HELP, rich_help_panel=_SEARCH)] = "zipkd",
+    fisher_samples: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Calibration sequences whose loss gradients weight the errors across layers (0 = plain "
+            "squared output errors).",
+            rich_help_panel=_SEARCH,
+        ),
+    ] = 8,
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Prune MODEL to one or more measured speedup targets with structured OBS (ZipLM): per-layer databases of
+    KV groups and MLP channels on the latency table's grid, a DP search per target, one output per target."""
+    from zipkd.data.text import load_texts
+    from zipkd.latency.table import Regime
+    from zipkd.models.io import load_model
+    from zipkd.prune import PruneConfig, save_pruned
+    from zipkd.prune import prune as run_prune
+
+    targets = _targets(target_speedup)
+    method = _method(method)
+    if not 0 < damp < 10:
+        raise typer.BadParameter(f"damp must lie in (0, 10) (got {damp})", param_hint="--damp")
+    reg = Regime(device=device, regime=regime, batch=batch, seq_len=seq_len, context=context, dtype=dtype)
+    config = PruneConfig(
+        target_speedup=targets,
+        method=method,
+        samples=samples,
+        calib_len=calib_len,
+        damp=damp,
+        seed=seed,
+        regime=reg,
+        table=str(table) if table else None,
+        force_table=force_table,
+        fisher_samples=fisher_samples,
+        device=device,
+    )
+    from zipkd.outputs import check_output
+
+    check_output(output, force)  # fail before the expensive part
+    texts = load_texts(calib) if calib is not None and config.needs_calibration else None
+    lm = load_model(model, dtype=dtype, device="cpu")
+    with progress(transient=True) as bar:
+        results = run_prune(lm, config, calib_texts=texts, progress=bar)
+        folders = save_pruned(results, lm, output, config, force=force, calib_path=calib)
+    rows = [
+        {
+            "target": r.target,
+            "output": str(f),
+            "predicted_speedup": r.predicted_speedup,
+            "predicted_ms": r.predicted_ms,
+            "dense_predicted_ms": r.dense_ms,
+            "error": r.error,
+            "layers": sum(1 for s in r.shapes if not s.empty),
+            "kv_heads": [s.kv_heads for s in r.shapes],
+            "mlp_widths": [s.intermediate for s in r.shapes],
+            "seconds": r.info.get("total_s"),
+        }
+        for r, f in zip(results, folders, strict=True)
+    ]
+    if as_json:
+        console.print_json(json.dumps({"method": method, "results": rows}, default=str))
+        return
+    from zipkd.models.surgery import base_geometry
+
+    geo = base_geometry(lm.model.config)
+    t = Table(title=f"zipkd prune ({method}) on {reg.device} {reg.regime}", header_style="bold")
+    for col in ("target", "predicted", "layers", "KV heads kept", "MLP channels kept", "output"):
+        t.add_column(col, justify="left" if col == "output" else "right")
+    for r, row in zip(results, rows, strict=True):
+        kv = sum(s.kv_heads for s in r.shapes)
+        width = sum(s.intermediate for s in r.shapes)
+        t.add_row(
+            f"{r.target:g}x",
+            f"{r.predicted_speedup:.2f}x",
+            f"{row['layers']}/{geo.num_layers}",
+            f"{kv}/{geo.num_kv_heads * geo.num_layers}",
+            f"{width}/{geo.intermediate_size * geo.num_layers}",
+            row["output"],
+        )
+    console.print(t)

@@ -1,0 +1,148 @@
+"""DP search: the knapsack against brute force, latency constraint and messages on synthetic tables (no timing)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from zipkd.errors import ZipkdError
+from zipkd.latency.table import LatencyTable, Regime
+from zipkd.prune.database import BlockDatabase, LayerDatabase, ModelDatabase
+from zipkd.prune.obs import Level
+from zipkd.prune.search import knapsack, max_speedup, select, select_uniform
+
+
+def _brute(costs, errors, budget):
+    best = None
+    for picks in itertools.product(*[range(len(c)) for c in costs]):
+        c = sum(costs[g][o] for g, o in enumerate(picks))
+        e = sum(errors[g][o] for g, o in enumerate(picks))
+        if c <= budget and (best is None or e < best[0] - 1e-12):
+            best = (e, picks)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_knapsack_matches_brute_force(seed):
+    rng = random.Random(seed)
+    groups = rng.randint(1, 4)
+    costs = [[rng.randint(0, 9) for _ in range(rng.randint(1, 4))] for _ in range(groups)]
+    errors = [[rng.random() for _ in c] for c in costs]
+    budget = rng.randint(0, 25)
+    got = knapsack(costs, errors, budget)
+    ref = _brute(costs, errors, budget)
+    if ref is None:
+        assert got is None
+        return
+    assert sum(costs[g][o] for g, o in enumerate(got)) <= budget
+    assert sum(errors[g][o] for g, o in enumerate(got)) == pytest.approx(ref[0])
+
+
+def _table(layers=4, rest=3.0, kv=3, width=64, step=16):
+    att = {k: 0.0 if k == 0 else 0.5 + 0.4 * k for k in range(kv + 1)}
+    mlp = {w: 0.0 if w == 0 else 0.2 + w / 16 for w in range(0, width + 1, step)}
+    return LatencyTable(Regime(), {}, rest, att, mlp, layers)
+
+
+def _db(layers=4, kv=3, width=64, step=16, seed=0):
+    """Errors grow as structures go (convex-ish), with layer-dependent sensitivity."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(layers):
+        s = float(torch.rand(1, generator=g)) + 0.1 * i
+        att = {k: Level(k, torch.arange(k), s * (kv - k) ** 2) for k in range(kv + 1)}
+        mlp = {
+            w: Level(w, torch.arange(w), s * ((width - w) / step) ** 1.5) for w in range(0, width + 1, step)
+        }
+        out.append(LayerDatabase(BlockDatabase("attention", kv, att), BlockDatabase("mlp", width, mlp)))
+    return ModelDatabase("zipkd", out)
+
+
+def _all_choices(db, table):
+    for picks in itertools.product(*[layer.options() for layer in db.layers]):
+        yield picks, sum(e for _, _, e in picks)
+
+
+@pytest.mark.parametrize("target", [1.2, 1.5, 2.0, 3.0])
+def test_select_is_optimal_and_meets_target(target):
+    db, tab = _db(layers=3), _table(layers=3)
+    ch = select(db, tab, target, resolution=4000)
+    assert tab.predict(ch.shapes) == pytest.approx(ch.predicted_ms)
+    assert ch.predicted_ms <= tab.dense_ms() / target * (1 + 1e-9)
+    limit = tab.dense_ms() / target
+    from zipkd.models.surgery import LayerShape
+
+    best = min(
+        e
+        for picks, e in _all_choices(db, tab)
+        if tab.predict([LayerShape(k, w) for k, w, _ in picks]) <= limit
+        and not all(k == 0 and w == 0 for k, w, _ in picks)
+    )
+    # Discretisation at 1/4000 of dense may cost a little optimality, never feasibility.
+    assert ch.error <= best * 1.02 + 1e-9
+
+
+def test_one_x_keeps_everything():
+    db, tab = _db(), _table()
+    ch = select(db, tab, 1.0)
+    assert all(s.kv_heads == 3 and s.intermediate == 64 for s in ch.shapes)
+    assert ch.error == 0.0 and ch.predicted_speedup == pytest.approx(1.0)
+
+
+def test_family_errors_grow_with_target():
+    db, tab = _db(layers=6), _table(layers=6)
+    errs = [select(db, tab, t).error for t in (1.25, 1.5, 2.0, 2.5)]
+    assert errs == sorted(errs) and errs[0] > 0
+
+
+def test_unreachable_target_names_the_largest_reachable():
+    db, tab = _db(), _table()
+    top = max_speedup(db, tab)
+    with pytest.raises(ZipkdError, match=rf"largest reachable speedup is {top:.2f}x"):
+        select(db, tab, top * 1.05)
+    ch = select(db, tab, top * 0.999)  # just below it is reachable
+    assert sum(not s.empty for s in ch.shapes) >= 1
+    with pytest.raises(ZipkdError, match="at least 1x"):
+        select(db, tab, 0.5)
+
+
+def test_layer_drop_database_drops_whole_layers():
+    db, tab = _db(), _table()
+    for i, layer in enumerate(db.layers):
+        layer.joint = True
+        layer.attention.levels[0].error = float(i + 1)  # later layers matter more
+        layer.mlp.levels[0].error = 0.0
+    ch = select(db, tab, 1.3)
+    dropped = [i for i, s in enumerate(ch.shapes) if s.empty]
+    assert dropped and dropped == list(range(len(dropped)))  # the least influential first
+    assert all(s.empty or (s.kv_heads == 3 and s.intermediate == 64) for s in ch.shapes)
+
+
+def test_uniform_takes_the_largest_fitting_shape():
+    db, tab = _db(), _table()
+    ch = select_uniform(db, tab, 1.5)
+    assert len({(s.kv_heads, s.intermediate) for s in ch.shapes}) == 1
+    assert ch.predicted_ms <= tab.dense_ms() / 1.5
+    bigger = [
+        (k, w)
+        for k in range(1, 4)
+        for w in range(16, 65, 16)
+        if tab.predict([type(ch.shapes[0])(k, w)] * 4) > ch.predicted_ms
+    ]
+    assert all(tab.predict([type(ch.shapes[0])(k, w)] * 4) > tab.dense_ms() / 1.5 for k, w in bigger)
+    with pytest.raises(ZipkdError, match="uniform width pruning; the largest reachable"):
+        select_uniform(db, tab, 50)
+
+
+def test_rounding_never_breaks_the_constraint():
+    rng = random.Random(3)
+    for _ in range(10):
+        tab = _table(layers=5)
+        tab.attention_ms = {k: v * (1 + 0.3 * rng.random()) for k, v in tab.attention_ms.items()}
+        tab.mlp_ms = {k: v * (1 + 0.3 * rng.random()) for k, v in tab.mlp_ms.items()}
+        t = 1 + 2 * rng.random()
+        ch = select(_db(layers=5), tab, t, resolution=50)  # coarse grid: rounding drift is large
+        assert tab.predict(ch.shapes) <= tab.dense_ms() / t * (1 + 1e-9)

@@ -1,0 +1,568 @@
+"""The stateful part of pruning: calibration data flow through the decoder layers, Hessian hooks, and surgery.
+
+Only the layer being processed moves to the compute device; calibration activations stay there between layers.
+
+1. `build_database`: one pass over the dense layers. For each layer, float32 Hessians of the inputs of o_proj and
+   down_proj (hooks, removed in `finally`), block influence, then the layer's database for the method.
+2. `apply_choice`: a copy of the model cut to a chosen structure. For zipkd (sequential) the calibration inputs
+   flow through the *already-pruned* earlier layers: each pruned o_proj/down_proj is re-fitted by least squares
+   (the OBS update) on Hessians of its actual inputs. Baselines only slice.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from zipkd.errors import ZipkdError
+from zipkd.models.adapters import adapter_for
+from zipkd.models.surgery import (
+    base_geometry,
+    kv_heads_of,
+    remove_attention,
+    remove_mlp,
+    slice_attention,
+    slice_mlp,
+    width_of,
+)
+from zipkd.prune import obs
+from zipkd.prune.baselines import BlockInfluence, channel_magnitude, kv_group_magnitude
+from zipkd.prune.database import (
+    BlockDatabase,
+    LayerDatabase,
+    ModelDatabase,
+    attention_columns,
+    block_database,
+)
+from zipkd.prune.obs import Level
+
+_LOSS_ROWS = 2048  # tokens per chunk of the loss in the Fisher pass
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a layer forward early (the rest of the layer is not needed)."""
+
+
+@dataclass
+class Activations:
+    """Calibration hidden states entering the current layer (one tensor per batch) and the layer kwargs
+    (rotary embeddings, mask, positions) the model passes for each batch."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict[str, Any]]
+
+    def clone(self) -> Activations:
+        return Activations([h.clone() for h in self.hidden], self.kwargs)
+
+    @property
+    def tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def capture_inputs(
+    model: nn.Module, tokens: torch.Tensor, batch_size: int, device: torch.device
+) -> Activations:
+    """Embed the calibration tokens and record what the model passes to its first decoder layer."""
+    ad = adapter_for(model.config)
+    first = ad.layers(model)[0]
+    seen: list[tuple[torch.Tensor, dict]] = []
+
+    def hook(_m: Any, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kw = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "use_cache")}
+        seen.append((hidden.detach().to(device), _to(kw, device)))
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    home = model_device(model)
+    base = model.get_submodule(ad.layers_path.rsplit(".", 1)[0])
+    try:
+        with torch.no_grad():  # not inference_mode: the Fisher pass differentiates through these inputs
+            for i in range(0, tokens.shape[0], batch_size):
+                try:
+                    base(input_ids=tokens[i : i + batch_size].to(home), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return Activations([h for h, _ in seen], [k for _, k in seen])
+
+
+def _run(layer: nn.Module, h: torch.Tensor, kw: dict) -> torch.Tensor:
+    out = layer(h, use_cache=False, **kw)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class HessianHook:
+    """Accumulates H = 2/N Σ x xᵀ (float32) of a Linear's input; optionally stops the forward right after."""
+
+    def __init__(self, module: nn.Linear, stop: bool = False):
+        n = module.in_features
+        self.H = torch.zeros(n, n, dtype=torch.float32, device=module.weight.device)
+        self.count = 0
+        self.stop = stop
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, _m: Any, args: tuple) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        self.H.addmm_(x.T, x)
+        self.count += x.shape[0]
+        if self.stop:
+            raise _Stop
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+    def value(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ZipkdError("no calibration tokens reached the layer")
+        return self.H.mul_(2.0 / self.count)
+
+
+def advance(
+    layer: nn.Module, acts: Activations, monitor: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+) -> None:
+    """Replace the activations by the layer's outputs (optionally showing each (input, output) pair)."""
+    with torch.inference_mode():
+        for i, (h, kw) in enumerate(zip(acts.hidden, acts.kwargs, strict=False)):
+            out = _run(layer, h, kw)
+            if monitor is not None:
+                monitor(h, out)
+            acts.hidden[i] = out
+
+
+def check_unpruned(model: nn.Module) -> None:
+    ad = adapter_for(model.config)
+    geo = base_geometry(model.config)
+    layers = ad.layers(model)
+    full = all(
+        kv_heads_of(layer, ad, geo.head_dim) == geo.num_kv_heads
+        and width_of(layer, ad) == geo.intermediate_size
+        for layer in layers
+    )
+    if not full or len(layers) != geo.num_layers:
+        raise ZipkdError(
+            "this model is already pruned; prune its unpruned base model instead (one database "
+            "serves every target, e.g. --target-speedup 1.5x,2x,3x)"
+        )
+
+
+def collect_fisher(
+    model: nn.Module, tokens: torch.Tensor, batch_size: int, device: torch.device, progress: Any = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (G_attn, G_mlp) = 1/N Σ_t g_t g_tᵀ (float32, on the CPU), g_t the gradient of the summed
+    next-token loss w.r.t. the output of the attention / MLP block at token t (equal to the gradient w.r.t. the
+    residual stream there). A layer-wise backward: the batch's per-layer inputs are kept, then each layer is
+    re-run with autograd from the top down, one layer on the device at a time; no parameter gradients."""
+    ad = adapter_for(model.config)
+    layers = ad.layers(model)
+    home = model_device(model)
+    d = model.config.hidden_size
+    sums = [[torch.zeros(d, d, dtype=torch.float32, device=device) for _ in range(2)] for _ in layers]
+    count = 0
+    acts = capture_inputs(model, tokens, batch_size, device)
+    head = [model.get_submodule(ad.final_norm), model.get_submodule(ad.lm_head)]
+    flags = {p: p.requires_grad for p in model.parameters()}
+    task = (
+        progress.add_task("Fisher (layer-wise backward)", total=len(acts.hidden))
+        if progress is not None
+        else None
+    )
+    handles: list[Any] = []
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        for b, (h, kw) in enumerate(zip(acts.hidden, acts.kwargs, strict=False)):
+            ids = tokens[b * batch_size : (b + 1) * batch_size].to(device)
+            inputs = []
+            with torch.no_grad():
+                for layer in layers:
+                    layer.to(device)
+                    inputs.append(h)
+                    h = _run(layer, h, kw)
+                    layer.to(home)
+            for m in head:
+                m.to(device)
+            top = h.detach().requires_grad_(True)
+            labels = torch.full_like(ids, -100)
+            labels[:, :-1] = ids[:, 1:]
+            flat, flat_labels = top.view(-1, top.shape[-1]), labels.view(-1)
+            for r in range(0, flat.shape[0], _LOSS_ROWS):  # chunks: full-vocabulary logits can be large
+                with torch.enable_grad():
+                    logits = head[1](head[0](flat[r : r + _LOSS_ROWS])).float()
+                    loss = torch.nn.functional.cross_entropy(
+                        logits, flat_labels[r : r + _LOSS_ROWS], reduction="sum", ignore_index=-100
+                    )
+                    loss.backward()
+                del logits, loss
+            for m in head:
+                m.to(home)
+            grad = top.grad
+            del top
+            for i in range(len(layers) - 1, -1, -1):
+                layer = layers[i]
+                layer.to(device)
+                handles = [
+                    _grad_hook(ad.attention(layer), sums[i][0]),
+                    _grad_hook(ad.mlp_block(layer), sums[i][1]),
+                ]
+                x = inputs[i].detach().requires_grad_(True)
+                with torch.enable_grad():
+                    out = _run(layer, x, kw)
+                    out.backward(grad)
+                for hd in handles:
+                    hd.remove()
+                handles = []
+                grad = x.grad
+                inputs[i] = None
+                layer.to(home)
+            count += h.shape[0] * h.shape[1]
+            _tick(progress, task)
+    finally:
+        for hd in handles:
+            hd.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    if not all(torch.isfinite(G).all() for pair in sums for G in pair):
+        raise ZipkdError("the loss gradients overflowed on the calibration data (NaN/inf); no output written")
+    return [(a.div_(count).cpu(), m.div_(count).cpu()) for a, m in sums]
+
+
+def _grad_hook(module: nn.Module, acc: torch.Tensor):
+    """On `module`'s forward, hook its output so that the gradient flowing into it adds g gᵀ to `acc`."""
+
+    def grad_fn(g: torch.Tensor) -> None:
+        g2 = g.detach().reshape(-1, g.shape[-1]).float()
+        acc.addmm_(g2.T, g2)
+
+    def fwd(_m: Any, _inp: Any, out: Any) -> None:
+        o = out[0] if isinstance(out, tuple) else out
+        if o.requires_grad:
+            o.register_hook(grad_fn)
+
+    return module.register_forward_hook(fwd)
+
+
+def _levels(sizes: list[int], full: int) -> list[int]:
+    out = sorted({s for s in sizes if 0 <= s <= full} | {full})
+    return out
+
+
+def build_database(
+    model: nn.Module,
+    acts: Activations | None,
+    method: str,
+    attention_sizes: list[int],
+    mlp_sizes: list[int],
+    damp: float = 0.01,
+    device: torch.device | None = None,
+    mlp_chunk: int = 1,
+    fisher: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    keep_hessians: bool = False,
+    progress: Any = None,
+) -> ModelDatabase:
+    """One pass over the dense layers building the per-layer database of `method`. `acts` (layer-0
+    calibration inputs, consumed) may be None for magnitude pruning, which needs no data. `fisher`: per layer
+    (G_attn, G_mlp) output-side weights of the errors (`collect_fisher`), else plain squared output errors."""
+    ad = adapter_for(model.config)
+    geo = base_geometry(model.config)
+    cols = attention_columns(geo.group_size, geo.head_dim)
+    a_sizes = _levels(attention_sizes, geo.num_kv_heads)
+    m_sizes = _levels(mlp_sizes, geo.intermediate_size)
+    home = model_device(model)
+    device = device or home
+    layers = ad.layers(model)
+    task = progress.add_task(f"{method}: database", total=len(layers)) if progress is not None else None
+    out: list[LayerDatabase] = []
+    hessians = [] if keep_hessians else None
+    for index, layer in enumerate(layers):
+        attn, mlp = ad.attention(layer), ad.mlp_block(layer)
+        o, down = getattr(attn, ad.o), getattr(mlp, ad.down)
+        if method == "magnitude":
+            a_scores = kv_group_magnitude(
+                getattr(attn, ad.q).weight,
+                getattr(attn, ad.k).weight,
+                getattr(attn, ad.v).weight,
+                o.weight,
+                geo.head_dim,
+                geo.group_size,
+            )
+            m_scores = channel_magnitude(
+                getattr(mlp, ad.gate).weight, getattr(mlp, ad.up).weight, down.weight
+            )
+            out.append(
+                LayerDatabase(
+                    block_database(
+                        "magnitude", "attention", o.weight, None, cols, a_sizes, damp, scores=a_scores
+                    ),
+                    block_database("magnitude", "mlp", down.weight, None, 1, m_sizes, damp, scores=m_scores),
+                )
+            )
+            _tick(progress, task)
+            continue
+        if acts is None:
+            raise ZipkdError(f"{method} needs calibration data")
+        layer.to(device)
+        bi = BlockInfluence()
+        energy = [0.0, 0]
+        need_h = method in ("zipkd", "wanda-sp")
+        hooks = (
+            [
+                HessianHook(getattr(ad.attention(layer), ad.o)),
+                HessianHook(getattr(ad.mlp_block(layer), ad.down)),
+            ]
+            if need_h
+            else []
+        )
+
+        def monitor(h: torch.Tensor, y: torch.Tensor, bi: BlockInfluence = bi, energy: list = energy) -> None:
+            bi.update(h, y)
+            energy[0] += float(h.float().square().sum())
+            energy[1] += h.shape[0] * h.shape[1]
+
+        try:
+            advance(layer, acts, monitor)
+            Hs = [hk.value() for hk in hooks]
+        finally:
+            for hk in hooks:
+                hk.remove()
+        if method == "shortgpt":
+            ldb = LayerDatabase(
+                BlockDatabase(
+                    "attention", geo.num_kv_heads, {0: Level(0, torch.zeros(0, dtype=torch.long), bi.value)}
+                ),
+                BlockDatabase(
+                    "mlp", geo.intermediate_size, {0: Level(0, torch.zeros(0, dtype=torch.long), 0.0)}
+                ),
+                joint=True,
+            )
+        else:
+            W_o = getattr(ad.attention(layer), ad.o).weight.detach()
+            W_d = getattr(ad.mlp_block(layer), ad.down).weight.detach()
+            Ga, Gm = (
+                (None, None) if fisher is None else (fisher[index][0].to(device), fisher[index][1].to(device))
+            )
+            ldb = LayerDatabase(
+                block_database(method, "attention", W_o, Hs[0], cols, a_sizes, damp, G=Ga),
+                block_database(method, "mlp", W_d, Hs[1], 1, m_sizes, damp, chunk=mlp_chunk, G=Gm),
+            )
+        ldb.info = {"block_influence": bi.value, "residual_energy": energy[0] / max(energy[1], 1)}
+        out.append(ldb)
+        if hessians is not None:
+            hessians.append(tuple(H.cpu() for H in Hs))
+        del Hs
+        layer.to(home)
+        _tick(progress, task)
+    return ModelDatabase(method, out, hessians=hessians)
+
+
+def _tick(progress: Any, task: Any) -> None:
+    if progress is not None:
+        progress.advance(task)
+
+
+def _expand_groups(keep: torch.Tensor, cols: int) -> torch.Tensor:
+    return (keep[:, None] * cols + torch.arange(cols)).reshape(-1)
+
+
+def _set_weight(lin: nn.Linear, w: torch.Tensor) -> None:
+    if not torch.isfinite(w).all():
+        raise ZipkdError(
+            "the weight update produced NaN/inf (degenerate calibration data); no output written"
+        )
+    lin.weight.data.copy_(w.to(lin.weight.dtype))
+
+
+def apply_choice(
+    model: nn.Module,
+    db: ModelDatabase,
+    shapes: list,
+    acts: Activations | None,
+    refit: str,
+    damp: float = 0.01,
+    device: torch.device | None = None,
+    progress: Any = None,
+    label: str = "",
+) -> nn.Module:
+    """A pruned copy of `model` with the given per-layer shapes (from `db`'s kept structures).
+
+    refit: "sequential" (OBS/least-squares update on inputs through the already-pruned layers; `acts` are
+    the layer-0 inputs, consumed), "dense" (update from the database's dense-input Hessians) or "none"."""
+    ad = adapter_for(model.config)
+    geo = base_geometry(model.config)
+    pruned = copy.deepcopy(model)
+    home = model_device(pruned)
+    device = device or home
+    layers = ad.layers(pruned)
+    if refit == "sequential" and acts is None:
+        raise ValueError("sequential refit needs calibration activations")
+    task = progress.add_task(f"{label} surgery", total=len(layers)) if progress is not None else None
+    for i, (layer, shape) in enumerate(zip(layers, shapes, strict=True)):
+        layer.to(device)
+        if refit == "sequential":
+            _sequential_layer(layer, ad, geo, db.layers[i], shape.kv_heads, shape.intermediate, acts, damp)
+        else:
+            _cut_layer(layer, ad, geo, db, i, shape.kv_heads, shape.intermediate, refit, damp)
+        layer.to(home)
+        _tick(progress, task)
+    from zipkd.models.surgery import sync_config
+
+    sync_config(pruned)
+    return pruned
+
+
+def _cut_layer(
+    layer: nn.Module,
+    ad: Any,
+    geo: Any,
+    db: ModelDatabase,
+    i: int,
+    kv: int,
+    width: int,
+    refit: str,
+    damp: float,
+) -> None:
+    """Slice one layer to (kv, width); with refit="dense", update o_proj/down_proj from the dense Hessians."""
+    ldb = db.layers[i]
+    cols = attention_columns(geo.group_size, geo.head_dim)
+    if refit == "dense" and db.hessians is None:
+        raise ValueError("the database kept no Hessians")
+    if kv == 0:
+        remove_attention(layer, ad)
+    elif kv < geo.num_kv_heads:
+        keep = ldb.attention.keep(kv)
+        W = getattr(ad.attention(layer), ad.o).weight.detach().float()
+        slice_attention(layer, ad, geo.head_dim, geo.group_size, keep.tolist())
+        if refit == "dense":
+            H = db.hessians[i][0].to(W.device)
+            new = obs.refit_columns(W, obs.damp_hessian(H, damp), _expand_groups(keep, cols))
+            _set_weight(getattr(ad.attention(layer), ad.o), new)
+    if width == 0:
+        remove_mlp(layer, ad)
+    elif width < geo.intermediate_size:
+        keep = ldb.mlp.keep(width)
+        W = getattr(ad.mlp_block(layer), ad.down).weight.detach().float()
+        slice_mlp(layer, ad, keep)
+        if refit == "dense":
+            H = db.hessians[i][1].to(W.device)
+            _set_weight(
+                getattr(ad.mlp_block(layer), ad.down), obs.refit_columns(W, obs.damp_hessian(H, damp), keep)
+            )
+
+
+def _inputs_of(
+    run: Callable[[int], Any], n: int, module: nn.Module, hessian: bool
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Inputs of `module` for each of `n` batches (`run(b)` computes batch b; stopped right at the module), and
+    their Hessian 2/N Σ x xᵀ (float32) if asked."""
+    seen: list[torch.Tensor] = []
+    acc: list[Any] = [None, 0]
+
+    def hook(_m: Any, args: tuple, kwargs: dict) -> None:
+        x = (args[0] if args else next(iter(kwargs.values()))).detach()
+        seen.append(x)
+        if hessian:
+            x2 = x.reshape(-1, x.shape[-1]).float()
+            acc[0] = x2.T @ x2 if acc[0] is None else acc[0].addmm_(x2.T, x2)
+            acc[1] += x2.shape[0]
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for b in range(n):
+                try:
+                    run(b)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    if len(seen) != n:
+        raise ZipkdError(f"calibration data never reached {type(module).__name__}")
+    H = acc[0] * (2.0 / acc[1]) if hessian else None  # not in place: acc is an inference tensor
+    return seen, H
+
+
+def _sequential_layer(
+    layer: nn.Module,
+    ad: Any,
+    geo: Any,
+    ldb: LayerDatabase,
+    kv: int,
+    width: int,
+    acts: Activations,
+    damp: float,
+) -> None:
+    """Cut one layer to (kv, width) on the inputs that reach it through the already-pruned layers, re-fit the
+    kept columns of o_proj and down_proj by least squares (the OBS update) on those inputs, and advance
+    `acts` to the pruned layer's outputs.
+
+    Uses the pre-norm residual layout of every supported family (mid = h + attn(norm₁ h); out = mid +
+    mlp(norm₂ mid)) to avoid re-running blocks: attention runs once, the MLP's gate/up once."""
+    n = len(acts.hidden)
+    attn = ad.attention(layer)
+    mlp_norm = getattr(layer, ad.mlp_norm)
+
+    def run_layer(b: int) -> Any:
+        return _run(layer, acts.hidden[b], acts.kwargs[b])
+
+    # Attention → the residual stream after it (`mids`).
+    if kv == 0:
+        remove_attention(layer, ad)
+        mids = list(acts.hidden)
+    elif kv == geo.num_kv_heads:
+        mids, _ = _inputs_of(run_layer, n, mlp_norm, hessian=False)
+    else:
+        o = getattr(attn, ad.o)
+        zs, H = _inputs_of(run_layer, n, o, hessian=True)
+        keep = ldb.attention.keep(kv)
+        cols = _expand_groups(keep, attention_columns(geo.group_size, geo.head_dim)).to(zs[0].device)
+        W = o.weight.detach().float()
+        slice_attention(layer, ad, geo.head_dim, geo.group_size, keep.tolist())
+        o_new = getattr(ad.attention(layer), ad.o)
+        _set_weight(o_new, obs.refit_columns(W, obs.damp_hessian(H, damp), cols))
+        with torch.inference_mode():
+            mids = [h + o_new(z.index_select(-1, cols)) for h, z in zip(acts.hidden, zs, strict=True)]
+        del zs
+    # MLP → the layer's outputs (surgery outside inference mode: new parameters must be normal tensors).
+    mlp = ad.mlp_block(layer)
+    if width == 0:
+        remove_mlp(layer, ad)
+        outs = mids
+    elif width == geo.intermediate_size:
+        with torch.inference_mode():
+            outs = [m + mlp(mlp_norm(m)) for m in mids]
+    else:
+        down = getattr(mlp, ad.down)
+        xs, H = _inputs_of(lambda b: mlp(mlp_norm(mids[b])), n, down, hessian=True)
+        keep = ldb.mlp.keep(width)
+        W = down.weight.detach().float()
+        slice_mlp(layer, ad, keep)
+        d_new = getattr(ad.mlp_block(layer), ad.down)
+        _set_weight(d_new, obs.refit_columns(W, obs.damp_hessian(H, damp), keep))
+        k = keep.to(xs[0].device)
+        with torch.inference_mode():
+            outs = [m + d_new(x.index_select(-1, k)) for m, x in zip(mids, xs, strict=True)]
+        del xs
+    acts.hidden = outs

@@ -1,0 +1,168 @@
+"""Search over a database: a multiple-choice knapsack solved by dynamic programming over layers.
+
+Pick one (attention level, MLP level) per layer to minimise the summed error subject to the latency table's
+prediction ≤ dense / target. Latencies are discretised in units of dense/`resolution` (rounded down, so the DP is a
+relaxation); the chosen solution is re-checked with the exact table and the budget tightened until it holds."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from zipkd.errors import ZipkdError
+from zipkd.latency.table import LatencyTable
+from zipkd.models.surgery import LayerShape
+from zipkd.prune.database import ModelDatabase
+
+_TOL = 1e-9
+
+
+@dataclass
+class Choice:
+    """The structure picked for one target: per original layer (kv_heads, width), 0 = block removed."""
+
+    target: float
+    shapes: list[LayerShape]
+    predicted_ms: float
+    dense_ms: float
+    error: float
+
+    @property
+    def predicted_speedup(self) -> float:
+        return self.dense_ms / self.predicted_ms
+
+
+def knapsack(
+    costs: Sequence[Sequence[int]], errors: Sequence[Sequence[float]], budget: int
+) -> list[int] | None:
+    """Multiple-choice knapsack: one option per group, Σ cost ≤ budget (integers ≥ 0), minimum Σ error.
+    Returns the chosen option index per group, or None when nothing fits. Ties go to the lower index."""
+    if budget < 0:
+        return None
+    inf = np.inf
+    dp = np.zeros(budget + 1)  # dp[b]: least error of the groups so far with total cost ≤ b
+    back = []
+    for c_g, e_g in zip(costs, errors, strict=False):
+        new = np.full(budget + 1, inf)
+        arg = np.zeros(budget + 1, dtype=np.int32)
+        for o, (c, e) in enumerate(zip(c_g, e_g, strict=False)):
+            if c > budget:
+                continue
+            cand = np.full(budget + 1, inf)
+            cand[c:] = dp[: budget + 1 - c] + e
+            better = cand < new
+            new[better] = cand[better]
+            arg[better] = o
+        dp = new
+        back.append(arg)
+    if not np.isfinite(dp[budget]):
+        return None
+    picks = []
+    b = budget
+    for g in range(len(costs) - 1, -1, -1):
+        o = int(back[g][b])
+        picks.append(o)
+        b -= costs[g][o]
+    return picks[::-1]
+
+
+def check_table(db: ModelDatabase, table: LatencyTable) -> None:
+    """The database was built on this table's grid and the table describes this many layers."""
+    if table.num_layers != len(db.layers):
+        raise ZipkdError(f"latency table is for {table.num_layers} layers, the model has {len(db.layers)}")
+    for layer in db.layers:
+        for kv in layer.attention.sizes:
+            if kv not in table.attention_ms:
+                raise ZipkdError(
+                    f"latency table has no entry for {kv} KV heads (levels {table.attention_levels})"
+                )
+        for w in layer.mlp.sizes:
+            if w not in table.mlp_ms:
+                raise ZipkdError(f"latency table has no entry for MLP width {w} (levels {table.mlp_levels})")
+
+
+def max_speedup(db: ModelDatabase, table: LatencyTable) -> float:
+    """Largest speedup the table allows for this database while keeping at least one block."""
+    mins, gaps = [], []
+    for layer in db.layers:
+        costs = [table.layer_ms(kv, w) for kv, w, _ in layer.options()]
+        nonempty = [table.layer_ms(kv, w) for kv, w, _ in layer.options() if kv or w]
+        mins.append(min(costs))
+        gaps.append(min(nonempty) - min(costs) if nonempty else math.inf)
+    fastest = table.rest_ms + sum(mins) + max(0.0, min(gaps))
+    return table.dense_ms() / fastest if fastest > 0 else math.inf
+
+
+def _unreachable(target: float, db: ModelDatabase, table: LatencyTable) -> ZipkdError:
+    return ZipkdError(
+        f"target speedup {target:g}x is unreachable with this latency table; the largest reachable "
+        f"speedup is {max_speedup(db, table):.2f}x"
+    )
+
+
+def select(db: ModelDatabase, table: LatencyTable, target: float, resolution: int = 2000) -> Choice:
+    """Least-error structure whose predicted latency is at most dense/target."""
+    if not target >= 1.0:
+        raise ZipkdError(f"target speedup must be at least 1x (got {target})")
+    check_table(db, table)
+    dense = table.dense_ms()
+    limit = dense / target
+    if target > max_speedup(db, table) * (1 + 1e-9):
+        raise _unreachable(target, db, table)
+    opts = [layer.options() for layer in db.layers]
+    unit = dense / resolution
+    # Costs rounded down: every truly feasible structure stays feasible in the DP (Σ⌊c⌋ ≤ ⌊Σc⌋); an infeasible
+    # DP answer is caught by the exact check below and the budget tightened.
+    costs = [[max(0, int(math.floor(table.layer_ms(kv, w) / unit + 1e-9))) for kv, w, _ in o] for o in opts]
+    errors = [[e for _, _, e in o] for o in opts]
+    budget = int(math.floor((limit - table.rest_ms) / unit + 1e-9))
+    for _ in range(64):
+        picks = knapsack(costs, errors, budget)
+        if picks is None:
+            break
+        shapes = [LayerShape(opts[i][p][0], opts[i][p][1]) for i, p in enumerate(picks)]
+        ms = table.predict(shapes)
+        if ms <= limit * (1 + _TOL) + _TOL:
+            if all(s.empty for s in shapes):
+                break
+            err = float(sum(errors[i][p] for i, p in enumerate(picks)))
+            return Choice(target, shapes, ms, dense, err)
+        budget -= max(1, int(math.ceil((ms - limit) / unit)))  # rounding drift: tighten and retry
+    raise _unreachable(target, db, table)
+
+
+def select_uniform(
+    db: ModelDatabase, table: LatencyTable, target: float, min_kv: int = 1, min_width: int = 1
+) -> Choice:
+    """Uniform width pruning: the same (kv_heads, width) in every layer, the largest that fits the target."""
+    if not target >= 1.0:
+        raise ZipkdError(f"target speedup must be at least 1x (got {target})")
+    check_table(db, table)
+    dense = table.dense_ms()
+    limit = dense / target
+    L = len(db.layers)
+    att, mlp = db.layers[0].attention.sizes, db.layers[0].mlp.sizes
+    best = None
+    for kv in att:
+        for w in mlp:
+            if kv < min_kv or w < min_width:
+                continue
+            ms = table.predict([LayerShape(kv, w)] * L)
+            if ms <= limit * (1 + _TOL) + _TOL and (best is None or (ms, kv) > (best[0], best[1])):
+                best = (ms, kv, w)
+    if best is None:
+        fastest = min(
+            table.predict([LayerShape(kv, w)] * L)
+            for kv in att
+            for w in mlp
+            if kv >= min_kv and w >= min_width
+        )
+        raise ZipkdError(
+            f"target speedup {target:g}x is unreachable by uniform width pruning; the largest "
+            f"reachable speedup is {dense / fastest:.2f}x"
+        )
+    ms, kv, w = best
+    return Choice(target, [LayerShape(kv, w)] * L, ms, dense, float("nan"))
