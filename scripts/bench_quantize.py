@@ -1,6 +1,6 @@
 """Benchmark `zipkd quantize` on this CPU: size on disk, weight memory, held-out perplexity and measured latency
 for fp32, bf16, bitsandbytes int8/nf4/fp4 and optimum-quanto int8/int4, on the embedded SmolLM2-135M and on a
-half-width model (a zipkd-pruned folder with --pruned, else uniform width slicing by weight norm, no recovery).
+2x-pruned model (--pruned FOLDER, else zipkd's own 2x prune, else uniform width slicing by weight norm).
 
 Every quantized model is saved by `zipkd.quantize.quantize`, reloaded by `zipkd.models.io.load_model` and checked
 to give the same logits as before saving; the reloaded model is the one measured. Latencies: all variants of a
@@ -24,16 +24,56 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
-from transformers.utils import logging as hf_logging
-
+# On a shared CPU, OpenMP threads spinning while they wait for each other slow everything down by an order of
+# magnitude (measured here: decode of one token took seconds); passive waiting keeps the default thread count.
+# Set before torch is imported; `--omp-active` keeps OpenMP's default.
+if "--omp-active" not in sys.argv:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import torch  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 VARIANTS = ("fp32", "bf16", "bnb-int8", "bnb-nf4", "bnb-fp4", "quanto-int8", "quanto-int4")
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def second_model(args, work: Path) -> tuple[str, Path]:
+    """The model that stands for "2x-pruned": --pruned, else zipkd's own 2x ZipLM prune of SmolLM2 (built by
+    zipkd.prune with PruneConfig(target_speedup=2.0), cached; scripts/bench_recover.py caches the same one),
+    else uniform width slicing."""
+    from zipkd.manifest import read_manifest
+    from zipkd.paths import cache_dir
+
+    label = "SmolLM2-135M pruned 2x by zipkd (ZipLM OBS on a CPU prefill table, no recovery)"
+    if args.pruned:
+        return f"pruned model {args.pruned.name}", args.pruned
+    for folder in (
+        cache_dir() / "bench_quantize" / "pruned-2x",
+        cache_dir() / "bench_recover" / "pruned-2x-zipkd",
+    ):
+        manifest = read_manifest(folder) or {}
+        if manifest.get("stage") == "prune" and manifest.get("config", {}).get("method", "zipkd") == "zipkd":
+            return label, folder
+    try:
+        from zipkd.prune import PruneConfig, prune, save_pruned
+    except ImportError:
+        log("zipkd.prune is not available: building a uniformly width-sliced model instead")
+        return (
+            "half-width sliced SmolLM2 (KV 3->2, MLP 1536->768 by weight norm, no recovery)",
+            sliced_half_width("smollm2-135m", work / "sliced"),
+        )
+    from zipkd.models.io import load_model
+
+    log("pruning SmolLM2 to 2x with zipkd.prune (cached for later runs)")
+    folder = cache_dir() / "bench_quantize" / "pruned-2x"
+    lm = load_model("smollm2-135m")
+    cfg = PruneConfig(target_speedup=2.0)
+    save_pruned(prune(lm, cfg), lm, folder, cfg, force=True)
+    return label, folder
 
 
 def sliced_half_width(src: str, out: Path) -> Path:
@@ -178,6 +218,7 @@ def main() -> int:
     ap.add_argument("--pruned", type=Path, help="a zipkd-pruned model folder to use as the second model")
     ap.add_argument("--no-second", action="store_true", help="only the embedded model")
     ap.add_argument("--json", type=Path, help="write all numbers here")
+    ap.add_argument("--omp-active", action="store_true", help="keep OpenMP's default (spinning) waits")
     args = ap.parse_args()
     if "fp32" not in args.methods:
         args.methods.insert(0, "fp32")
@@ -196,22 +237,14 @@ def main() -> int:
     results: dict = {
         "hardware": hardware_fingerprint(),
         "args": {k: str(v) for k, v in vars(args).items()},
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "families": {},
     }
     with tempfile.TemporaryDirectory(prefix="bench_quantize_") as tmp:
         work = Path(tmp)
         families = [("SmolLM2-135M (embedded)", embedded_folder())]
         if not args.no_second:
-            if args.pruned:
-                families.append((f"pruned model {args.pruned.name}", args.pruned))
-            else:
-                log("building the half-width sliced model")
-                families.append(
-                    (
-                        "half-width sliced SmolLM2 (KV 3->2, MLP 1536->768, no recovery)",
-                        sliced_half_width("smollm2-135m", work / "sliced"),
-                    )
-                )
+            families.append(second_model(args, work))
         for name, src in families:
             results["families"][name] = bench_family(name, Path(src), tok, texts, args, work)
     results["seconds"] = time.perf_counter() - t_start
@@ -220,7 +253,8 @@ def main() -> int:
         args.json.write_text(json.dumps(results, indent=2, default=str))
     print(
         f"# bench_quantize on {results['hardware']['cpu']} ({results['hardware']['torch_threads']} threads), "
-        f"{args.tokens} held-out tokens, {args.repeats} timed rounds, {results['seconds']:.0f} s\n"
+        f"OMP_WAIT_POLICY={results['omp_wait_policy']}, {args.tokens} held-out tokens, {args.repeats} timed rounds, "
+        f"{results['seconds']:.0f} s\n"
     )
     for name, fam in results["families"].items():
         print(table(name, fam) + "\n")

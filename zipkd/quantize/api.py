@@ -171,9 +171,8 @@ class QuantizeConfig:
     method: str = "bnb-nf4"
     device: str = "cpu"
     skip: tuple[str, ...] = DEFAULT_SKIP
-    dtype: str | None = (
-        None  # dtype of the unquantized parts and the compute; None: float32 (cpu), bfloat16 (cuda)
-    )
+    # dtype of the unquantized parts and of compute; None: float32 on cpu, bfloat16 on cuda
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
         self.method = canonical_method(self.method)
@@ -230,6 +229,7 @@ def quantize_model(
     if isinstance(model, nn.Linear) and type(model) is nn.Linear:
         holder = nn.Module()
         holder.linear = model
+        holder.train(model.training)
         return quantize_model(holder, cfg, cfg.device).linear
     done = quantized_modules(model)
     if done:
@@ -429,7 +429,7 @@ def quantize(
         from zipkd.quantize.bnb import hf_quantization_config
 
         model.config.quantization_config = hf_quantization_config(
-            m.weights, getattr(torch, recipe["compute_dtype"]), list(cfg.skip)
+            m.weights, getattr(torch, recipe["compute_dtype"] or "float32"), list(cfg.skip)
         )
     metrics = {
         "quantized_linears": len(recipe["modules"]),
