@@ -126,7 +126,7 @@ def main() -> int:
     import torch
 
     from zipkd.recover.data import Example, RewriteSettings, self_distill
-    from zipkd.recover.train import TrainConfig
+    from zipkd.recover.train import TrainConfig, train
 
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     shape = SMOKE if args.smoke else SMOL
@@ -145,11 +145,92 @@ def main() -> int:
     def remaining() -> float:
         return args.budget_s - (time.perf_counter() - start)
 
+    import copy
+
     try:
         teacher, student = build_models(shape, device)
+        base = copy.deepcopy(student).cpu()  # fresh copies for the resume check, without re-initialising
         out["student_params"] = sum(p.numel() for p in student.parameters())
         out["teacher_params"] = sum(p.numel() for p in teacher.parameters())
+        out["build_s"] = time.perf_counter() - start
         qa, text = synthetic(256, seq, shape["vocab_size"], 0)
+
+        # 1. Resume on the GPU: 6 short steps uninterrupted vs. stopped after step 4 (checkpoint at 3) + rerun.
+        if remaining() > 15:
+            short = seq // 4
+            sq, st = synthetic(64, short, shape["vocab_size"], 1)
+            small = TrainConfig(
+                steps=6,
+                batch_size=batch,
+                lr=1e-4,
+                kd="forward",
+                mix_ratio=0.5,
+                max_seq_len=short,
+                checkpoint_every=3,
+                warmup_steps=1,
+                precision="bf16",
+            )
+
+            def crash(step, _m):
+                if step == 4:
+                    raise Budget
+
+            t = time.perf_counter()
+            with tempfile.TemporaryDirectory() as work:
+                ref = train(
+                    copy.deepcopy(base).to(device), teacher, sq, st, small, Path(work) / "a", 0, device=device
+                ).model
+                try:
+                    train(
+                        copy.deepcopy(base).to(device),
+                        teacher,
+                        sq,
+                        st,
+                        small,
+                        Path(work) / "b",
+                        0,
+                        device=device,
+                        callback=crash,
+                    )
+                except Budget:
+                    pass
+                res = train(
+                    copy.deepcopy(base).to(device), teacher, sq, st, small, Path(work) / "b", 0, device=device
+                )
+            out["resume"] = {
+                "resumed_from": res.resumed_from,
+                "bit_identical": weights_equal(ref, res.model),
+                "seconds": time.perf_counter() - t,
+            }
+            del ref, res
+
+        # 2. Teacher rewrites (the generation half of self-data distillation): greedy, batched.
+        if remaining() > 12:
+            tok = char_tokenizer()
+            n, new = (8, 8) if args.smoke else (64, 48)
+            examples = [
+                Example(f"Question number {i}: what is {i} plus {i}?", f"So the answer is {2 * i}.")
+                for i in range(n)
+            ]
+            settings = RewriteSettings(max_new_tokens=new, batch_size=32)
+            os.environ["ZIPKD_CACHE"] = tempfile.mkdtemp(prefix="zipkd-gpu-cache-")
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            ds = self_distill(teacher, tok, examples, settings, teacher_hash="random")
+            if device == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t
+            out["generation"] = {
+                "examples": n,
+                "max_new_tokens": new,
+                "batch": settings.batch_size,
+                "seconds": dt,
+                "new_tokens_per_s_upper": n * new / dt,
+                "reasons": ds.stats["reasons"],
+            }
+
+        # 3. Training throughput: SmolLM2-shaped student, KD against the teacher, with the time that is left.
         cfg = TrainConfig(
             steps=10 if args.smoke else 400,
             batch_size=batch,
@@ -173,7 +254,7 @@ def main() -> int:
                 cfg,
                 Path(work) / "w",
                 device,
-                budget_s=min(75.0, remaining() * 0.45),
+                budget_s=max(5.0, min(75.0, remaining() - 8)),
             )
         steady = [r for r in log if r["step"] > 3]
         if len(steady) >= 2:
@@ -185,64 +266,6 @@ def main() -> int:
         out["includes_checkpoints_every"] = cfg.checkpoint_every
         if device == "cuda":
             out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        # Teacher rewrites (the generation half of self-data distillation): greedy, batched.
-        if remaining() > 40:
-            tok = char_tokenizer()
-            examples = [
-                Example(f"Question number {i}: what is {i} plus {i}?", f"So the answer is {2 * i}.")
-                for i in range(64 if not args.smoke else 8)
-            ]
-            settings = RewriteSettings(max_new_tokens=64 if not args.smoke else 8, batch_size=32)
-            os.environ["ZIPKD_CACHE"] = tempfile.mkdtemp(prefix="zipkd-gpu-cache-")
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            ds = self_distill(teacher, tok, examples, settings, teacher_hash="random")
-            if device == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t
-            out["generation"] = {
-                "examples": len(examples),
-                "max_new_tokens": settings.max_new_tokens,
-                "batch": settings.batch_size,
-                "seconds": dt,
-                "new_tokens_per_s_upper": len(examples) * settings.max_new_tokens / dt,
-                "reasons": ds.stats["reasons"],
-            }
-        # Resume check on the GPU: 6 steps uninterrupted vs. interrupted after step 4 (checkpoint at 3).
-        if remaining() > 30:
-            small = TrainConfig(
-                steps=6,
-                batch_size=batch,
-                lr=1e-4,
-                kd="forward",
-                mix_ratio=0.5,
-                max_seq_len=seq,
-                checkpoint_every=3,
-                warmup_steps=1,
-                precision="bf16",
-            )
-            with tempfile.TemporaryDirectory() as work:
-                _, ref_student = build_models(shape, device)
-                from zipkd.recover.train import train
-
-                ref = train(ref_student, teacher, qa, text, small, Path(work) / "a", 0, device=device).model
-
-                def crash(step, _m):
-                    if step == 4:
-                        raise Budget
-
-                _, s2 = build_models(shape, device)
-                try:
-                    train(s2, teacher, qa, text, small, Path(work) / "b", 0, device=device, callback=crash)
-                except Budget:
-                    pass
-                _, s3 = build_models(shape, device)
-                res = train(s3, teacher, qa, text, small, Path(work) / "b", 0, device=device)
-                out["resume"] = {
-                    "resumed_from": res.resumed_from,
-                    "bit_identical": weights_equal(ref, res.model),
-                }
     except (TimeoutError, Budget) as exc:
         out["stopped"] = str(exc) or "budget"
     finally:
