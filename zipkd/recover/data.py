@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -289,6 +290,7 @@ def self_distill(
     task = (
         progress.add_task("teacher rewrites", total=len(examples), completed=len(done)) if progress else None
     )
+    t0 = time.perf_counter()
     with partial.open("a") as log:
         for start in range(0, len(todo), settings.batch_size):
             batch = todo[start : start + settings.batch_size]
@@ -333,6 +335,8 @@ def self_distill(
         "rewritten": sum(r["rewritten"] for r in rows),
         "identical": sum(r["rewritten"] and r["response"].strip() == r["original"].strip() for r in rows),
         "reasons": reasons,
+        "generation_s": round(time.perf_counter() - t0, 1),  # this call's share (rows resumed: earlier calls)
+        "resumed_rows": len(examples) - len(todo),
     }
     atomic_write_text(
         final,
