@@ -71,6 +71,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--calib-len", type=int, default=2048)
+    ap.add_argument("--fisher-samples", type=int, default=4)
     ap.add_argument("--budget-s", type=int, default=220, help="hard stop (the JSON keeps what was done)")
     ap.add_argument("--no-profile", action="store_true", help="use the synthetic table")
     args = ap.parse_args()
@@ -97,6 +98,7 @@ def main() -> int:
             "table_kind",
             "predicted_speedup",
             "measured_speedup",
+            "fisher_s",
             "database_s",
             "surgery_s",
             "peak_gpu_gib_pruning",
@@ -116,7 +118,7 @@ def run(args, t_start: float) -> None:
     from zipkd.latency.table import Regime
     from zipkd.prune import PruneConfig
     from zipkd.prune.api import _auto_chunk
-    from zipkd.prune.driver import apply_choice, build_database, capture_inputs
+    from zipkd.prune.driver import apply_choice, build_database, capture_inputs, collect_fisher
     from zipkd.prune.search import select
 
     cuda = torch.cuda.is_available() and not args.smoke
@@ -198,13 +200,6 @@ def run(args, t_start: float) -> None:
     config = PruneConfig(target_speedup=2.0, samples=samples, calib_len=seq, batch_size=4 if cuda else 2)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (samples, seq), generator=g)
-    t = time.perf_counter()
-    acts = capture_inputs(model, tokens, config.batch_size, device)
-    first = acts.clone()
-    RESULT["capture_s"] = round(time.perf_counter() - t, 1)
-
-    RESULT["stage"] = "database"
-    per_layer: list[float] = []
 
     class Timer:  # a progress-like object recording time per layer
         def __init__(self, sink: list[float]):
@@ -221,6 +216,27 @@ def run(args, t_start: float) -> None:
             self.sink.append(round(now - self.t, 2))
             self.t = now
 
+    RESULT["stage"] = "fisher"
+    t = time.perf_counter()
+    fisher_tokens = tokens[: min(samples, args.fisher_samples)]
+    fisher = collect_fisher(model, fisher_tokens, config.batch_size, device)
+    fisher_layers = [[float(a.trace()), float(m.trace())] for a, m in fisher]
+    RESULT.update(
+        fisher_s=round(time.perf_counter() - t, 1),
+        fisher_tokens=int(fisher_tokens.numel()),
+        fisher_traces=fisher_layers,
+    )
+    if cuda:
+        RESULT["peak_gpu_gib_fisher"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+    RESULT["stage"] = "calibrate"
+    t = time.perf_counter()
+    acts = capture_inputs(model, tokens, config.batch_size, device)
+    first = acts.clone()
+    RESULT["capture_s"] = round(time.perf_counter() - t, 1)
+
+    RESULT["stage"] = "database"
+    per_layer: list[float] = []
     t = time.perf_counter()
     chunk = _auto_chunk(cfg.intermediate_size)
     db = build_database(
@@ -232,6 +248,7 @@ def run(args, t_start: float) -> None:
         config.damp,
         device,
         chunk,
+        fisher=fisher,
         progress=Timer(per_layer),
     )
     RESULT.update(database_s=round(time.perf_counter() - t, 1), database_layer_s=per_layer, mlp_chunk=chunk)
@@ -253,7 +270,9 @@ def run(args, t_start: float) -> None:
     RESULT.update(surgery_s=round(time.perf_counter() - t, 1), surgery_layer_s=refit_layers)
     if cuda:
         RESULT["peak_gpu_gib_pruning"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    RESULT["prune_total_s"] = round(RESULT["capture_s"] + RESULT["database_s"] + RESULT["surgery_s"], 1)
+    RESULT["prune_total_s"] = round(
+        RESULT["fisher_s"] + RESULT["capture_s"] + RESULT["database_s"] + RESULT["surgery_s"], 1
+    )
     del first, db
 
     RESULT["stage"] = "save-reload"

@@ -95,7 +95,7 @@ def held_out_ids(n: int = 4, t: int = 64, seed: int = 99) -> torch.Tensor:
 
 
 def cfg(**kw) -> PruneConfig:
-    return PruneConfig(**{"samples": 16, "calib_len": 64, "batch_size": 4, **kw})
+    return PruneConfig(**{"samples": 12, "calib_len": 64, "batch_size": 4, "fisher_samples": 4, **kw})
 
 
 @torch.inference_mode()
@@ -342,3 +342,54 @@ def test_cli(tmp_path):
     )
     assert res.exit_code == 1 and "empty" in res.stderr
     assert not (tmp_path / "x").exists()
+
+
+def flop_table(
+    num_layers: int = 30,
+    kv: int = 3,
+    width: int = 1536,
+    step: int = 128,
+    hidden: int = 576,
+    head_dim: int = 64,
+    group: int = 3,
+    seq: int = 512,
+) -> LatencyTable:
+    """SmolLM2-shaped table with latency ∝ multiply-adds per token (what this CPU roughly shows), rest 5%."""
+    att = {
+        k: 1e-6 * k * (hidden * head_dim * (group + 2) + group * head_dim * hidden + seq * group * head_dim)
+        for k in range(kv + 1)
+    }
+    mlp = {w: 3e-6 * hidden * w for w in range(0, width + 1, step)}
+    rest = 0.05 * num_layers * (att[kv] + mlp[width]) / 0.95
+    return LatencyTable(Regime(), {}, rest, att, mlp, num_layers)
+
+
+@pytest.mark.slow
+def test_real_model_beats_magnitude(real_model, tmp_path):
+    """SmolLM2-135M at 1.5x (FLOP-proportional table, a small calibration set): zipkd's held-out perplexity
+    stays under a floor and beats uniform magnitude pruning at the same predicted speedup; the output reloads
+    with the same logits."""
+    from zipkd.data.assets import heldout_text_path
+    from zipkd.data.text import load_texts
+    from zipkd.evaluate.perplexity import perplexity
+    from zipkd.models.io import load_model
+
+    tab = flop_table(step=256)
+    heldout = load_texts(heldout_text_path())
+
+    def ppl(model) -> float:
+        return perplexity(model, real_model.tokenizer, heldout, max_length=256, max_tokens=2048)["perplexity"]
+
+    c = PruneConfig(target_speedup=1.5, samples=8, calib_len=256, fisher_samples=2, mlp_chunk=64)
+    (z,) = prune(real_model, c, table=tab)
+    (m,) = prune(real_model, PruneConfig(target_speedup=1.5, method="magnitude"), table=tab)
+    assert z.predicted_speedup >= 1.5 and m.predicted_speedup >= 1.5
+    dense, pz, pm = ppl(real_model.model), ppl(z.model), ppl(m.model)
+    # Measured here (2026-11-26, this calibration of 8 × 256 tokens): dense 55.8, zipkd 242, magnitude 1.2e6.
+    # (With the default 32 × 512 tokens and a measured table zipkd does far better; see BENCHMARKS.md.)
+    assert pz < 6 * dense, (dense, pz, pm)
+    assert pz < pm / 10, (dense, pz, pm)
+    out = save_pruned(z, real_model, tmp_path / "z", c)[0]
+    back = load_model(out, tokenizer=False)
+    x = held_out_ids(2, 32) + 100
+    torch.testing.assert_close(logits(back.model, x), logits(z.model, x), rtol=0, atol=1e-4)

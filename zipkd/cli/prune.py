@@ -114,7 +114,7 @@ def prune(
             "squared output errors).",
             rich_help_panel=_SEARCH,
         ),
-    ] = 8,
+    ] = 4,
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
 ) -> None:

@@ -113,6 +113,8 @@ def select(db: ModelDatabase, table: LatencyTable, target: float, resolution: in
     if target > max_speedup(db, table) * (1 + 1e-9):
         raise _unreachable(target, db, table)
     opts = [layer.options() for layer in db.layers]
+    if any(math.isnan(e) for o in opts for _, _, e in o):
+        raise ValueError(f"the {db.method} database has no errors to search over; use select_uniform")
     unit = dense / resolution
     # Costs rounded down: every truly feasible structure stays feasible in the DP (Σ⌊c⌋ ≤ ⌊Σc⌋); an infeasible
     # DP answer is caught by the exact check below and the budget tightened.
