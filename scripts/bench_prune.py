@@ -8,6 +8,10 @@ against the baselines run through the same code path (uniform magnitude, ShortGP
    `zipkd.latency.measure.compare_ms`), held-out perplexity (LAMBADA passages, never calibration text) and
    ARC-Easy accuracy on a fixed subset (lm-eval `simple_evaluate` on zipkd's local task).
 
+`--ablation` instead measures the design choices on a *development* split (the last fifth of the calibration
+passages, never used to calibrate in this mode, and not the evaluation text): errors weighted by the loss
+Fisher or plain squared output errors, and the sequential re-fit versus no weight update.
+
 Targets: zipkd has the lowest perplexity at each target; its measured speedup is within ±10% of the target;
 the 2x run fits the time and memory budget; same seed → identical weights. Headline figures are printed
 last; exit 1 on a miss.
@@ -61,6 +65,8 @@ def timed_cli_prune(args, out: Path) -> dict:
         str(args.calib_len),
         "--seed",
         str(args.seed),
+        "--fisher-samples",
+        str(args.fisher_samples),
         "--json",
     ]
     if args.table:
@@ -90,6 +96,61 @@ def arc_accuracy(model, tokenizer, limit: int) -> float | None:
     return res["arc_easy"].metrics.get("acc_norm", res["arc_easy"].score)
 
 
+def ablation(args) -> int:
+    """Design ablation on the development split (see the module docstring)."""
+    from zipkd.data.assets import calib_text_path
+    from zipkd.data.text import load_texts
+    from zipkd.evaluate.perplexity import perplexity
+    from zipkd.latency.table import Regime
+    from zipkd.models.io import load_model
+    from zipkd.prune import PruneConfig
+    from zipkd.prune.api import build, latency_table
+    from zipkd.prune.driver import apply_choice
+    from zipkd.prune.search import select
+
+    regime = Regime(device="cpu", regime="prefill", batch=1, seq_len=512, dtype="float32")
+    lm = load_model(args.model)
+    table = latency_table(lm, PruneConfig(regime=regime, table=args.table))
+    texts = load_texts(calib_text_path())
+    cut = int(len(texts) * 0.8)
+    calib, dev = texts[:cut], texts[cut:]
+
+    def ppl(model) -> float:
+        return perplexity(model, lm.tokenizer, dev, max_length=512, max_tokens=args.ppl_tokens)["perplexity"]
+
+    rows = [("dense", "-", "-", ppl(lm.model), ppl(lm.model))]
+    _log(f"dense dev ppl {rows[0][3]:.2f}")
+    for fisher in (args.fisher_samples, 0):
+        config = PruneConfig(
+            samples=args.samples,
+            calib_len=args.calib_len,
+            seed=args.seed,
+            regime=regime,
+            fisher_samples=fisher,
+        )
+        db, first = build(lm, config, table, calib)
+        for refit in ("sequential", "none"):
+            vals = []
+            for t in TARGETS:
+                shapes = select(db, table, t).shapes
+                model = apply_choice(
+                    lm.model, db, shapes, first.clone() if refit == "sequential" else None, refit, config.damp
+                )
+                vals.append(ppl(model))
+                _log(f"fisher {fisher} refit {refit} {t}x: dev ppl {vals[-1]:.2f}")
+            rows.append(
+                (f"fisher={fisher}", "sequential" if refit == "sequential" else "no update", "", *vals)
+            )
+    print(
+        f"\nAblation, SmolLM2-135M, dev split (last 20% of calibration passages), {args.ppl_tokens} tokens, "
+        f"calibration {args.samples}x{args.calib_len}"
+    )
+    print(f"{'errors':<12} {'weights':<12} {'1.5x ppl':>9} {'2x ppl':>9}")
+    for name, refit, _, a, b in rows:
+        print(f"{name:<12} {refit:<12} {a:>9.2f} {b:>9.2f}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -104,7 +165,13 @@ def main() -> int:
     ap.add_argument("--skip-cli", action="store_true", help="skip the timed child-process run")
     ap.add_argument("--json", default=None)
     ap.add_argument("--omp-active", action="store_true", help="keep OpenMP's default (spinning) wait policy")
+    ap.add_argument(
+        "--ablation", action="store_true", help="run the design ablation on the dev split instead"
+    )
+    ap.add_argument("--fisher-samples", type=int, default=4)
     args = ap.parse_args()
+    if args.ablation:
+        return ablation(args)
     methods = [m for m in args.methods.split(",") if m]
 
     import torch
@@ -185,6 +252,7 @@ def main() -> int:
             seed=args.seed,
             regime=regime,
             table=table_path,
+            fisher_samples=args.fisher_samples,
         )
         _log(f"prune {method} {TARGETS}")
         t0 = time.perf_counter()

@@ -128,6 +128,10 @@ def test_update_equals_refit_and_error_is_true_loss():
     assert err == pytest.approx(_loss(ref, W, Hd), rel=1e-3)
     fit = obs.refit_columns(W, obs.damp_hessian(H, 0.01), torch.tensor(keep))
     torch.testing.assert_close(fit.double(), ref[:, keep], rtol=1e-3, atol=1e-3)
+    # The same from only H's kept columns and the mean of its diagonal.
+    k = torch.tensor(keep)
+    fit2 = obs.refit_from_columns(W, H[:, k], k, float(H.diagonal().mean()), 0.01)
+    torch.testing.assert_close(fit2.double(), ref[:, keep], rtol=1e-3, atol=1e-3)
     # Without the update, the error is the plain output error of the removed columns.
     plain = W.double().clone()
     plain[:, [3, 4, 10, 0, 17, 20]] = 0

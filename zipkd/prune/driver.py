@@ -471,21 +471,12 @@ def _cut_layer(
             )
 
 
-def _inputs_of(
-    run: Callable[[int], Any], n: int, module: nn.Module, hessian: bool
-) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """Inputs of `module` for each of `n` batches (`run(b)` computes batch b; stopped right at the module), and
-    their Hessian 2/N Σ x xᵀ (float32) if asked."""
+def _inputs_of(run: Callable[[int], Any], n: int, module: nn.Module) -> list[torch.Tensor]:
+    """Inputs of `module` for each of `n` batches (`run(b)` computes batch b and is stopped right at the module)."""
     seen: list[torch.Tensor] = []
-    acc: list[Any] = [None, 0]
 
     def hook(_m: Any, args: tuple, kwargs: dict) -> None:
-        x = (args[0] if args else next(iter(kwargs.values()))).detach()
-        seen.append(x)
-        if hessian:
-            x2 = x.reshape(-1, x.shape[-1]).float()
-            acc[0] = x2.T @ x2 if acc[0] is None else acc[0].addmm_(x2.T, x2)
-            acc[1] += x2.shape[0]
+        seen.append((args[0] if args else next(iter(kwargs.values()))).detach())
         raise _Stop
 
     handle = module.register_forward_pre_hook(hook, with_kwargs=True)
@@ -500,8 +491,22 @@ def _inputs_of(
         handle.remove()
     if len(seen) != n:
         raise ZipkdError(f"calibration data never reached {type(module).__name__}")
-    H = acc[0] * (2.0 / acc[1]) if hessian else None  # not in place: acc is an inference tensor
-    return seen, H
+    return seen
+
+
+def _refit_kept(W: torch.Tensor, xs: list[torch.Tensor], cols: torch.Tensor, damp: float) -> torch.Tensor:
+    """Least-squares weights for the kept input columns `cols` of a linear layer with weight W, on its stored
+    inputs `xs`: only H_{:,K} = 2/N Σ x x_Kᵀ and diag H are accumulated (float32), not the full H."""
+    HK = torch.zeros(W.shape[1], cols.numel(), dtype=torch.float32, device=W.device)
+    diag = torch.zeros((), dtype=torch.float32, device=W.device)
+    count = 0
+    for x in xs:
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        HK.addmm_(x2.T, x2.index_select(1, cols))
+        diag += x2.square().sum()
+        count += x2.shape[0]
+    HK.mul_(2.0 / count)
+    return obs.refit_from_columns(W, HK, cols, float(diag) * 2.0 / count / W.shape[1], damp)
 
 
 def _sequential_layer(
@@ -532,16 +537,16 @@ def _sequential_layer(
         remove_attention(layer, ad)
         mids = list(acts.hidden)
     elif kv == geo.num_kv_heads:
-        mids, _ = _inputs_of(run_layer, n, mlp_norm, hessian=False)
+        mids = _inputs_of(run_layer, n, mlp_norm)
     else:
         o = getattr(attn, ad.o)
-        zs, H = _inputs_of(run_layer, n, o, hessian=True)
+        zs = _inputs_of(run_layer, n, o)
         keep = ldb.attention.keep(kv)
         cols = _expand_groups(keep, attention_columns(geo.group_size, geo.head_dim)).to(zs[0].device)
         W = o.weight.detach().float()
         slice_attention(layer, ad, geo.head_dim, geo.group_size, keep.tolist())
         o_new = getattr(ad.attention(layer), ad.o)
-        _set_weight(o_new, obs.refit_columns(W, obs.damp_hessian(H, damp), cols))
+        _set_weight(o_new, _refit_kept(W, zs, cols, damp))
         with torch.inference_mode():
             mids = [h + o_new(z.index_select(-1, cols)) for h, z in zip(acts.hidden, zs, strict=True)]
         del zs
@@ -555,13 +560,13 @@ def _sequential_layer(
             outs = [m + mlp(mlp_norm(m)) for m in mids]
     else:
         down = getattr(mlp, ad.down)
-        xs, H = _inputs_of(lambda b: mlp(mlp_norm(mids[b])), n, down, hessian=True)
+        xs = _inputs_of(lambda b: mlp(mlp_norm(mids[b])), n, down)
         keep = ldb.mlp.keep(width)
+        k = keep.to(xs[0].device)
         W = down.weight.detach().float()
         slice_mlp(layer, ad, keep)
         d_new = getattr(ad.mlp_block(layer), ad.down)
-        _set_weight(d_new, obs.refit_columns(W, obs.damp_hessian(H, damp), keep))
-        k = keep.to(xs[0].device)
+        _set_weight(d_new, _refit_kept(W, xs, k, damp))
         with torch.inference_mode():
             outs = [m + d_new(x.index_select(-1, k)) for m, x in zip(mids, xs, strict=True)]
         del xs

@@ -144,6 +144,31 @@ def refit_columns(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor) -> torch
     return _solve_spd(H[keep][:, keep], rhs).T.contiguous()
 
 
+def refit_from_columns(
+    W: torch.Tensor, HK: torch.Tensor, keep: torch.Tensor, diag_mean: float, damp: float = 0.01
+) -> torch.Tensor:
+    """`refit_columns` with the damped H, from only the kept columns H_{:,K} of the undamped H and the mean of
+    its diagonal (computing H_{:,K} costs |K|/n of the full H)."""
+    if not torch.isfinite(HK).all():
+        raise ZipkdError(
+            "the calibration Hessian has NaN or infinite entries (the model overflowed on the data)"
+        )
+    keep = keep.to(W.device)
+    lam = max(damp, 1e-8) * (diag_mean if diag_mean > 0 else 1.0)
+    rhs = (W @ HK).add_(W[:, keep], alpha=lam).T  # W (H + λI)_{:,K}, as |K| × d_out
+    S = HK[keep].clone()
+    S.diagonal().add_(lam)
+    for _ in range(8):
+        L = _chol(S)
+        if L is not None:
+            return torch.cholesky_solve(rhs, L).T.contiguous()
+        S.diagonal().add_(lam * 9)  # numerically singular: more damping, as inverse_hessian does
+        lam *= 10
+    raise ZipkdError(
+        "the calibration Hessian stays singular even with heavy damping; use more calibration data"
+    )
+
+
 def _levels_desc(levels: Iterable[int], n: int) -> list[int]:
     lv = sorted({int(v) for v in levels if 0 <= int(v) <= n}, reverse=True)
     return lv
