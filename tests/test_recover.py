@@ -94,6 +94,13 @@ def test_kl_matches_naive(temperature):
         ),  # last number differs
         ("Q", "So the answer is 18.", "The answer is 18. Then 5 more.", True),  # the stated answer counts
         ("Q", "So the answer is 7.", "I do not know.", False),
+        ("Q", "26 - 5 = 21, 21 * 2 = 42. So the answer is 42.", "20 - 5 = 15. The answer is 42.", False),
+        (
+            "Q",
+            "26 - 5 = 21, 21 * 2 = 42. So the answer is 42.",
+            "He is 21; twice is 42. The answer is 42.",
+            True,
+        ),
         ("Q? Options: bank; library; mall.", "The answer is bank.", "It is a bank, for security.", True),
         ("Q? Options: bank; library; mall.", "The answer is bank.", "The answer is library.", False),
         ("Q? Options: bank; library; mall.", "The answer is bank.", "A bank or a library.", False),

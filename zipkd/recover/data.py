@@ -29,7 +29,7 @@ MIN_LENGTH_RATIO = (
     0.3  # a rewrite of a long answer (≥ 20 words) shorter than this fraction lost the reasoning
 )
 PLAIN_TEMPLATE = "Question: {instruction}\nAnswer: "  # for tokenizers without a chat template
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,7 @@ def check_same_tokenizer(
 _ANSWER_RE = re.compile(r"answer is\s*:?\s*(.+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE | re.DOTALL)
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _OPTIONS_RE = re.compile(r"Options:\s*(.+?)\.?\s*$", re.DOTALL)
+_RESULT_RE = re.compile(r"=\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)")  # "a + b = c": the intermediate result c
 
 
 def final_answer(text: str) -> str | None:
@@ -140,8 +141,9 @@ def parse_options(instruction: str) -> list[str]:
 
 def answers_agree(instruction: str, original: str, rewrite: str) -> tuple[bool, str]:
     """Does the rewrite keep the original's final answer? Numbers (GSM8K) compare as values (the rewrite's
-    "answer is" number, else its last number); option texts (MC sets) must appear in the rewrite's answer and
-    no other option may; free answers (NQ) must appear. Originals without an "answer is" are not checkable."""
+    "answer is" number, else its last number), and the original's intermediate results ("= c") must all
+    reappear; option texts (MC sets) must appear in the rewrite's answer and no other option may; free answers
+    (NQ) must appear. Originals without an "answer is" are not checkable."""
     if not rewrite.strip():
         return False, "empty"
     orig = final_answer(original)
@@ -154,7 +156,15 @@ def answers_agree(instruction: str, original: str, rewrite: str) -> tuple[bool, 
         nums = _NUMBER_RE.findall(scope)
         if not nums:
             return False, "no number"
-        return (float(nums[-1].replace(",", "")) == value), "number"
+        if float(nums[-1].replace(",", "")) != value:
+            return False, "other number"
+        # Worked answers: every intermediate result of the original must reappear (a weak teacher often
+        # reaches the right number through wrong steps).
+        steps = {float(x.replace(",", "")) for x in _RESULT_RE.findall(original)}
+        seen = {float(x.replace(",", "")) for x in _NUMBER_RE.findall(rewrite)}
+        if not steps <= seen:
+            return False, "steps differ"
+        return True, "number"
     n_orig, n_scope = _norm(orig), _norm(scope)
     if not _contains(n_scope, n_orig):
         return False, "answer missing"
@@ -256,40 +266,30 @@ def self_distill(
     teacher_hash: str,
     progress: Any = None,
 ) -> DistilledSet:
-    """Rewrite every response with the teacher (or reuse the cached set for the same teacher weights, data,
-    prompt and generation settings). Work in progress is cached per batch, so an interrupted run resumes."""
+    """Rewrite every response with the teacher, then keep each rewrite only where `judge_rewrite` accepts it.
+    The raw generations are cached under a key of (teacher weights, data, prompt, generation settings) and work
+    in progress per batch, so reruns and interrupted runs reuse them; the judging is redone on every call."""
     key = distill_cache_key(teacher_hash, examples_hash(examples), settings)
     folder = distill_cache_dir()
     final, partial = folder / f"{key}.json", folder / f"{key}.partial.jsonl"
-    if final.is_file():
-        try:
-            data = json.loads(final.read_text())
-            rows = data["rows"]
-            if len(rows) == len(examples):
-                return DistilledSet(
-                    [Example(r["instruction"], r["response"], r.get("source", "")) for r in rows],
-                    [bool(r["rewritten"]) for r in rows],
-                    key,
-                    data.get("stats", {}),
-                    cached=True,
-                )
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # a damaged cache entry is rebuilt
+    cached = _read_cache(final, len(examples))
+    if cached is not None:
+        generations, gen_s = cached
+        return _judge_all(examples, generations, key, gen_s, resumed=len(examples), cached=True)
     done: dict[int, dict[str, Any]] = {}
     if partial.is_file():
         for line in partial.read_text().splitlines():
             try:
                 r = json.loads(line)
-                done[int(r["index"])] = r
+                done[int(r["index"])] = {"rewrite": str(r["rewrite"]), "finished": bool(r["finished"])}
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut by a kill
     folder.mkdir(parents=True, exist_ok=True)
     # Longest originals first, batched by length: a batch stops when its longest rewrite ends.
     lengths = [len(tokenizer(e.response, add_special_tokens=False)["input_ids"]) for e in examples]
     todo = sorted((i for i in range(len(examples)) if i not in done), key=lambda i: (-lengths[i], i))
-    task = (
-        progress.add_task("teacher rewrites", total=len(examples), completed=len(done)) if progress else None
-    )
+    resumed = len(examples) - len(todo)
+    task = progress.add_task("teacher rewrites", total=len(examples), completed=resumed) if progress else None
     t0 = time.perf_counter()
     with partial.open("a") as log:
         for start in range(0, len(todo), settings.batch_size):
@@ -307,58 +307,76 @@ def self_distill(
             for i, (text, finished) in zip(
                 batch, _generate_batch(teacher, tokenizer, prompts, budget), strict=True
             ):
-                ok, reason = answers_agree(examples[i].instruction, examples[i].response, text)
-                if not finished:
-                    ok, reason = False, "truncated"
-                elif ok and not keeps_substance(examples[i].response, text):
-                    ok, reason = False, "too short"
-                done[i] = {"index": i, "rewrite": text, "accepted": ok, "reason": reason}
-                log.write(json.dumps(done[i], ensure_ascii=False) + "\n")
+                done[i] = {"rewrite": text, "finished": finished}
+                log.write(json.dumps({"index": i, **done[i]}, ensure_ascii=False) + "\n")
             log.flush()
             if task is not None:
                 progress.advance(task, len(batch))
-    rows, reasons = [], {}
-    for i, e in enumerate(examples):
-        r = done[i]
-        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
-        rows.append(
-            {
-                "instruction": e.instruction,
-                "response": r["rewrite"] if r["accepted"] else e.response,
-                "source": e.source,
-                "rewritten": bool(r["accepted"]),
-                "original": e.response,
-            }
-        )
-    stats = {
-        "examples": len(rows),
-        "rewritten": sum(r["rewritten"] for r in rows),
-        "identical": sum(r["rewritten"] and r["response"].strip() == r["original"].strip() for r in rows),
-        "reasons": reasons,
-        "generation_s": round(time.perf_counter() - t0, 1),  # this call's share (rows resumed: earlier calls)
-        "resumed_rows": len(examples) - len(todo),
+    gen_s = round(time.perf_counter() - t0, 1)  # this call's share (resumed rows were generated earlier)
+    generations = [done[i] for i in range(len(examples))]
+    payload = {
+        "version": CACHE_VERSION,
+        "key": key,
+        "settings": asdict(settings),
+        "teacher_hash": teacher_hash,
+        "generation_s": gen_s,
+        "generations": generations,
     }
-    atomic_write_text(
-        final,
-        json.dumps(
-            {
-                "key": key,
-                "settings": asdict(settings),
-                "teacher_hash": teacher_hash,
-                "stats": stats,
-                "rows": rows,
-            },
-            ensure_ascii=False,
-        )
-        + "\n",
-    )
+    atomic_write_text(final, json.dumps(payload, ensure_ascii=False) + "\n")
     partial.unlink(missing_ok=True)
-    return DistilledSet(
-        [Example(r["instruction"], r["response"], r["source"]) for r in rows],
-        [r["rewritten"] for r in rows],
-        key,
-        stats,
-    )
+    return _judge_all(examples, generations, key, gen_s, resumed=resumed, cached=False)
+
+
+def _read_cache(path: Path, n: int) -> tuple[list[dict[str, Any]], float] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        gens = [{"rewrite": str(g["rewrite"]), "finished": bool(g["finished"])} for g in data["generations"]]
+        if data.get("version") == CACHE_VERSION and len(gens) == n:
+            return gens, float(data.get("generation_s", 0.0))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # a damaged cache entry is rebuilt
+    return None
+
+
+def judge_rewrite(example: Example, rewrite: str, finished: bool) -> tuple[bool, str]:
+    """Keep a rewrite only if it ended (not cut by the token budget), keeps the final answer (and, for worked
+    numeric answers, the intermediate results) and did not drop the reasoning of a long answer."""
+    if not finished:
+        return False, "truncated"
+    ok, reason = answers_agree(example.instruction, example.response, rewrite)
+    if ok and not keeps_substance(example.response, rewrite):
+        return False, "too short"
+    return ok, reason
+
+
+def _judge_all(
+    examples: Sequence[Example],
+    generations: Sequence[dict[str, Any]],
+    key: str,
+    gen_s: float,
+    resumed: int,
+    cached: bool,
+) -> DistilledSet:
+    out, flags, reasons = [], [], {}
+    for e, g in zip(examples, generations, strict=True):
+        ok, reason = judge_rewrite(e, g["rewrite"], g["finished"])
+        reasons[reason] = reasons.get(reason, 0) + 1
+        out.append(Example(e.instruction, g["rewrite"] if ok else e.response, e.source))
+        flags.append(ok)
+    stats = {
+        "examples": len(out),
+        "rewritten": sum(flags),
+        "identical": sum(
+            ok and o.response.strip() == e.response.strip()
+            for ok, o, e in zip(flags, out, examples, strict=True)
+        ),
+        "reasons": reasons,
+        "generation_s": gen_s,
+        "resumed_rows": resumed,
+    }
+    return DistilledSet(out, flags, key, stats, cached=cached)
 
 
 # -------------------------------------------------------------------------------------------- tokenization
