@@ -42,7 +42,7 @@ class StageClock:
     ) -> None:
         if description is not None:
             self._desc[task] = description
-        if completed is not None:
+        if completed:  # a stage (or a part of one) finished
             self._mark(task)
 
     def advance(self, task: int, amount: float = 1) -> None:

@@ -122,20 +122,38 @@ def parse_results(results: dict[str, Any], tasks: Sequence[str]) -> dict[str, Ta
 
 
 def _lm_class() -> Any:
-    """lm-eval's HFLM without its own tqdm bars (zipkd shows one rich progress bar); scoring is unchanged."""
+    """lm-eval's HFLM with its tqdm bars replaced by callbacks (zipkd shows one rich progress bar): `on_start`
+    gets the number of requests of each request type, `on_rows` the rows of every forward. Scoring is
+    unchanged."""
     from lm_eval.models.huggingface import HFLM
 
-    class QuietHFLM(HFLM):
+    class ReportingHFLM(HFLM):
+        on_start: Any = None
+        on_rows: Any = None
+
+        def _started(self, requests: Any, kind: str) -> None:
+            if self.on_start is not None:
+                self.on_start(len(requests), kind)
+
         def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            self._started(requests, "loglikelihood")
             return super().loglikelihood(requests, disable_tqdm=True)
 
         def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            self._started(requests, "rolling loglikelihood")
             return super().loglikelihood_rolling(requests, disable_tqdm=True)
 
         def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            self._started(requests, "generation")
             return super().generate_until(requests, disable_tqdm=True)
 
-    return QuietHFLM
+        def _model_call(self, inps: Any, attn_mask: Any = None, labels: Any = None) -> Any:
+            out = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+            if self.on_rows is not None:
+                self.on_rows(int(inps.shape[0]))
+            return out
+
+    return ReportingHFLM
 
 
 def run_tasks(
@@ -149,7 +167,8 @@ def run_tasks(
     label: str = "",
 ) -> dict[str, TaskResult]:
     """Score an in-memory model (any shapes: pruned, heterogeneous) on zipkd tasks with lm-eval's
-    `simple_evaluate`, one task at a time (progress advances per task)."""
+    `simple_evaluate`. All tasks go through one call, as `lm_eval run --tasks a,b,...` does: lm-eval pools the
+    requests of all tasks into the same batches, so the scores are the command line's to the last digit."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -157,18 +176,29 @@ def run_tasks(
     if batch_size < 1:
         raise ZipkdError(f"batch size must be at least 1 (got {batch_size})")
     lm = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-    out: dict[str, TaskResult] = {}
     label = f"{label} " if label else ""
-    bar = progress.add_task(f"{label}lm-eval", total=len(names)) if progress is not None else None
+    title = f"{label}lm-eval {names[0]}" if len(names) == 1 else f"{label}lm-eval, {len(names)} tasks"
+    if progress is not None:
+        bar = progress.add_task(title, total=None)
+        seen = {"total": 0}
+
+        def on_start(n: int, kind: str) -> None:
+            seen["total"] = n
+            progress.update(bar, total=n, completed=0)
+
+        def on_rows(rows: int) -> None:
+            progress.advance(bar, rows)  # a forward's rows; shared contexts make it end below the total
+
+        lm.on_start, lm.on_rows = on_start, on_rows
     with task_folder(names) as folder:
         manager = TaskManager(include_path=str(folder), include_defaults=False)
-        for name in names:
-            if bar is not None:
-                progress.update(bar, description=f"{label}lm-eval {name}")
-            results = simple_evaluate(
-                model=lm, tasks=[TASK_PREFIX + name], task_manager=manager, limit=limit, log_samples=False
-            )
-            out.update(parse_results(results, [name]))
-            if bar is not None:
-                progress.advance(bar)
-    return out
+        results = simple_evaluate(
+            model=lm,
+            tasks=[TASK_PREFIX + n for n in names],
+            task_manager=manager,
+            limit=limit,
+            log_samples=False,
+        )
+    if progress is not None:
+        progress.update(bar, total=seen["total"] or 1, completed=seen["total"] or 1)
+    return parse_results(results, names)
