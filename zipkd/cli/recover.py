@@ -65,6 +65,9 @@ def recover(
     mix_ratio: Annotated[
         float, typer.Option(help="Fraction of steps that train on plain-text windows.", rich_help_panel=DATA)
     ] = 0.5,
+    text_window: Annotated[
+        int, typer.Option(help="Tokens per plain-text window (0: --max-seq-len).", rich_help_panel=DATA)
+    ] = 0,
     method: Annotated[str, typer.Option(help="full or lora.", rich_help_panel=TRAIN)] = "full",
     lora_rank: Annotated[int, typer.Option(help="LoRA rank.", rich_help_panel=TRAIN)] = 16,
     steps: Annotated[int, typer.Option(help="Optimizer steps.", rich_help_panel=TRAIN)] = 200,
@@ -137,6 +140,7 @@ def recover(
         max_examples=max_examples or None,
         rewrite=RewriteSettings(max_new_tokens=max_new_tokens, batch_size=gen_batch_size),
         mix_text=str(mix_text) if mix_text else None,
+        text_window=text_window or None,
         train=train_cfg,
         device=device,
     )

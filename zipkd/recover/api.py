@@ -35,12 +35,17 @@ class RecoverConfig:
     max_examples: int | None = 256  # seeded subset of the data (None: all)
     rewrite: RewriteSettings = field(default_factory=RewriteSettings)
     mix_text: str | None = None  # plain text for `train.mix_ratio`; None: the calibration text
+    text_window: int | None = None  # tokens per plain-text window (None: train.max_seq_len)
     train: TrainConfig = field(default_factory=TrainConfig)
     device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.max_examples is not None and self.max_examples < 1:
             raise ZipkdError(f"max examples must be at least 1 (got {self.max_examples})")
+        if self.text_window is not None and not 8 <= self.text_window <= self.train.max_seq_len:
+            raise ZipkdError(
+                f"text window must be between 8 and max_seq_len ({self.train.max_seq_len}) tokens"
+            )
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ZipkdError(f"unknown device {self.device!r}; use cpu or cuda[:N]")
 
@@ -174,7 +179,7 @@ def recover(
     text, mix_path = [], None
     if cfg.mix_ratio > 0:
         mix_path = Path(config.mix_text).expanduser() if config.mix_text else calib_text_path()
-        text = text_windows(lm.tokenizer, load_texts(mix_path), cfg.max_seq_len)
+        text = text_windows(lm.tokenizer, load_texts(mix_path), config.text_window or cfg.max_seq_len)
 
     student_hash = content_hash(lm.path)
     data_hash = examples_hash(examples)
@@ -185,6 +190,7 @@ def recover(
             "teacher": teacher_hash,
             "train_data": train_hash,
             "mix": content_hash(mix_path) if mix_path else None,
+            "text_window": config.text_window,
             "train": asdict(cfg),
         }
     )
@@ -241,6 +247,7 @@ def recover(
         "max_examples": config.max_examples,
         "rewrite": asdict(config.rewrite),
         "mix_text": str(mix_path) if mix_path else None,
+        "text_window": config.text_window or cfg.max_seq_len,
         "train": config_dict(cfg),
         "device": config.device,
     }
