@@ -12,21 +12,24 @@ from zipkd.errors import ZipkdError
 TEXT_FIELDS = ("text", "content", "passage", "document")
 
 
+def jsonl_rows(path: Path):
+    """(line number, object) for every non-blank line of a JSONL file; errors name the file and the line."""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ZipkdError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(row, dict):
+                raise ZipkdError(f"{path}:{n}: expected a JSON object")
+            yield n, row
+
+
 def _records(path: Path) -> list[dict[str, Any]]:
     if path.suffix == ".jsonl":
-        rows = []
-        with path.open() as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ZipkdError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
-                if not isinstance(row, dict):
-                    raise ZipkdError(f"{path}:{n}: expected a JSON object")
-                rows.append(row)
-        return rows
+        return [row for _, row in jsonl_rows(path)]
     if path.suffix == ".parquet":
         import datasets
 

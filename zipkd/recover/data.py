@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zipkd.data.text import jsonl_rows
 from zipkd.errors import ZipkdError
 from zipkd.outputs import atomic_write_text
 from zipkd.paths import cache_dir
@@ -49,24 +50,13 @@ def load_examples(path: str | os.PathLike) -> list[Example]:
     if path.suffix != ".jsonl":
         raise ZipkdError(f"{path}: fine-tuning data must be JSONL with instruction/response fields")
     rows: list[Example] = []
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ZipkdError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise ZipkdError(f"{path}:{n}: expected a JSON object with instruction and response")
-            for key in ("instruction", "response"):
-                value = row.get(key)
-                if not isinstance(value, str) or not value.strip():
-                    what = "missing" if key not in row else "not a non-empty string"
-                    raise ZipkdError(f"{path}:{n}: field {key!r} is {what}")
-            rows.append(
-                Example(row["instruction"].strip(), row["response"].strip(), str(row.get("source", "")))
-            )
+    for n, row in jsonl_rows(path):
+        for key in ("instruction", "response"):
+            value = row.get(key)
+            if not isinstance(value, str) or not value.strip():
+                what = "missing" if key not in row else "not a non-empty string"
+                raise ZipkdError(f"{path}:{n}: field {key!r} is {what}")
+        rows.append(Example(row["instruction"].strip(), row["response"].strip(), str(row.get("source", ""))))
     if not rows:
         raise ZipkdError(f"fine-tuning data {path} is empty (no instruction/response rows)")
     return rows
