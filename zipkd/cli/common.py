@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -23,6 +24,10 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing out
 SeedOpt = Annotated[int, typer.Option(help="Random seed (recorded in the manifest).", rich_help_panel="Reproducibility")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda (cuda:N).")]
+REGIME_PANEL = "Target regime (what latency and speedup are measured on)"
+BatchOpt = Annotated[int, typer.Option(min=1, help="Sequences per forward.", rich_help_panel=REGIME_PANEL)]
+SeqLenOpt = Annotated[int, typer.Option(min=1, help="Prompt tokens (prefill).", rich_help_panel=REGIME_PANEL)]
+ContextOpt = Annotated[int, typer.Option(min=1, help="KV-cache tokens (decode).", rich_help_panel=REGIME_PANEL)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 
 
@@ -68,8 +73,15 @@ def _quiet_libraries() -> None:
 
 def progress(transient: bool = False):
     """A rich progress bar on stderr with elapsed and remaining time."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(),
                     MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,

@@ -10,9 +10,22 @@ import typer
 from rich.table import Table
 
 from zipkd.cli.app import app
-from zipkd.cli.common import DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelArg, cli_errors, console, progress
+from zipkd.cli.common import (
+    REGIME_PANEL,
+    BatchOpt,
+    ContextOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    JsonOpt,
+    ModelArg,
+    SeqLenOpt,
+    cli_errors,
+    console,
+    progress,
+)
 
-_REGIME = "Regime"
+_REGIME = REGIME_PANEL
 _RUN = "Run"
 
 
@@ -29,13 +42,9 @@ def profile(
             rich_help_panel=_REGIME,
         ),
     ] = "prefill",
-    batch: Annotated[int, typer.Option(min=1, help="Sequences per forward.", rich_help_panel=_REGIME)] = 1,
-    seq_len: Annotated[
-        int, typer.Option(min=1, help="Prompt tokens (prefill).", rich_help_panel=_REGIME)
-    ] = 512,
-    context: Annotated[
-        int, typer.Option(min=1, help="KV-cache tokens (decode).", rich_help_panel=_REGIME)
-    ] = 512,
+    batch: BatchOpt = 1,
+    seq_len: SeqLenOpt = 512,
+    context: ContextOpt = 512,
     dtype: DtypeOpt = "float32",
     runtime: Annotated[
         str,

@@ -11,19 +11,23 @@ from rich.table import Table
 
 from zipkd.cli.app import app
 from zipkd.cli.common import (
+    REGIME_PANEL,
+    BatchOpt,
+    ContextOpt,
     DeviceOpt,
     DtypeOpt,
     ForceOpt,
     JsonOpt,
     ModelArg,
     SeedOpt,
+    SeqLenOpt,
     cli_errors,
     console,
     parse_speedups,
     progress,
 )
 
-_REGIME = "Regime (what the speedup is measured on)"
+_REGIME = REGIME_PANEL
 _CALIB = "Calibration"
 _SEARCH = "Method"
 METHODS_HELP = (
@@ -82,13 +86,9 @@ def prune(
     ] = False,
     device: DeviceOpt = "cpu",
     regime: Annotated[str, typer.Option(help="prefill or decode.", rich_help_panel=_REGIME)] = "prefill",
-    batch: Annotated[int, typer.Option(min=1, help="Sequences per forward.", rich_help_panel=_REGIME)] = 1,
-    seq_len: Annotated[
-        int, typer.Option(min=1, help="Prompt tokens (prefill).", rich_help_panel=_REGIME)
-    ] = 512,
-    context: Annotated[
-        int, typer.Option(min=1, help="KV-cache tokens (decode).", rich_help_panel=_REGIME)
-    ] = 512,
+    batch: BatchOpt = 1,
+    seq_len: SeqLenOpt = 512,
+    context: ContextOpt = 512,
     dtype: DtypeOpt = "float32",
     calib: Annotated[
         Path | None,
