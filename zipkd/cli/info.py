@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -58,7 +58,7 @@ def _runs(shapes: list[dict]) -> list[tuple[int, int, dict]]:
 def info(
     model: ModelArg = "smollm2-135m",
     ppl: Annotated[bool, typer.Option("--ppl", help="Also measure perplexity on held-out text.")] = False,
-    data: Annotated[Optional[Path], typer.Option(help="Text for --ppl (.txt/.jsonl/.parquet); default: held-out LAMBADA passages.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Text for --ppl (.txt/.jsonl/.parquet); default: held-out LAMBADA passages.")] = None,
     max_length: Annotated[int, typer.Option(help="Window length for --ppl.")] = 512,
     max_tokens: Annotated[int, typer.Option(help="Tokens scored for --ppl.")] = 16384,
     dtype: DtypeOpt = "float32",

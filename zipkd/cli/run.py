@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -37,8 +37,8 @@ def summary_table(report) -> Table:
 @cli_errors
 def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see zipkd/recipes/ for examples).")],
-    from_stage: Annotated[Optional[str], typer.Option("--from", help="Rerun from this stage on: profile, prune, recover, quantize or eval.")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Override the recipe's output folder.")] = None,
+    from_stage: Annotated[str | None, typer.Option("--from", help="Rerun from this stage on: profile, prune, recover, quantize or eval.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Override the recipe's output folder.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Accepted for symmetry; reruns are incremental anyway (stages whose inputs and config match are skipped).")] = False,
     check: Annotated[bool, typer.Option("--check", help="Only validate the recipe and exit.")] = False,
 ) -> None:
