@@ -135,16 +135,23 @@ def get_pruned(method: str, root: Path) -> tuple[Path, dict]:
     from zipkd.manifest import read_manifest
     from zipkd.models.io import load_model
 
-    folder = root / f"pruned-2x-{method}"
-    if (folder / "zipkd.json").is_file():
-        return folder, {"cached": True, **(read_manifest(folder) or {}).get("metrics", {})}
+    import hashlib
+
+    from zipkd.prune import PruneConfig, prune, save_pruned
+    from zipkd.prune.api import latency_table
+
     t = time.perf_counter()
     lm = load_model("smollm2-135m")
+    cfg = PruneConfig(target_speedup=2.0)
+    # Keyed by the pruning config and the latency table it uses (cached or profiled now): a re-measured table
+    # (another machine, a quieter one) or another pruner config makes a new model instead of reusing a stale one.
+    table = latency_table(lm, cfg)
+    key = hashlib.sha256(json.dumps([repr(cfg), table.to_json()], sort_keys=True).encode()).hexdigest()[:12]
+    folder = root / f"pruned-2x-{method}-{key if method == 'zipkd' else 'v1'}"
+    if (folder / "zipkd.json").is_file():
+        return folder, {"cached": True, **(read_manifest(folder) or {}).get("metrics", {})}
     if method == "zipkd":
-        from zipkd.prune import PruneConfig, prune, save_pruned
-
-        cfg = PruneConfig(target_speedup=2.0)
-        res = prune(lm, cfg)
+        res = prune(lm, cfg, table=table)
         save_pruned(res, lm, folder, cfg, force=True)
     else:
         surgery_2x(lm, folder)

@@ -78,3 +78,63 @@ def test_run_skip_and_from(tmp_path):
     assert res.exit_code == 0
     assert res.stderr.count("skipped (unchanged)") == 3 and "eval: running" in res.stderr
     assert (out / "2-prune" / "zipkd.json").stat().st_mtime == pruned_mtime
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update({f"{f.name}:{k}": v for k, v in load_file(f).items()})
+    assert out, f"no weights in {folder}"
+    return out
+
+
+def _scores(report_path):
+    report = json.loads(report_path.read_text())
+    return [(m.get("stage"), m["quality"], m.get("perplexity")) for m in [report["base"], *report["models"]]]
+
+
+def test_run_killed_mid_recovery_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    """SIGKILL `zipkd run` once recovery has a checkpoint; the same command again skips profile and prune, resumes
+    recovery, and ends with the weights and scores of an uninterrupted run of the same recipe and seed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    path = recipe(tmp_path, steps=8)
+    out, ref = tmp_path / "run", tmp_path / "ref"
+    cmd = [sys.executable, "-m", "zipkd.cli", "run", str(path)]
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+    work = out / ".3-recover.recover-work"  # beside the stage folder
+    log = tmp_path / "killed.log"
+    with log.open("w") as sink:  # a file, not a pipe: a full pipe would stall the child
+        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 900
+        while not list(work.glob("ckpt-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"run ended before it could be killed: {log.read_text()[-2000:]}"
+    state = json.loads((out / "pipeline.json").read_text())
+    assert state["prune"]["done"] and not state["recover"]["done"] and not (out / "3-recover").exists()
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "profile: skipped (unchanged)" in rerun.stderr and "prune: skipped (unchanged)" in rerun.stderr
+    assert "recover: running" in rerun.stderr
+    manifest = json.loads((out / "3-recover" / "zipkd.json").read_text())
+    assert manifest["metrics"]["resumed_from_step"] >= 2 and manifest["metrics"]["steps"] == 8
+    assert not work.exists()
+
+    uninterrupted = subprocess.run([*cmd, "-o", str(ref)], env=env, capture_output=True, text=True, timeout=900)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+    for stage in ("2-prune", "3-recover"):
+        a, b = _weights(out / stage), _weights(ref / stage)
+        assert a.keys() == b.keys(), stage
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{stage} weights differ"
+    assert _scores(out / "5-eval" / "report.json") == _scores(ref / "5-eval" / "report.json")

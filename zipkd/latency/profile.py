@@ -509,6 +509,18 @@ def profile_model(
         "build_s": round(time.perf_counter() - t_start, 2),
     }
     warnings = []
+    if regime.device == "cpu" and hasattr(os, "getloadavg"):
+        # A table measured on a busy CPU describes that load, not the machine: under contention the blocks'
+        # relative costs shift (a table profiled at load 10 on 2 cores over-predicted width cuts by 12-15%
+        # once the machine was quiet). Record the load and say so.
+        load = os.getloadavg()[0]
+        meta["load_average"] = round(load, 2)
+        cores = os.cpu_count() or 1
+        if load > 1.5 * cores:
+            warnings.append(
+                f"the CPU was busy while profiling (load average {load:.1f} on {cores} cores): other jobs shift "
+                "the blocks' relative costs; re-measure on a quiet machine with `zipkd profile --force`"
+            )
     if negative:
         warnings.append(f"negative entries clamped to 0 ({', '.join(negative)}): timings were very noisy")
     if not 0.8 < scale < 1.25:
