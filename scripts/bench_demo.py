@@ -90,7 +90,9 @@ def scores(report: dict) -> dict[str, dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", type=Path, default=ROOT / "zipkd" / "recipes" / "demo.yaml")
-    ap.add_argument("--keep", type=Path, default=None, help="keep the runs' folders here (default: a temp folder)")
+    ap.add_argument(
+        "--keep", type=Path, default=None, help="keep the runs' folders here (default: a temp folder)"
+    )
     ap.add_argument("--no-kill", action="store_true", help="run A only")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -189,15 +191,19 @@ def main() -> int:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))
     sc = res["A"]["scores"]
-    print(f"demo: {res['A']['wall_s'] / 60:.1f} min (target ≤ {BUDGET_S / 60:.0f}), recovered model measured "
-          f"{res['A']['recovered_speedup']:.2f}x (target ≥ {MIN_SPEEDUP}x), predicted "
-          f"{res['A']['recovered_predicted']:.2f}x, mean retention {res['A']['retention']:.1%}; "
-          f"scores base {sc.get('base')} recovered {sc.get('recover')}")
+    print(
+        f"demo: {res['A']['wall_s'] / 60:.1f} min (target ≤ {BUDGET_S / 60:.0f}), recovered model measured "
+        f"{res['A']['recovered_speedup']:.2f}x (target ≥ {MIN_SPEEDUP}x), predicted "
+        f"{res['A']['recovered_predicted']:.2f}x, mean retention {res['A']['retention']:.1%}; "
+        f"scores base {sc.get('base')} recovered {sc.get('recover')}"
+    )
     if "B" in res:
         bb = res["B"]
-        print(f"kill mid-recovery: skipped {bb['skipped']}, resumed from step {bb['resumed_from_step']}; "
-              f"A vs B pruned identical={bb['pruned_identical'][0]}, recovered identical="
-              f"{bb['recovered_identical'][0]}, scores identical={bb['scores_identical']}")
+        print(
+            f"kill mid-recovery: skipped {bb['skipped']}, resumed from step {bb['resumed_from_step']}; "
+            f"A vs B pruned identical={bb['pruned_identical'][0]}, recovered identical="
+            f"{bb['recovered_identical'][0]}, scores identical={bb['scores_identical']}"
+        )
     print("RESULT: " + ("PASS" if not res["misses"] else "MISS: " + "; ".join(res["misses"])))
     return 1 if res["misses"] else 0
 

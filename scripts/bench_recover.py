@@ -132,11 +132,10 @@ def surgery_2x(lm, out: Path) -> Path:
 
 def get_pruned(method: str, root: Path) -> tuple[Path, dict]:
     """The 2x model, built once and cached in `root` (it does not depend on anything recovery does)."""
-    from zipkd.manifest import read_manifest
-    from zipkd.models.io import load_model
-
     import hashlib
 
+    from zipkd.manifest import read_manifest
+    from zipkd.models.io import load_model
     from zipkd.prune import PruneConfig, prune, save_pruned
     from zipkd.prune.api import latency_table
 

@@ -62,8 +62,15 @@ def test_bad_inputs(tmp_path):
 
 
 def test_console_script_error_has_no_traceback(tmp_path):
-    zipkd_bin = subprocess.run([sys.executable, "-c", "import shutil,sys,os; print(os.path.join(os.path.dirname(sys.executable),'zipkd'))"],
-                               capture_output=True, text=True).stdout.strip()
+    zipkd_bin = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import shutil,sys,os; print(os.path.join(os.path.dirname(sys.executable),'zipkd'))",
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     res = subprocess.run([zipkd_bin, "info", str(tmp_path / "nope")], capture_output=True, text=True)
     assert res.returncode == 1 and "Traceback" not in res.stderr and "not found" in res.stderr
 

@@ -28,6 +28,7 @@ from zipkd.latency.profile import (
     parse_device,
     profile_model,
     table_cache_path,
+    uniform_model,
     without_layers,
 )
 from zipkd.latency.table import LatencyTable, Regime
@@ -202,6 +203,59 @@ def test_profile_decode_and_roundtrip(tiny_llama, tmp_path):
     assert tab.mlp_levels == [0, 48, 96] and tab.regime.context == 8
     back = LatencyTable.load(tab.save(tmp_path / "t.json"))
     assert back.to_json() == tab.to_json()
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (0, 96), (2, 0), (2, 96)])
+def test_uniform_model_is_the_uniformly_pruned_model(tiny_llama, shape):
+    """The in-model method times `uniform_model(k, w)`; it must compute what zipkd's surgery makes of every layer
+    at (k, w) keeping the first groups/channels, prefill and decode, and leave the dense model alone."""
+    from zipkd.models.adapters import adapter_for
+    from zipkd.models.surgery import remove_attention, remove_mlp, slice_attention, slice_mlp
+
+    k, w = shape
+    dense_before = {n: p.clone() for n, p in tiny_llama.state_dict().items()}
+    u = uniform_model(tiny_llama, k, w)
+    ref = build_variant(tiny_llama, [(2, 96)] * 3, random.Random(0))  # a dense copy, then cut by hand
+    ad = adapter_for(ref.config)
+    for layer in ad.layers(ref):
+        if k == 0:
+            remove_attention(layer, ad)
+        elif k < 2:
+            slice_attention(layer, ad, 16, 2, list(range(k)))
+        if w == 0:
+            remove_mlp(layer, ad)
+        elif w < 96:
+            slice_mlp(layer, ad, torch.arange(w))
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.inference_mode():
+        a, b = u(input_ids=ids).logits, ref(input_ids=ids).logits
+        assert torch.allclose(a, b, atol=1e-5)
+        if k:  # decode over a cache: layer indices must be the model's own
+            out = u(input_ids=ids, use_cache=True)
+            step = u(input_ids=ids[:, :1], past_key_values=out.past_key_values, use_cache=True).logits
+            full = ref(input_ids=torch.cat([ids, ids[:, :1]], 1)).logits[:, -1:]
+            assert torch.allclose(step, full, atol=1e-4)
+    assert all(torch.equal(dense_before[n], p) for n, p in tiny_llama.state_dict().items())
+    assert len(adapter_for(tiny_llama.config).layers(tiny_llama)) == 3
+
+
+@pytest.mark.parametrize("regime", [PREFILL, DECODE])
+def test_in_model_profile_is_consistent(tiny_llama, regime):
+    tab = profile_model(tiny_llama, regime, method="in-model", widths=[48], **FAST)
+    assert tab.meta["method"] == "in-model" and tab.mlp_levels == [0, 48, 96]
+    assert tab.dense_ms() == pytest.approx(tab.measured_dense_ms)
+    assert tab.attention_ms[0] == 0 and tab.mlp_ms[0] == 0
+    assert set(tab.meta["layer_ms"]) >= {"0,96", "1,96", "2,0", "2,48"}  # anchored shapes, as whole models
+
+
+def test_default_methods():
+    from zipkd.latency.profile import default_method
+
+    assert default_method(torch.device("cpu"), DECODE) == "blocks"
+    assert default_method(torch.device("cuda"), PREFILL) == "anchored"
+    assert default_method(torch.device("cuda"), DECODE) == "in-model"
+    with pytest.raises(ZipkdError, match="unknown profiling method"):
+        block_entries({}, 1, 1, [], "magic")
 
 
 def test_profile_refuses_pruned_or_misplaced_model(tiny_llama):

@@ -11,8 +11,16 @@ from conftest import ids, tiny_model
 from zipkd.errors import ZipkdError
 from zipkd.models.adapters import adapter_for
 from zipkd.models.io import load_model, save_model
-from zipkd.models.surgery import (LayerShape, drop_layers, layer_shapes, remove_attention, remove_mlp,
-                                  slice_attention, slice_mlp, sync_config)
+from zipkd.models.surgery import (
+    LayerShape,
+    drop_layers,
+    layer_shapes,
+    remove_attention,
+    remove_mlp,
+    slice_attention,
+    slice_mlp,
+    sync_config,
+)
 
 
 def logits(model, x):
@@ -208,8 +216,13 @@ def test_no_unsafe_unpickling_in_source():
 @pytest.mark.slow
 def test_real_model_round_trip(tmp_path, real_model):
     x = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
-    out = save_model(real_model.model, real_model.tokenizer, tmp_path / "real", stage="test",
-                     inputs={"model": real_model.path})
+    out = save_model(
+        real_model.model,
+        real_model.tokenizer,
+        tmp_path / "real",
+        stage="test",
+        inputs={"model": real_model.path},
+    )
     back = load_model(out)
     assert torch.equal(logits(real_model.model, x), logits(back.model, x))
     assert back.tokenizer("hello world").input_ids == real_model.tokenizer("hello world").input_ids

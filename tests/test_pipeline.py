@@ -25,9 +25,12 @@ def synthetic_table(path):
     cfg = load_model("smollm2-135m", tokenizer=False).model.config
     regime = Regime(device="cpu", regime="prefill", batch=1, seq_len=64)
     table = LatencyTable(
-        regime=regime, fingerprint={**model_fingerprint(cfg), **device_fingerprint(regime)}, rest_ms=40.0,
+        regime=regime,
+        fingerprint={**model_fingerprint(cfg), **device_fingerprint(regime)},
+        rest_ms=40.0,
         attention_ms={k: 4.0 * k + (0.5 if k else 0.0) for k in range(4)},
-        mlp_ms={w: 12.0 * w / 1536 + (0.5 if w else 0.0) for w in mlp_grid(1536)}, num_layers=30,
+        mlp_ms={w: 12.0 * w / 1536 + (0.5 if w else 0.0) for w in mlp_grid(1536)},
+        num_layers=30,
     )
     table.save(path)
     return regime
@@ -37,12 +40,21 @@ def recipe(tmp_path, steps=4):
     table = tmp_path / "table.json"
     regime = synthetic_table(table)
     r = {
-        "name": "test", "model": "smollm2-135m", "output": str(tmp_path / "run"), "seed": 0,
+        "name": "test",
+        "model": "smollm2-135m",
+        "output": str(tmp_path / "run"),
+        "seed": 0,
         "hardware": {"device": "cpu", "regime": "prefill", "batch": 1, "seq_len": regime.seq_len},
         "profile": {"table": str(table)},
         "prune": {"target_speedup": "1.5x", "samples": 4, "calib_len": 64},
-        "recover": {"examples": 4, "steps": steps, "batch_size": 2, "max_new_tokens": 8, "max_seq_len": 64,
-                    "checkpoint_every": 2},
+        "recover": {
+            "examples": 4,
+            "steps": steps,
+            "batch_size": 2,
+            "max_new_tokens": 8,
+            "max_seq_len": 64,
+            "checkpoint_every": 2,
+        },
         "quantize": False,
         "eval": {"tasks": ["arc_easy"], "limit": 8, "batch_size": 8, "perplexity": False, "speed_repeats": 1},
     }
@@ -119,7 +131,9 @@ def test_run_killed_mid_recovery_resumes_and_matches_an_uninterrupted_run(tmp_pa
             time.sleep(0.005)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"run ended before it could be killed: {log.read_text()[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL, (
+        f"run ended before it could be killed: {log.read_text()[-2000:]}"
+    )
     state = json.loads((out / "pipeline.json").read_text())
     assert state["prune"]["done"] and not state["recover"]["done"] and not (out / "3-recover").exists()
 
@@ -131,7 +145,9 @@ def test_run_killed_mid_recovery_resumes_and_matches_an_uninterrupted_run(tmp_pa
     assert manifest["metrics"]["resumed_from_step"] >= 2 and manifest["metrics"]["steps"] == 8
     assert not work.exists()
 
-    uninterrupted = subprocess.run([*cmd, "-o", str(ref)], env=env, capture_output=True, text=True, timeout=900)
+    uninterrupted = subprocess.run(
+        [*cmd, "-o", str(ref)], env=env, capture_output=True, text=True, timeout=900
+    )
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
     for stage in ("2-prune", "3-recover"):
         a, b = _weights(out / stage), _weights(ref / stage)

@@ -16,8 +16,18 @@ from typing import Any
 
 MANIFEST = "zipkd.json"
 SCHEMA_VERSION = 1
-_PACKAGES = ("zipkd", "torch", "transformers", "accelerate", "safetensors", "lm_eval", "peft",
-             "bitsandbytes", "optimum-quanto", "datasets")
+_PACKAGES = (
+    "zipkd",
+    "torch",
+    "transformers",
+    "accelerate",
+    "safetensors",
+    "lm_eval",
+    "peft",
+    "bitsandbytes",
+    "optimum-quanto",
+    "datasets",
+)
 _HASH_SUFFIXES = (".safetensors", ".json", ".gguf", ".model", ".txt", ".jsonl", ".parquet", ".bin")
 
 

@@ -75,8 +75,16 @@ def _profile(recipe: Recipe, folder: Path, inputs: dict[str, Any], progress: Any
     table = load_or_profile(lm, _regime(recipe), table=cfg.get("table"), progress=progress)
     with atomic_dir(folder, force=True) as tmp:
         table.save(tmp / "table.json")
-        write_manifest(tmp, build_manifest("profile", {"model": lm.path}, {"regime": recipe.hardware, **cfg},
-                                           recipe.seed, {"dense_predicted_ms": table.dense_ms()}))
+        write_manifest(
+            tmp,
+            build_manifest(
+                "profile",
+                {"model": lm.path},
+                {"regime": recipe.hardware, **cfg},
+                recipe.seed,
+                {"dense_predicted_ms": table.dense_ms()},
+            ),
+        )
     return {"table": str(folder / "table.json"), "model": str(lm.path)}
 
 
@@ -88,16 +96,24 @@ def _prune(recipe: Recipe, folder: Path, inputs: dict[str, Any], progress: Any) 
     c = dict(recipe.sections["prune"] or {})
     targets = c["target_speedup"] if isinstance(c["target_speedup"], list) else [c["target_speedup"]]
     config = PruneConfig(
-        target_speedup=[float(str(t).lower().removesuffix("x")) for t in targets], method=c["method"],
-        samples=c["samples"], calib_len=c["calib_len"], damp=float(c["damp"]), seed=recipe.seed,
-        regime=_regime(recipe), table=inputs.get("table"),
+        target_speedup=[float(str(t).lower().removesuffix("x")) for t in targets],
+        method=c["method"],
+        samples=c["samples"],
+        calib_len=c["calib_len"],
+        damp=float(c["damp"]),
+        seed=recipe.seed,
+        regime=_regime(recipe),
+        table=inputs.get("table"),
     )
     lm = load_model(recipe.model, dtype=recipe.hardware["dtype"])
     texts = load_texts(c["calib"]) if c.get("calib") else None
     results = prune(lm, config, calib_texts=texts, progress=progress, table=inputs.get("table"))
     folders = save_pruned(results, lm, folder, config, force=True, calib_path=c.get("calib"))
-    return {"model": str(folders[0]), "family": [str(f) for f in folders],
-            "predicted_speedup": [r.predicted_speedup for r in results]}
+    return {
+        "model": str(folders[0]),
+        "family": [str(f) for f in folders],
+        "predicted_speedup": [r.predicted_speedup for r in results],
+    }
 
 
 def _recover(recipe: Recipe, folder: Path, inputs: dict[str, Any], progress: Any) -> dict[str, Any]:
@@ -107,12 +123,22 @@ def _recover(recipe: Recipe, folder: Path, inputs: dict[str, Any], progress: Any
 
     c = recipe.sections["recover"] or {}
     config = RecoverConfig(
-        data=c.get("data"), distill=c["self_distill"], max_examples=c["examples"],
+        data=c.get("data"),
+        distill=c["self_distill"],
+        max_examples=c["examples"],
         rewrite=RewriteSettings(max_new_tokens=c["max_new_tokens"]),
-        train=TrainConfig(steps=c["steps"], batch_size=c["batch_size"], lr=c.get("lr"),
-                          method="lora" if c["lora"] else "full", kd=c["kd"], kd_weight=float(c["kd_weight"]),
-                          mix_ratio=float(c["mix_ratio"]), max_seq_len=c["max_seq_len"],
-                          checkpoint_every=c["checkpoint_every"], seed=recipe.seed),
+        train=TrainConfig(
+            steps=c["steps"],
+            batch_size=c["batch_size"],
+            lr=c.get("lr"),
+            method="lora" if c["lora"] else "full",
+            kd=c["kd"],
+            kd_weight=float(c["kd_weight"]),
+            mix_ratio=float(c["mix_ratio"]),
+            max_seq_len=c["max_seq_len"],
+            checkpoint_every=c["checkpoint_every"],
+            seed=recipe.seed,
+        ),
         device=recipe.hardware["device"],
     )
     out = recover(inputs["model"], config, out=folder, force=True, progress=progress)
@@ -133,9 +159,16 @@ def _eval(recipe: Recipe, folder: Path, inputs: dict[str, Any], progress: Any) -
 
     c = recipe.sections["eval"] or {}
     tasks = c["tasks"].split(",") if isinstance(c["tasks"], str) else list(c["tasks"])
-    config = EvalConfig(tasks=tasks, limit=c["limit"], batch_size=c["batch_size"], perplexity=c["perplexity"],
-                        device=recipe.hardware["device"], regime=_regime(recipe), repeats=c["speed_repeats"],
-                        base=str(recipe.model))
+    config = EvalConfig(
+        tasks=tasks,
+        limit=c["limit"],
+        batch_size=c["batch_size"],
+        perplexity=c["perplexity"],
+        device=recipe.hardware["device"],
+        regime=_regime(recipe),
+        repeats=c["speed_repeats"],
+        base=str(recipe.model),
+    )
     models = list(dict.fromkeys([*inputs.get("family", []), inputs["model"]]))
     report = evaluate(models, config, progress=progress)
     write_report(report, folder, force=True)
@@ -143,12 +176,20 @@ def _eval(recipe: Recipe, folder: Path, inputs: dict[str, Any], progress: Any) -
 
 
 RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
-    "profile": _profile, "prune": _prune, "recover": _recover, "quantize": _quantize, "eval": _eval,
+    "profile": _profile,
+    "prune": _prune,
+    "recover": _recover,
+    "quantize": _quantize,
+    "eval": _eval,
 }
 
 
-def run_recipe(recipe: Recipe, from_stage: str | None = None, progress: Any = None,
-               on_stage: Callable[[str, str], None] | None = None) -> RunSummary:
+def run_recipe(
+    recipe: Recipe,
+    from_stage: str | None = None,
+    progress: Any = None,
+    on_stage: Callable[[str, str], None] | None = None,
+) -> RunSummary:
     """Run every enabled stage of `recipe` in order; skip stages whose key (config + upstream keys) matches
     the recorded one and whose folder exists, unless at or after `from_stage`."""
     from zipkd.manifest import content_hash, set_seed
@@ -189,9 +230,16 @@ def run_recipe(recipe: Recipe, from_stage: str | None = None, progress: Any = No
             state[stage] = {"key": key, "done": False}
             _save_state(out, state)
             outputs = RUNNERS[stage](recipe, folder, inputs, progress)
-            state[stage] = {"key": key, "done": True, "outputs": outputs, "seconds": round(time.perf_counter() - t0, 1)}
+            state[stage] = {
+                "key": key,
+                "done": True,
+                "outputs": outputs,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
             _save_state(out, state)
-            runs.append(StageRun(stage, folder, key, skipped=False, seconds=time.perf_counter() - t0, outputs=outputs))
+            runs.append(
+                StageRun(stage, folder, key, skipped=False, seconds=time.perf_counter() - t0, outputs=outputs)
+            )
             if on_stage:
                 on_stage(stage, f"done in {time.perf_counter() - t0:.0f} s")
         for k, v in runs[-1].outputs.items():

@@ -15,13 +15,20 @@ STAGES = ("profile", "prune", "recover", "quantize", "eval")
 
 # Schema: key -> (type(s), default, check or None). A check returns an error message or None.
 _REGIME = {
-    "device": (str, "cpu", lambda v: None if v == "cpu" or v.startswith("cuda") else "must be cpu or cuda[:N]"),
+    "device": (
+        str,
+        "cpu",
+        lambda v: None if v == "cpu" or v.startswith("cuda") else "must be cpu or cuda[:N]",
+    ),
     "regime": (str, "prefill", lambda v: None if v in ("prefill", "decode") else "must be prefill or decode"),
     "batch": (int, 1, lambda v: None if v >= 1 else "must be at least 1"),
     "seq_len": (int, 512, lambda v: None if v >= 1 else "must be at least 1"),
     "context": (int, 512, lambda v: None if v >= 1 else "must be at least 1"),
-    "dtype": (str, "float32", lambda v: None if v in ("float32", "bfloat16", "float16") else
-              "must be float32, bfloat16 or float16"),
+    "dtype": (
+        str,
+        "float32",
+        lambda v: None if v in ("float32", "bfloat16", "float16") else "must be float32, bfloat16 or float16",
+    ),
 }
 
 
@@ -42,8 +49,15 @@ _SECTIONS: dict[str, dict[str, tuple]] = {
     "profile": {"table": ((str, type(None)), None, None)},
     "prune": {
         "target_speedup": ((str, int, float, list), "2x", _speedup_check),
-        "method": (str, "zipkd", lambda v: None if v in ("zipkd", "magnitude", "shortgpt", "wanda-sp") else
-                   "must be zipkd, magnitude, shortgpt or wanda-sp"),
+        "method": (
+            str,
+            "zipkd",
+            lambda v: (
+                None
+                if v in ("zipkd", "magnitude", "shortgpt", "wanda-sp")
+                else "must be zipkd, magnitude, shortgpt or wanda-sp"
+            ),
+        ),
         "samples": (int, 64, lambda v: None if v >= 1 else "must be at least 1"),
         "calib_len": (int, 512, lambda v: None if v >= 16 else "must be at least 16"),
         "calib": ((str, type(None)), None, None),
@@ -58,8 +72,15 @@ _SECTIONS: dict[str, dict[str, tuple]] = {
         "lr": ((int, float, type(None)), None, lambda v: None if v > 0 else "must be positive"),
         "lora": (bool, False, None),
         "self_distill": (bool, True, None),
-        "kd": (str, "forward", lambda v: None if v in ("none", "forward", "reverse", "mix") else
-               "must be none, forward, reverse or mix"),
+        "kd": (
+            str,
+            "forward",
+            lambda v: (
+                None
+                if v in ("none", "forward", "reverse", "mix")
+                else "must be none, forward, reverse or mix"
+            ),
+        ),
         "kd_weight": ((int, float), 0.5, lambda v: None if 0 <= v <= 1 else "must be between 0 and 1"),
         "mix_ratio": ((int, float), 0.0, lambda v: None if 0 <= v <= 1 else "must be between 0 and 1"),
         "max_seq_len": (int, 256, lambda v: None if v >= 16 else "must be at least 16"),
@@ -75,8 +96,12 @@ _SECTIONS: dict[str, dict[str, tuple]] = {
         "speed_repeats": (int, 7, lambda v: None if v >= 1 else "must be at least 1"),
     },
 }
-_TOP = {"model": (str, "smollm2-135m", None), "output": (str, None, None), "seed": (int, 0, None),
-        "name": (str, "zipkd-run", None)}
+_TOP = {
+    "model": (str, "smollm2-135m", None),
+    "output": (str, None, None),
+    "seed": (int, 0, None),
+    "name": (str, "zipkd-run", None),
+}
 
 
 @dataclass
@@ -137,7 +162,9 @@ def parse_recipe(text: str, source: Path | None = None, base_dir: Path | None = 
 
     def err(path: tuple[str, ...], msg: str) -> None:
         line = lines.get(path) or lines.get(path[:1])
-        problems.append(f"{where}:{line}: {'.'.join(path)}: {msg}" if line else f"{where}: {'.'.join(path)}: {msg}")
+        problems.append(
+            f"{where}:{line}: {'.'.join(path)}: {msg}" if line else f"{where}: {'.'.join(path)}: {msg}"
+        )
 
     def check(section: dict[str, tuple], values: Any, path: tuple[str, ...]) -> dict[str, Any]:
         out = {k: spec[1] for k, spec in section.items()}
@@ -190,9 +217,16 @@ def parse_recipe(text: str, source: Path | None = None, base_dir: Path | None = 
         raise ZipkdError(f"{len(problems)} problem(s) in {where}:\n  " + "\n  ".join(problems))
     base_dir = base_dir or (source.parent if source else Path.cwd())
     out = Path(str(top["output"])).expanduser()
-    return Recipe(model=str(top["model"]), output=out if out.is_absolute() else base_dir / out,
-                  seed=int(top["seed"]), name=str(top["name"]), hardware=hardware, sections=sections,
-                  source=source, raw=data)
+    return Recipe(
+        model=str(top["model"]),
+        output=out if out.is_absolute() else base_dir / out,
+        seed=int(top["seed"]),
+        name=str(top["name"]),
+        hardware=hardware,
+        sections=sections,
+        source=source,
+        raw=data,
+    )
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:

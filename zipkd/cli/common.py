@@ -21,13 +21,17 @@ MODEL_HELP = "Model: `smollm2-135m` (embedded default), a Hugging Face model fol
 ModelArg = Annotated[str, typer.Argument(help=MODEL_HELP, show_default=True)]
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Output folder (written atomically).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")]
-SeedOpt = Annotated[int, typer.Option(help="Random seed (recorded in the manifest).", rich_help_panel="Reproducibility")]
+SeedOpt = Annotated[
+    int, typer.Option(help="Random seed (recorded in the manifest).", rich_help_panel="Reproducibility")
+]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda (cuda:N).")]
 REGIME_PANEL = "Target regime (what latency and speedup are measured on)"
 BatchOpt = Annotated[int, typer.Option(min=1, help="Sequences per forward.", rich_help_panel=REGIME_PANEL)]
 SeqLenOpt = Annotated[int, typer.Option(min=1, help="Prompt tokens (prefill).", rich_help_panel=REGIME_PANEL)]
-ContextOpt = Annotated[int, typer.Option(min=1, help="KV-cache tokens (decode).", rich_help_panel=REGIME_PANEL)]
+ContextOpt = Annotated[
+    int, typer.Option(min=1, help="KV-cache tokens (decode).", rich_help_panel=REGIME_PANEL)
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 
 
@@ -83,9 +87,16 @@ def progress(transient: bool = False):
         TimeRemainingColumn,
     )
 
-    return Progress(SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(),
-                    MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
-                    transient=transient)
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=transient,
+    )
 
 
 def parse_speedup(value: str) -> float:

@@ -38,8 +38,10 @@ def describe(lm) -> dict:
         "intermediate_size": geo.intermediate_size,
         "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
-        "layer_shapes": [{"kv_heads": s.kv_heads, "heads": s.heads(geo.group_size), "intermediate": s.intermediate}
-                         for s in shapes],
+        "layer_shapes": [
+            {"kv_heads": s.kv_heads, "heads": s.heads(geo.group_size), "intermediate": s.intermediate}
+            for s in shapes
+        ],
     }
 
 
@@ -58,7 +60,10 @@ def _runs(shapes: list[dict]) -> list[tuple[int, int, dict]]:
 def info(
     model: ModelArg = "smollm2-135m",
     ppl: Annotated[bool, typer.Option("--ppl", help="Also measure perplexity on held-out text.")] = False,
-    data: Annotated[Path | None, typer.Option(help="Text for --ppl (.txt/.jsonl/.parquet); default: held-out LAMBADA passages.")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Text for --ppl (.txt/.jsonl/.parquet); default: held-out LAMBADA passages."),
+    ] = None,
     max_length: Annotated[int, typer.Option(help="Window length for --ppl.")] = 512,
     max_tokens: Annotated[int, typer.Option(help="Tokens scored for --ppl.")] = 16384,
     dtype: DtypeOpt = "float32",
@@ -78,15 +83,32 @@ def info(
 
         source = data or heldout_text_path()
         with progress(transient=True) as bar:
-            summary["perplexity"] = perplexity(lm.model, lm.tokenizer, load_texts(source), max_length=max_length,
-                                               max_tokens=max_tokens, progress=bar)
+            summary["perplexity"] = perplexity(
+                lm.model,
+                lm.tokenizer,
+                load_texts(source),
+                max_length=max_length,
+                max_tokens=max_tokens,
+                progress=bar,
+            )
         summary["perplexity"]["data"] = str(source)
     if as_json:
         console.print_json(json.dumps(summary))
         return
     t = Table(title=f"{summary['model']} ({summary['architecture']})", show_header=False)
-    for key in ("path", "parameters", "dtype", "hidden_size", "layers", "heads", "kv_heads", "head_dim",
-                "intermediate_size", "vocab_size", "tie_word_embeddings"):
+    for key in (
+        "path",
+        "parameters",
+        "dtype",
+        "hidden_size",
+        "layers",
+        "heads",
+        "kv_heads",
+        "head_dim",
+        "intermediate_size",
+        "vocab_size",
+        "tie_word_embeddings",
+    ):
         val = summary[key]
         t.add_row(key, f"{val:,}" if isinstance(val, int) and not isinstance(val, bool) else str(val))
     console.print(t)
@@ -94,13 +116,19 @@ def info(
     for col in ("layers", "KV heads", "query heads", "MLP width"):
         lt.add_column(col, justify="right")
     for a, b, s in _runs(summary["layer_shapes"]):
-        lt.add_row(f"{a}" if a == b else f"{a}–{b}", str(s["kv_heads"] or "removed"),
-                   str(s["heads"] or "—"), str(s["intermediate"] or "removed"))
+        lt.add_row(
+            f"{a}" if a == b else f"{a}–{b}",
+            str(s["kv_heads"] or "removed"),
+            str(s["heads"] or "—"),
+            str(s["intermediate"] or "removed"),
+        )
     console.print(lt)
     if ppl:
         p = summary["perplexity"]
-        console.print(f"perplexity [bold]{p['perplexity']:.2f}[/] on {p['tokens']:,} tokens "
-                      f"({p['max_length']}-token windows) of {p['data']}")
+        console.print(
+            f"perplexity [bold]{p['perplexity']:.2f}[/] on {p['tokens']:,} tokens "
+            f"({p['max_length']}-token windows) of {p['data']}"
+        )
 
 
 @app.command(rich_help_panel="Inspect")

@@ -15,8 +15,17 @@ from zipkd.cli.common import cli_errors, console, err_console, progress
 def summary_table(report) -> Table:
     """Quality / speed / memory of every evaluated model against the base."""
     t = Table(title="zipkd run: final models against the base")
-    for col in ("model", "stage", *report.tasks, "mean retention", "perplexity", "measured speedup",
-                "predicted speedup", "params", "disk MiB"):
+    for col in (
+        "model",
+        "stage",
+        *report.tasks,
+        "mean retention",
+        "perplexity",
+        "measured speedup",
+        "predicted speedup",
+        "params",
+        "disk MiB",
+    ):
         t.add_column(col, justify="left" if col in ("model", "stage") else "right")
 
     def fmt(x, spec="{:.3f}"):
@@ -25,11 +34,17 @@ def summary_table(report) -> Table:
     for m in report.all_models():
         ppl = (m.perplexity or {}).get("perplexity")
         disk = (m.memory or {}).get("disk_bytes")
-        t.add_row(m.name, m.stage or ("base" if m is report.base else ""),
-                  *[fmt(m.quality.get(task, {}).get("score")) for task in report.tasks],
-                  fmt(m.mean_retention, "{:.1%}"), fmt(ppl, "{:.2f}"), fmt(m.measured_speedup, "{:.2f}x"),
-                  fmt(m.predicted_speedup, "{:.2f}x"), fmt((m.memory or {}).get("params"), "{:,}"),
-                  fmt(disk / 2**20 if disk else None, "{:.0f}"))
+        t.add_row(
+            m.name,
+            m.stage or ("base" if m is report.base else ""),
+            *[fmt(m.quality.get(task, {}).get("score")) for task in report.tasks],
+            fmt(m.mean_retention, "{:.1%}"),
+            fmt(ppl, "{:.2f}"),
+            fmt(m.measured_speedup, "{:.2f}x"),
+            fmt(m.predicted_speedup, "{:.2f}x"),
+            fmt((m.memory or {}).get("params"), "{:,}"),
+            fmt(disk / 2**20 if disk else None, "{:.0f}"),
+        )
     return t
 
 
@@ -37,9 +52,20 @@ def summary_table(report) -> Table:
 @cli_errors
 def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see zipkd/recipes/ for examples).")],
-    from_stage: Annotated[str | None, typer.Option("--from", help="Rerun from this stage on: profile, prune, recover, quantize or eval.")] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Override the recipe's output folder.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Accepted for symmetry; reruns are incremental anyway (stages whose inputs and config match are skipped).")] = False,
+    from_stage: Annotated[
+        str | None,
+        typer.Option("--from", help="Rerun from this stage on: profile, prune, recover, quantize or eval."),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Override the recipe's output folder.")
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Accepted for symmetry; reruns are incremental anyway (stages whose inputs and config match are skipped).",
+        ),
+    ] = False,
     check: Annotated[bool, typer.Option("--check", help="Only validate the recipe and exit.")] = False,
 ) -> None:
     """Run a recipe: profile → prune → recover → quantize → eval. Each stage writes a folder with its manifest;

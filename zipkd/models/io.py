@@ -66,7 +66,9 @@ def read_config(folder: Path) -> dict:
         raise ZipkdError(f"cannot read {folder / 'config.json'}: {exc}") from exc
     mt = cfg.get("model_type")
     if mt not in ADAPTERS:
-        raise ZipkdError(f"unsupported architecture {mt!r} in {folder}; zipkd supports: {', '.join(sorted(ADAPTERS))}")
+        raise ZipkdError(
+            f"unsupported architecture {mt!r} in {folder}; zipkd supports: {', '.join(sorted(ADAPTERS))}"
+        )
     return cfg
 
 
@@ -74,7 +76,9 @@ def _weight_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
-            raise ZipkdError(f"{folder} holds only pickled weights; zipkd reads safetensors only (convert them first)")
+            raise ZipkdError(
+                f"{folder} holds only pickled weights; zipkd reads safetensors only (convert them first)"
+            )
         raise ZipkdError(f"{folder} has no .safetensors weights")
     return files
 
@@ -118,7 +122,11 @@ def _load_heterogeneous(folder: Path, dtype: Any) -> Any:
     apply_layer_shapes(model, config.zipkd_layers)
     sd = _read_state_dict(folder)
     result = model.load_state_dict(sd, strict=False, assign=True)
-    tied = {k for k in result.missing_keys if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
+    tied = (
+        {k for k in result.missing_keys if k.endswith("lm_head.weight")}
+        if config.tie_word_embeddings
+        else set()
+    )
     missing = set(result.missing_keys) - tied
     if missing or result.unexpected_keys:
         raise ZipkdError(
@@ -131,8 +139,9 @@ def _load_heterogeneous(folder: Path, dtype: Any) -> Any:
     return model.to(dtype)
 
 
-def load_model(spec: str | os.PathLike | None = None, dtype: str = "float32", device: str = "cpu",
-               tokenizer: bool = True) -> LoadedModel:
+def load_model(
+    spec: str | os.PathLike | None = None, dtype: str = "float32", device: str = "cpu", tokenizer: bool = True
+) -> LoadedModel:
     """Load a model for zipkd: the embedded name, a folder, or a .gguf file. Never runs remote code."""
     offline_env()
     dt = torch_dtype(dtype)
@@ -190,10 +199,19 @@ def _read_state_dict_headers(folder: Path) -> None:
             raise ZipkdError(f"corrupt weights file {f}: {exc}") from exc
 
 
-def save_model(model: Any, tokenizer: Any, out: str | os.PathLike, stage: str,
-               inputs: dict[str, Any] | None = None, config: Any = None, seed: int | None = None,
-               metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
-               force: bool = False, input_hashes: dict[str, str] | None = None) -> Path:
+def save_model(
+    model: Any,
+    tokenizer: Any,
+    out: str | os.PathLike,
+    stage: str,
+    inputs: dict[str, Any] | None = None,
+    config: Any = None,
+    seed: int | None = None,
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    force: bool = False,
+    input_hashes: dict[str, str] | None = None,
+) -> Path:
     """Write weights (safetensors), config, tokenizer and `zipkd.json` into `out`, atomically."""
     from zipkd.manifest import build_manifest, write_manifest
     from zipkd.models.surgery import sync_config

@@ -51,7 +51,9 @@ class ZeroBlock(nn.Module):
         return f"kind={self.kind!r}, removed"
 
 
-def _slice_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+def _slice_linear(
+    lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
+) -> nn.Linear:
     w = lin.weight.data
     b = lin.bias.data if lin.bias is not None else None
     if rows is not None:
@@ -95,8 +97,9 @@ def width_of(layer: nn.Module, ad: ArchAdapter) -> int:
     return 0 if isinstance(mlp, ZeroBlock) else getattr(mlp, ad.down).in_features
 
 
-def slice_attention(layer: nn.Module, ad: ArchAdapter, head_dim: int, group_size: int,
-                    keep_groups: Sequence[int]) -> None:
+def slice_attention(
+    layer: nn.Module, ad: ArchAdapter, head_dim: int, group_size: int, keep_groups: Sequence[int]
+) -> None:
     """Keep the given KV groups (indices into the layer's current groups); a KV head goes with its
     `group_size` query heads. An empty selection removes the attention block."""
     if len(keep_groups) == 0:
@@ -140,7 +143,9 @@ def base_geometry(config: Any):
 def layer_shapes(model: nn.Module) -> list[LayerShape]:
     ad = adapter_for(model.config)
     geo = base_geometry(model.config)
-    return [LayerShape(kv_heads_of(layer, ad, geo.head_dim), width_of(layer, ad)) for layer in ad.layers(model)]
+    return [
+        LayerShape(kv_heads_of(layer, ad, geo.head_dim), width_of(layer, ad)) for layer in ad.layers(model)
+    ]
 
 
 def sync_config(model: nn.Module) -> None:
@@ -153,8 +158,11 @@ def sync_config(model: nn.Module) -> None:
     geo = base_geometry(cfg)
     if not getattr(cfg, "zipkd_base", None):
         cfg.zipkd_base = {
-            "num_heads": geo.num_heads, "num_kv_heads": geo.num_kv_heads, "head_dim": geo.head_dim,
-            "intermediate_size": geo.intermediate_size, "num_layers": geo.num_layers,
+            "num_heads": geo.num_heads,
+            "num_kv_heads": geo.num_kv_heads,
+            "head_dim": geo.head_dim,
+            "intermediate_size": geo.intermediate_size,
+            "num_layers": geo.num_layers,
         }
     layers = ad.layers(model)
     old_types = list(getattr(cfg, "layer_types", None) or [])
@@ -182,14 +190,19 @@ def sync_config(model: nn.Module) -> None:
         attn_types.append(kept_types[j] if kept_types else None)
     if kept_types:
         if len(set(kept_types)) > 1 and rest_types:
-            raise ZipkdError("removing attention blocks in a model with mixed attention types is not supported")
+            raise ZipkdError(
+                "removing attention blocks in a model with mixed attention types is not supported"
+            )
         cfg.layer_types = attn_types + rest_types
     cfg.num_hidden_layers = len(kept)
     shapes = [LayerShape(kv_heads_of(lay, ad, geo.head_dim), width_of(lay, ad)) for lay in kept]
     cfg.zipkd_layers = [asdict(s) for s in shapes]
     cfg.head_dim = geo.head_dim
-    uniform = len({(s.kv_heads, s.intermediate) for s in shapes}) == 1 and shapes[0].kv_heads > 0 \
+    uniform = (
+        len({(s.kv_heads, s.intermediate) for s in shapes}) == 1
+        and shapes[0].kv_heads > 0
         and shapes[0].intermediate > 0
+    )
     if uniform:
         cfg.num_key_value_heads = shapes[0].kv_heads
         cfg.num_attention_heads = shapes[0].kv_heads * geo.group_size
@@ -232,7 +245,7 @@ def apply_layer_shapes(model: nn.Module, shapes: Sequence[dict | LayerShape]) ->
     layers = ad.layers(model)
     if len(shapes) != len(layers):
         raise ZipkdError(f"config lists {len(shapes)} layer shapes for {len(layers)} layers")
-    for layer, s in zip(layers, shapes):
+    for layer, s in zip(layers, shapes, strict=True):
         s = s if isinstance(s, LayerShape) else LayerShape(**s)
         if s.kv_heads == 0:
             remove_attention(layer, ad)
