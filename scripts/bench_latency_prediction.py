@@ -1,7 +1,8 @@
 """Bench: how well a zipkd latency table predicts measured speed on this CPU.
 
-Builds the table for the embedded SmolLM2-135M (prefill 1×512, float32, eager; the regime the pruning bench
-uses), timing the build; then measures >= 8 random pruned variants (random per-layer widths from the grid,
+Builds the table for the embedded SmolLM2-135M (default: prefill 1×512, float32, eager, the regime the pruning
+bench uses; `--regime decode --context N` and `--method` measure other regimes and profiling methods), timing
+the build; then measures >= 8 random pruned variants (random per-layer widths from the grid,
 random KV-head counts, removed blocks, dropped layers) whose predicted speedups span 1.2x-3x, each timed
 alternately with the dense model. Targets: median |predicted/measured speedup - 1| <= 10%, build <= 180 s.
 Prints the headline figures last; exits 1 on a miss.
@@ -32,7 +33,15 @@ TARGET_BUILD_S = 180.0
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--regime", choices=("prefill", "decode"), default="prefill")
+    ap.add_argument("--seq-len", type=int, default=512, help="prompt tokens (prefill)")
+    ap.add_argument("--context", type=int, default=512, help="cached tokens (decode)")
+    ap.add_argument(
+        "--method",
+        choices=("blocks", "anchored", "in-model"),
+        default=None,
+        help="profiling method (default: auto)",
+    )
     ap.add_argument("--variants", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=9, help="timed repeats per table entry")
@@ -50,12 +59,14 @@ def main() -> int:
 
     load0 = os.getloadavg()
     lm = load_model(args.model, dtype="float32", device="cpu", tokenizer=False)
-    regime = Regime(device="cpu", regime="prefill", batch=1, seq_len=args.seq_len, dtype="float32")
+    regime = Regime(
+        device="cpu", regime=args.regime, batch=1, seq_len=args.seq_len, context=args.context, dtype="float32"
+    )
     t0 = time.perf_counter()
-    table = profile_model(lm, regime, repeats=args.repeats)
+    table = profile_model(lm, regime, repeats=args.repeats, method=args.method)
     build_s = time.perf_counter() - t0
     print(
-        f"table built in {build_s:.1f} s on {table.fingerprint['device_name']}, {torch.get_num_threads()} "
+        f"{args.regime} table ({table.meta['method']}) built in {build_s:.1f} s on {table.fingerprint['device_name']}, {torch.get_num_threads()} "
         f"threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}; dense measured {table.measured_dense_ms:.1f} ms, rest {table.rest_ms:.1f} ms "
         f"({table.meta['rest_fraction']:.1%}), layer {table.meta['dense_layer_ms']:.2f} ms, "
         f"layer overhead c {table.layer_overhead_ms:.2f} ms"
