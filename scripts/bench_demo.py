@@ -78,12 +78,15 @@ def safetensors_equal(a: Path, b: Path) -> tuple[bool, str]:
 def scores(report: dict) -> dict[str, dict]:
     """Quality numbers (not timings) of each model in a report, keyed by stage."""
     out = {}
-    for m in [report.get("base"), *report["models"]]:
+    for label, m in [
+        ("base", report.get("base")),
+        *[(m.get("stage") or m["name"], m) for m in report["models"]],
+    ]:
         if m is None:
             continue
         q = {t: v.get("score") for t, v in sorted(m.get("quality", {}).items())}
         ppl = (m.get("perplexity") or {}).get("perplexity")
-        out[m.get("stage") or "base"] = {"quality": q, "perplexity": ppl}
+        out[label] = {"quality": q, "perplexity": ppl}
     return out
 
 

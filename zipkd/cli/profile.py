@@ -180,6 +180,8 @@ def _print_table(tab) -> None:
     line = f"dense: predicted {tab.dense_ms():.2f} ms"
     if tab.measured_dense_ms is not None:
         line += f", measured {tab.measured_dense_ms:.2f} ms"
+    if tab.meta.get("method"):
+        line += f"; method {tab.meta['method']}"
     if "build_s" in tab.meta and not tab.meta.get("cached"):
         line += f"; built in {tab.meta['build_s']:.0f} s"
     if tab.meta.get("cached"):

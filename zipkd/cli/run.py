@@ -13,38 +13,32 @@ from zipkd.cli.common import cli_errors, console, err_console, progress
 
 
 def summary_table(report) -> Table:
-    """Quality / speed / memory of every evaluated model against the base."""
+    """Quality / speed / memory of every evaluated model against the base, one column per model (a family of
+    models still fits a terminal)."""
+    models = report.all_models()
     t = Table(title="zipkd run: final models against the base")
-    for col in (
-        "model",
-        "stage",
-        *report.tasks,
-        "mean retention",
-        "perplexity",
-        "measured speedup",
-        "predicted speedup",
-        "params",
-        "disk MiB",
-    ):
-        t.add_column(col, justify="left" if col in ("model", "stage") else "right")
+    t.add_column("")
+    for m in models:
+        t.add_column("base" if m is report.base else (m.stage or m.name), justify="right")
 
     def fmt(x, spec="{:.3f}"):
         return "—" if x is None else spec.format(x)
 
-    for m in report.all_models():
-        ppl = (m.perplexity or {}).get("perplexity")
-        disk = (m.memory or {}).get("disk_bytes")
-        t.add_row(
-            m.name,
-            m.stage or ("base" if m is report.base else ""),
-            *[fmt(m.quality.get(task, {}).get("score")) for task in report.tasks],
-            fmt(m.mean_retention, "{:.1%}"),
-            fmt(ppl, "{:.2f}"),
-            fmt(m.measured_speedup, "{:.2f}x"),
-            fmt(m.predicted_speedup, "{:.2f}x"),
-            fmt((m.memory or {}).get("params"), "{:,}"),
-            fmt(disk / 2**20 if disk else None, "{:.0f}"),
-        )
+    def mem(m, key, scale, spec):
+        v = (m.memory or {}).get(key)
+        return fmt(v / scale if v else None, spec)
+
+    t.add_row("model", *[m.name for m in models])
+    for task in report.tasks:
+        metric = next((m.quality[task].get("metric") for m in models if task in m.quality), None)
+        label = f"{task} ({metric})" if metric else task
+        t.add_row(label, *[fmt(m.quality.get(task, {}).get("score")) for m in models])
+    t.add_row("mean retention", *[fmt(m.mean_retention, "{:.1%}") for m in models])
+    t.add_row("perplexity", *[fmt((m.perplexity or {}).get("perplexity"), "{:.2f}") for m in models])
+    t.add_row("measured speedup", *[fmt(m.measured_speedup, "{:.2f}x") for m in models])
+    t.add_row("predicted speedup", *[fmt(m.predicted_speedup, "{:.2f}x") for m in models])
+    t.add_row("parameters (M)", *[mem(m, "params", 1e6, "{:.1f}") for m in models])
+    t.add_row("disk MiB", *[mem(m, "disk_bytes", 2**20, "{:.0f}") for m in models])
     return t
 
 
