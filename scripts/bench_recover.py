@@ -144,8 +144,12 @@ def get_pruned(method: str, root: Path) -> tuple[Path, dict]:
     cfg = PruneConfig(target_speedup=2.0)
     # Keyed by the pruning config and the latency table it uses (cached or profiled now): a re-measured table
     # (another machine, a quieter one) or another pruner config makes a new model instead of reusing a stale one.
+    # "v2": models pruned before content_hash hashed folders under hidden directories recorded an empty teacher
+    # hash, which recovery now (rightly) refuses as a changed teacher.
     table = latency_table(lm, cfg)
-    key = hashlib.sha256(json.dumps([repr(cfg), table.to_json()], sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps(["v2", repr(cfg), table.to_json()], sort_keys=True).encode()).hexdigest()[
+        :12
+    ]
     folder = root / f"pruned-2x-{method}-{key if method == 'zipkd' else 'v1'}"
     if (folder / "zipkd.json").is_file():
         return folder, {"cached": True, **(read_manifest(folder) or {}).get("metrics", {})}

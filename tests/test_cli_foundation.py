@@ -84,3 +84,23 @@ def test_info_real_model_perplexity():
     # Golden range: 57.2 measured on 16k tokens of the held-out LAMBADA passages (2026-11-26); a broken
     # loader or tokenizer gives hundreds or thousands.
     assert 20 < data["perplexity"]["perplexity"] < 120
+
+
+def test_content_hash_of_a_folder_under_a_hidden_directory(tmp_path):
+    """A model cached under ~/.cache/... must still be hashed by its files (not the empty hash), and a change
+    to a weight file must change the hash; hidden entries inside the folder are ignored."""
+    import hashlib
+
+    from zipkd.manifest import content_hash
+
+    folder = tmp_path / ".cache" / "zipkd" / "models" / "m"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "config.json").write_text("{}")
+    first = content_hash(folder)
+    assert first != hashlib.sha256().hexdigest()
+    (folder / ".work").mkdir()
+    (folder / ".work" / "tmp.safetensors").write_bytes(b"junk")
+    assert content_hash(folder) == first
+    (folder / "model.safetensors").write_bytes(b"weights2")
+    assert content_hash(folder) != first

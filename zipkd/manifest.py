@@ -46,9 +46,12 @@ def content_hash(path: str | os.PathLike) -> str:
         return sha256_file(path)
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        if f.name == MANIFEST or f.suffix not in _HASH_SUFFIXES or any(s.startswith(".") for s in f.parts):
+        rel = f.relative_to(path)
+        # Hidden entries *inside* the folder (work dirs, temp files) are skipped; the folder itself may well live
+        # under a hidden directory (~/.cache/zipkd/models/...).
+        if f.name == MANIFEST or f.suffix not in _HASH_SUFFIXES or any(s.startswith(".") for s in rel.parts):
             continue
-        h.update(str(f.relative_to(path)).encode())
+        h.update(str(rel).encode())
         h.update(sha256_file(f).encode())
     return h.hexdigest()
 
