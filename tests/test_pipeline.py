@@ -10,6 +10,7 @@ import json
 
 import pytest
 import yaml
+from conftest import kill_at_first_checkpoint
 from typer.testing import CliRunner
 
 from zipkd.cli import app
@@ -114,7 +115,6 @@ def test_run_killed_mid_recovery_resumes_and_matches_an_uninterrupted_run(tmp_pa
     import signal
     import subprocess
     import sys
-    import time
 
     import torch
 
@@ -124,16 +124,8 @@ def test_run_killed_mid_recovery_resumes_and_matches_an_uninterrupted_run(tmp_pa
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
     work = out / ".3-recover.recover-work"  # beside the stage folder
     log = tmp_path / "killed.log"
-    with log.open("w") as sink:  # a file, not a pipe: a full pipe would stall the child
-        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 900
-        while not list(work.glob("ckpt-*")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, (
-        f"run ended before it could be killed: {log.read_text()[-2000:]}"
-    )
+    returncode = kill_at_first_checkpoint(cmd, env, work, log, timeout=900)
+    assert returncode == -signal.SIGKILL, f"run ended before it could be killed: {log.read_text()[-2000:]}"
     state = json.loads((out / "pipeline.json").read_text())
     assert state["prune"]["done"] and not state["recover"]["done"] and not (out / "3-recover").exists()
 

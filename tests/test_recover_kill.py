@@ -8,9 +8,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import torch
+from conftest import kill_at_first_checkpoint
 from test_recover import TEXT, _weights
 from test_recover_utils import make_chain, write_jsonl
 
@@ -45,16 +45,8 @@ def test_sigkill_then_rerun_resumes_with_identical_weights(tmp_path):
     work = tmp_path / ".out.recover-work"
 
     log = tmp_path / "killed.log"
-    with log.open("w") as sink:  # a file, not a pipe: a full pipe would stall the child
-        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while not list(work.glob("ckpt-*")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, (
-        f"run ended before it could be killed: {log.read_text()[-2000:]}"
-    )
+    returncode = kill_at_first_checkpoint(cmd, env, work, log, timeout=300)
+    assert returncode == -signal.SIGKILL, f"run ended before it could be killed: {log.read_text()[-2000:]}"
     assert not out.exists() and [p.name for p in work.glob("ckpt-*")]
 
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
