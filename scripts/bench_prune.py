@@ -8,8 +8,8 @@ against the baselines run through the same code path (uniform magnitude, ShortGP
    `zipkd.latency.measure.compare_ms`), held-out perplexity (LAMBADA passages, never calibration text) and
    ARC-Easy accuracy on a fixed subset (lm-eval `simple_evaluate` on zipkd's local task).
 
-`--ablation` instead measures the design choices on a *development* split (the last fifth of the calibration
-passages, never used to calibrate in this mode, and not the evaluation text): errors weighted by the loss
+`--ablation` instead measures the design choices on the *development* text (`dev.txt`: a fifth of the CoQA
+stories, never calibrated on, not evaluation text): errors weighted by the loss
 Fisher or plain squared output errors, and the sequential re-fit versus no weight update.
 
 Targets: zipkd has the lowest perplexity at each target; its measured speedup is within ±10% of the target;
@@ -98,7 +98,7 @@ def arc_accuracy(model, tokenizer, limit: int) -> float | None:
 
 def ablation(args) -> int:
     """Design ablation on the development split (see the module docstring)."""
-    from zipkd.data.assets import calib_text_path
+    from zipkd.data.assets import calib_text_path, dev_text_path
     from zipkd.data.text import load_texts
     from zipkd.evaluate.perplexity import perplexity
     from zipkd.latency.table import Regime
@@ -111,9 +111,7 @@ def ablation(args) -> int:
     regime = Regime(device="cpu", regime="prefill", batch=1, seq_len=512, dtype="float32")
     lm = load_model(args.model)
     table = latency_table(lm, PruneConfig(regime=regime, table=args.table))
-    texts = load_texts(calib_text_path())
-    cut = int(len(texts) * 0.8)
-    calib, dev = texts[:cut], texts[cut:]
+    calib, dev = load_texts(calib_text_path()), load_texts(dev_text_path())
 
     def ppl(model) -> float:
         return perplexity(model, lm.tokenizer, dev, max_length=512, max_tokens=args.ppl_tokens)["perplexity"]
@@ -142,7 +140,7 @@ def ablation(args) -> int:
                 (f"fisher={fisher}", "sequential" if refit == "sequential" else "no update", "", *vals)
             )
     print(
-        f"\nAblation, SmolLM2-135M, dev split (last 20% of calibration passages), {args.ppl_tokens} tokens, "
+        f"\nAblation, SmolLM2-135M, development text (dev.txt), {args.ppl_tokens} tokens, "
         f"calibration {args.samples}x{args.calib_len}"
     )
     print(f"{'errors':<12} {'weights':<12} {'1.5x ppl':>9} {'2x ppl':>9}")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from zipkd.data.assets import boolq_partition, ensure_data
+from zipkd.data.assets import boolq_partition, coqa_partition, ensure_data
 from zipkd.data.text import calibration_batch, load_texts
 from zipkd.errors import ZipkdError
 
@@ -25,6 +25,15 @@ def test_roles_are_disjoint():
     assert sources and not sources & tasks
     heldout = (folder / "heldout.txt").read_text()
     assert not any(c[:200] in heldout for c in list(calib)[:200])
+    # Development stories: none calibrated on, none in the held-out text; both partitions non-empty.
+    dev = {d.strip() for d in (folder / "dev.txt").read_text().split("\n\n") if d.strip()}
+    assert len(dev) >= 50 and not dev & calib
+    assert not any(d[:200] in heldout for d in dev)
+    info = json.loads((folder / "datasets.json").read_text())
+    assert info["counts"]["calib_stories"] > 3 * info["counts"]["dev_stories"] > 0
+    assert len(calib) == info["counts"]["calib_passages"] + info["counts"]["calib_stories"]
+    parts = [coqa_partition(f"story {i}") for i in range(1000)]
+    assert 0.15 < parts.count("dev") / 1000 < 0.25 and parts == [coqa_partition(f"story {i}") for i in range(1000)]
 
 
 def test_user_files(tmp_path):

