@@ -134,7 +134,8 @@ def get_pruned(method: str, root: Path) -> tuple[Path, dict]:
     """The 2x model, built once and cached in `root` (it does not depend on anything recovery does)."""
     import hashlib
 
-    from zipkd.manifest import read_manifest
+    from zipkd.data.assets import calib_text_path
+    from zipkd.manifest import content_hash, read_manifest
     from zipkd.models.io import load_model
     from zipkd.prune import PruneConfig, prune, save_pruned
     from zipkd.prune.api import latency_table
@@ -146,10 +147,12 @@ def get_pruned(method: str, root: Path) -> tuple[Path, dict]:
     # (another machine, a quieter one) or another pruner config makes a new model instead of reusing a stale one.
     # "v2": models pruned before content_hash hashed folders under hidden directories recorded an empty teacher
     # hash, which recovery now (rightly) refuses as a changed teacher.
+    # The calibration text's hash too: another export of the offline data calibrates differently.
     table = latency_table(lm, cfg)
-    key = hashlib.sha256(json.dumps(["v2", repr(cfg), table.to_json()], sort_keys=True).encode()).hexdigest()[
-        :12
-    ]
+    calib = content_hash(calib_text_path())
+    key = hashlib.sha256(
+        json.dumps(["v2", repr(cfg), table.to_json(), calib], sort_keys=True).encode()
+    ).hexdigest()[:12]
     folder = root / f"pruned-2x-{method}-{key if method == 'zipkd' else 'v1'}"
     if (folder / "zipkd.json").is_file():
         return folder, {"cached": True, **(read_manifest(folder) or {}).get("metrics", {})}

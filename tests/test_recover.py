@@ -24,7 +24,15 @@ from zipkd.recover.data import (
     text_windows,
 )
 from zipkd.recover.losses import combined_loss, forward_kl, masked_cross_entropy, reverse_kl
-from zipkd.recover.train import TrainConfig, batch_indices, collate, is_text_step, lr_at
+from zipkd.recover.train import (
+    TrainConfig,
+    batch_indices,
+    collate,
+    fast_bf16,
+    is_text_step,
+    lr_at,
+    resolve_precision,
+)
 
 TEXT = "\n\n".join(
     f"Paragraph {i}: the river runs past the mill and the miller counts {i} sacks of flour."
@@ -277,6 +285,18 @@ def test_train_config_validates(kwargs, match):
         TrainConfig(**kwargs)
 
 
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert fast_bf16("cpu") and resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert resolve_precision("auto", "cpu") == "fp32"  # no probe: the safe choice
+    with pytest.raises(ZipkdError, match="precision"):
+        TrainConfig(precision="fp8")
+
+
 # ------------------------------------------------------------------------------------------------ training
 def _config(tmp_path, **train):
     base = dict(
@@ -370,6 +390,7 @@ def test_manifest_records_the_run(tmp_path):
     rec = m["recovery"]
     assert rec["data_hash"] and rec["distilled_set"]["hash"] and rec["distilled_set"]["cache_key"]
     assert m["stage"] == "recover" and m["seed"] == 0 and m["config"]["train"]["kd"] == "reverse"
+    assert m["config"]["train"]["precision"] == resolve_precision("auto", "cpu")  # `auto` is recorded resolved
     assert math.isfinite(m["metrics"]["final_loss"]) and m["metrics"]["tokens"] > 0
     assert find_teacher(out) == dense  # recover → prune → dense
     with pytest.raises(ZipkdError, match="already exists"):

@@ -83,8 +83,12 @@ def recover(
         int, typer.Option(help="Checkpoint interval (steps); a rerun resumes.", rich_help_panel=TRAIN)
     ] = 50,
     precision: Annotated[
-        str, typer.Option(help="fp32, or bf16 (mixed precision; GPU).", rich_help_panel=TRAIN)
-    ] = "fp32",
+        str,
+        typer.Option(
+            help="auto (bf16 mixed precision on GPUs with bf16 and CPUs with AMX, else fp32), fp32 or bf16.",
+            rich_help_panel=TRAIN,
+        ),
+    ] = "auto",
     kd: Annotated[
         str,
         typer.Option(

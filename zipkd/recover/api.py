@@ -13,13 +13,13 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from zipkd.errors import ZipkdError
 from zipkd.recover.data import RewriteSettings
-from zipkd.recover.train import TrainConfig, config_dict
+from zipkd.recover.train import TrainConfig, config_dict, resolve_precision
 
 # Stages whose output derives from a model that is not the user's original: followed back to find the teacher.
 DERIVED_STAGES = ("prune", "recover", "merge", "quantize")
@@ -146,6 +146,8 @@ def recover(
     if lm.tokenizer is None:
         raise ZipkdError(f"{lm.path} has no tokenizer; recovery needs one")
 
+    # `auto` precision is settled here, once, so the run key, the manifest and the loop agree on it.
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))
     data_path = Path(config.data).expanduser() if config.data else finetune_path()
     examples = select_examples(load_examples(data_path), config.max_examples, cfg.seed)
 

@@ -26,7 +26,7 @@ from zipkd.recover.data import TrainSeq
 from zipkd.recover.losses import KD_MODES, combined_loss
 
 METHODS = ("full", "lora")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 CKPT_PREFIX = "ckpt-"
 KEEP_CHECKPOINTS = 2
 
@@ -53,7 +53,7 @@ class TrainConfig:
     max_seq_len: int = 256
     checkpoint_every: int = 50
     seed: int = 0
-    precision: str = "fp32"
+    precision: str = "auto"  # auto: bf16 mixed precision where the hardware has fast bf16, else fp32
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -302,11 +302,31 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any) -> dict[str, Any]:
     return state
 
 
+def fast_bf16(device: str) -> bool:
+    """Does `device` run bf16 matrix products faster than fp32? CUDA GPUs with bf16 support, and CPUs with
+    AMX tiles (Intel Sapphire Rapids and later: bf16 autocast trained 1.75x faster than fp32 on 2 cores here)."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # an older torch without the probe: assume not
+        return False
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """`auto` → `bf16` (mixed precision: fp32 master weights, bf16 autocast) on fast-bf16 hardware, else `fp32`."""
+    if precision != "auto":
+        return precision
+    return "bf16" if fast_bf16(device) else "fp32"
+
+
 # ------------------------------------------------------------------------------------------- the loop
 def _accelerator(device: str, precision: str):
     from accelerate import Accelerator
 
-    mixed = "bf16" if precision == "bf16" else "no"
+    mixed = "bf16" if resolve_precision(precision, device) == "bf16" else "no"
     return Accelerator(cpu=str(device).startswith("cpu"), mixed_precision=mixed)
 
 
