@@ -11,6 +11,8 @@ against the baselines run through the same code path (uniform magnitude, ShortGP
 `--ablation` instead measures the design choices on the *development* text (`dev.txt`: a fifth of the CoQA
 stories, never calibrated on, not evaluation text): errors weighted by the loss
 Fisher or plain squared output errors, and the sequential re-fit versus no weight update.
+`--calibration-ablation` compares calibration texts on the development text: BoolQ passages alone vs the
+export's whole calibration text (BoolQ passages + CoQA stories), for zipkd and Wanda-sp.
 
 Targets: zipkd has the lowest perplexity at each target; its measured speedup is within ±10% of the target;
 the 2x run fits the time and memory budget; same seed → identical weights. Headline figures are printed
@@ -149,6 +151,54 @@ def ablation(args) -> int:
     return 0
 
 
+def calibration_ablation(args) -> int:
+    """Which calibration text? BoolQ passages alone vs the export's whole calibration text (BoolQ passages +
+    CoQA stories), for zipkd and Wanda-sp, scored on the development text (dev.txt) only."""
+    import json as _json
+
+    from zipkd.data.assets import calib_text_path, dev_text_path
+    from zipkd.data.text import load_texts
+    from zipkd.evaluate.perplexity import perplexity
+    from zipkd.latency.table import Regime
+    from zipkd.models.io import load_model
+    from zipkd.prune import PruneConfig, prune
+    from zipkd.prune.api import latency_table
+
+    regime = Regime(device="cpu", regime="prefill", batch=1, seq_len=512, dtype="float32")
+    lm = load_model(args.model)
+    table = latency_table(lm, PruneConfig(regime=regime, table=args.table))
+    texts, dev = load_texts(calib_text_path()), load_texts(dev_text_path())
+    info = _json.loads((calib_text_path().parent / "datasets.json").read_text())
+    sources = {"BoolQ passages": texts[: info["counts"]["calib_passages"]], "BoolQ + CoQA stories": texts}
+
+    def ppl(model) -> float:
+        return perplexity(model, lm.tokenizer, dev, max_length=512, max_tokens=args.ppl_tokens)["perplexity"]
+
+    rows = []
+    for name, calib in sources.items():
+        for method in ("zipkd", "wanda-sp"):
+            config = PruneConfig(
+                target_speedup=TARGETS,
+                method=method,
+                samples=args.samples,
+                calib_len=args.calib_len,
+                seed=args.seed,
+                regime=regime,
+                fisher_samples=args.fisher_samples,
+            )
+            vals = [ppl(r.model) for r in prune(lm, config, calib_texts=calib, table=table)]
+            rows.append((name, method, *vals))
+            _log(f"{name} {method}: dev ppl {vals}")
+    print(
+        f"\nCalibration ablation, SmolLM2-135M, development text (dev.txt), {args.ppl_tokens} tokens, "
+        f"calibration {args.samples}x{args.calib_len}; dense {ppl(lm.model):.2f}"
+    )
+    print(f"{'calibration':<22} {'method':<9} {'1.5x ppl':>9} {'2x ppl':>9}")
+    for name, method, a, b in rows:
+        print(f"{name:<22} {method:<9} {a:>9.2f} {b:>9.2f}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -166,10 +216,17 @@ def main() -> int:
     ap.add_argument(
         "--ablation", action="store_true", help="run the design ablation on the dev split instead"
     )
+    ap.add_argument(
+        "--calibration-ablation",
+        action="store_true",
+        help="compare calibration texts (BoolQ alone vs + CoQA stories) on the dev text instead",
+    )
     ap.add_argument("--fisher-samples", type=int, default=4)
     args = ap.parse_args()
     if args.ablation:
         return ablation(args)
+    if args.calibration_ablation:
+        return calibration_ablation(args)
     methods = [m for m in args.methods.split(",") if m]
 
     import torch

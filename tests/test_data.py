@@ -33,7 +33,9 @@ def test_roles_are_disjoint():
     assert info["counts"]["calib_stories"] > 3 * info["counts"]["dev_stories"] > 0
     assert len(calib) == info["counts"]["calib_passages"] + info["counts"]["calib_stories"]
     parts = [coqa_partition(f"story {i}") for i in range(1000)]
-    assert 0.15 < parts.count("dev") / 1000 < 0.25 and parts == [coqa_partition(f"story {i}") for i in range(1000)]
+    assert 0.15 < parts.count("dev") / 1000 < 0.25 and parts == [
+        coqa_partition(f"story {i}") for i in range(1000)
+    ]
 
 
 def test_user_files(tmp_path):
