@@ -64,7 +64,7 @@ def recover(
     ] = None,
     mix_ratio: Annotated[
         float, typer.Option(help="Fraction of steps that train on plain-text windows.", rich_help_panel=DATA)
-    ] = 0.5,
+    ] = 0.75,
     text_window: Annotated[
         int, typer.Option(help="Tokens per plain-text window (0: --max-seq-len).", rich_help_panel=DATA)
     ] = 0,
