@@ -137,6 +137,7 @@ def _recover(recipe: Recipe, folder: Path, inputs: dict[str, Any], progress: Any
             mix_ratio=float(c["mix_ratio"]),
             max_seq_len=c["max_seq_len"],
             checkpoint_every=c["checkpoint_every"],
+            precision=c["precision"],
             seed=recipe.seed,
         ),
         device=recipe.hardware["device"],

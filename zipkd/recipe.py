@@ -86,6 +86,11 @@ _SECTIONS: dict[str, dict[str, tuple]] = {
         "max_seq_len": (int, 256, lambda v: None if v >= 16 else "must be at least 16"),
         "max_new_tokens": (int, 96, lambda v: None if v >= 1 else "must be at least 1"),
         "checkpoint_every": (int, 20, lambda v: None if v >= 1 else "must be at least 1"),
+        "precision": (
+            str,
+            "auto",
+            lambda v: None if v in ("auto", "fp32", "bf16") else "must be auto, fp32 or bf16",
+        ),
     },
     "quantize": {"method": ((str, type(None)), None, None)},
     "eval": {
