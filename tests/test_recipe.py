@@ -43,6 +43,13 @@ def test_missing_output_and_bad_yaml(tmp_path):
         parse_recipe("model: a\n  - b: [\n", source=Path("x.yaml"))
 
 
+def test_recover_precision_key():
+    assert parse_recipe("output: o\nrecover: {}\n").sections["recover"]["precision"] == "auto"
+    assert parse_recipe("output: o\nrecover: {precision: bf16}\n").sections["recover"]["precision"] == "bf16"
+    with pytest.raises(ZipkdError, match="recover.precision: must be auto, fp32 or bf16"):
+        parse_recipe("output: o\nrecover: {precision: fp16}\n")
+
+
 def test_disabled_stages():
     r = parse_recipe("output: o\nrecover: false\nquantize: {method: null}\n")
     assert not r.enabled("recover") and not r.enabled("quantize") and r.enabled("prune")
