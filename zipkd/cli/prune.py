@@ -94,7 +94,7 @@ def prune(
         Path | None,
         typer.Option(
             help="Calibration data (.txt, .jsonl, .parquet); default: zipkd's local calibration text (BoolQ "
-            "passages, never used for evaluation).",
+            "passages and CoQA stories, never used for evaluation).",
             rich_help_panel=_CALIB,
         ),
     ] = None,
