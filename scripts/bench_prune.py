@@ -98,36 +98,60 @@ def arc_accuracy(model, tokenizer, limit: int) -> float | None:
     return res["arc_easy"].metrics.get("acc_norm", res["arc_easy"].score)
 
 
-def ablation(args) -> int:
-    """Design ablation on the development split (see the module docstring)."""
+def bench_regime():
+    """Where speed is measured and targeted: CPU prefill, batch 1, 512 tokens, float32."""
+    from zipkd.latency.table import Regime
+
+    return Regime(device="cpu", regime="prefill", batch=1, seq_len=512, dtype="float32")
+
+
+def bench_config(args, regime, **overrides):
+    """The bench's PruneConfig: calibration size, seed and Fisher sequences from the command line."""
+    from zipkd.prune import PruneConfig
+
+    base = dict(
+        samples=args.samples,
+        calib_len=args.calib_len,
+        seed=args.seed,
+        regime=regime,
+        fisher_samples=args.fisher_samples,
+    )
+    return PruneConfig(**{**base, **overrides})
+
+
+def dev_setup(args):
+    """Model, CPU prefill regime and latency table, calibration texts and a dev.txt perplexity function, for
+    the ablations (scored on the development text only)."""
     from zipkd.data.assets import calib_text_path, dev_text_path
     from zipkd.data.text import load_texts
     from zipkd.evaluate.perplexity import perplexity
-    from zipkd.latency.table import Regime
     from zipkd.models.io import load_model
     from zipkd.prune import PruneConfig
-    from zipkd.prune.api import build, latency_table
-    from zipkd.prune.driver import apply_choice
-    from zipkd.prune.search import select
+    from zipkd.prune.api import latency_table
 
-    regime = Regime(device="cpu", regime="prefill", batch=1, seq_len=512, dtype="float32")
+    regime = bench_regime()
     lm = load_model(args.model)
     table = latency_table(lm, PruneConfig(regime=regime, table=args.table))
-    calib, dev = load_texts(calib_text_path()), load_texts(dev_text_path())
+    dev = load_texts(dev_text_path())
 
     def ppl(model) -> float:
         return perplexity(model, lm.tokenizer, dev, max_length=512, max_tokens=args.ppl_tokens)["perplexity"]
 
-    rows = [("dense", "-", "-", ppl(lm.model), ppl(lm.model))]
-    _log(f"dense dev ppl {rows[0][3]:.2f}")
+    return lm, regime, table, load_texts(calib_text_path()), ppl
+
+
+def ablation(args) -> int:
+    """Design ablation on the development split (see the module docstring)."""
+    from zipkd.prune.api import build
+    from zipkd.prune.driver import apply_choice
+    from zipkd.prune.search import select
+
+    lm, regime, table, calib, ppl = dev_setup(args)
+    dense = ppl(lm.model)
+    rows = [("dense", "-", "-", dense, dense)]
+    _log(f"dense dev ppl {dense:.2f}")
     for fisher in (args.fisher_samples, 0):
-        config = PruneConfig(
-            samples=args.samples,
-            calib_len=args.calib_len,
-            seed=args.seed,
-            regime=regime,
-            fisher_samples=fisher,
-        )
+        config = bench_config(args, regime, fisher_samples=fisher)
         db, first = build(lm, config, table, calib)
         for refit in ("sequential", "none"):
             vals = []
@@ -156,36 +180,17 @@ def calibration_ablation(args) -> int:
     CoQA stories), for zipkd and Wanda-sp, scored on the development text (dev.txt) only."""
     import json as _json
 
-    from zipkd.data.assets import calib_text_path, dev_text_path
-    from zipkd.data.text import load_texts
-    from zipkd.evaluate.perplexity import perplexity
-    from zipkd.latency.table import Regime
-    from zipkd.models.io import load_model
-    from zipkd.prune import PruneConfig, prune
-    from zipkd.prune.api import latency_table
+    from zipkd.data.assets import calib_text_path
+    from zipkd.prune import prune
 
-    regime = Regime(device="cpu", regime="prefill", batch=1, seq_len=512, dtype="float32")
-    lm = load_model(args.model)
-    table = latency_table(lm, PruneConfig(regime=regime, table=args.table))
-    texts, dev = load_texts(calib_text_path()), load_texts(dev_text_path())
+    lm, regime, table, texts, ppl = dev_setup(args)
     info = _json.loads((calib_text_path().parent / "datasets.json").read_text())
     sources = {"BoolQ passages": texts[: info["counts"]["calib_passages"]], "BoolQ + CoQA stories": texts}
-
-    def ppl(model) -> float:
-        return perplexity(model, lm.tokenizer, dev, max_length=512, max_tokens=args.ppl_tokens)["perplexity"]
 
     rows = []
     for name, calib in sources.items():
         for method in ("zipkd", "wanda-sp"):
-            config = PruneConfig(
-                target_speedup=TARGETS,
-                method=method,
-                samples=args.samples,
-                calib_len=args.calib_len,
-                seed=args.seed,
-                regime=regime,
-                fisher_samples=args.fisher_samples,
-            )
+            config = bench_config(args, regime, target_speedup=TARGETS, method=method)
             vals = [ppl(r.model) for r in prune(lm, config, calib_texts=calib, table=table)]
             rows.append((name, method, *vals))
             _log(f"{name} {method}: dev ppl {vals}")
@@ -235,13 +240,12 @@ def main() -> int:
     from zipkd.data.text import load_texts
     from zipkd.evaluate.perplexity import perplexity
     from zipkd.latency.measure import compare_ms
-    from zipkd.latency.table import Regime
     from zipkd.models.io import load_model
     from zipkd.prune import PruneConfig, prune
     from zipkd.prune.api import latency_table
 
     t_bench = time.perf_counter()
-    regime = Regime(device="cpu", regime="prefill", batch=1, seq_len=512, dtype="float32")
+    regime = bench_regime()
     lm = load_model(args.model)
     _log("latency table")
     table = latency_table(lm, PruneConfig(regime=regime, table=args.table))
@@ -299,16 +303,7 @@ def main() -> int:
     evaluate("dense", None, lm.model, {})
     identical = None
     for method in methods:
-        config = PruneConfig(
-            target_speedup=TARGETS,
-            method=method,
-            samples=args.samples,
-            calib_len=args.calib_len,
-            seed=args.seed,
-            regime=regime,
-            table=table_path,
-            fisher_samples=args.fisher_samples,
-        )
+        config = bench_config(args, regime, target_speedup=TARGETS, method=method, table=table_path)
         _log(f"prune {method} {TARGETS}")
         t0 = time.perf_counter()
         results = prune(lm, config, table=table)

@@ -390,9 +390,8 @@ def test_manifest_records_the_run(tmp_path):
     rec = m["recovery"]
     assert rec["data_hash"] and rec["distilled_set"]["hash"] and rec["distilled_set"]["cache_key"]
     assert m["stage"] == "recover" and m["seed"] == 0 and m["config"]["train"]["kd"] == "reverse"
-    assert m["config"]["train"]["precision"] == resolve_precision(
-        "auto", "cpu"
-    )  # `auto` is recorded resolved
+    # `auto` is recorded resolved.
+    assert m["config"]["train"]["precision"] == resolve_precision("auto", "cpu")
     assert math.isfinite(m["metrics"]["final_loss"]) and m["metrics"]["tokens"] > 0
     assert find_teacher(out) == dense  # recover → prune → dense
     with pytest.raises(ZipkdError, match="already exists"):

@@ -49,9 +49,7 @@ class TrainConfig:
     kd: str = "forward"
     kd_weight: float = 0.5
     temperature: float = 1.0
-    mix_ratio: float = (
-        0.75  # fraction of steps on plain-text windows (calibration-role prose; chosen on dev.txt)
-    )
+    mix_ratio: float = 0.75  # fraction of steps on plain-text windows (calibration prose; chosen on dev.txt)
     max_seq_len: int = 256
     checkpoint_every: int = 50
     seed: int = 0
