@@ -125,6 +125,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
+    from zipkd.models.tiny import char_tokenizer
     from zipkd.recover.data import Example, RewriteSettings, self_distill
     from zipkd.recover.train import TrainConfig, train
 
@@ -280,32 +281,6 @@ def main() -> int:
         f"resume bit-identical: {out.get('resume', {}).get('bit_identical')}, {out['wall_s']:.0f} s"
     )
     return 0 if out.get("train_steps", 0) > 0 else 1
-
-
-def char_tokenizer():
-    """A character tokenizer with a chat template, built from the `tokenizers` library (no files needed)."""
-    import string
-
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [c for c in string.printable if c not in "\x0b\x0c"]
-    vocab = {t: i for i, t in enumerate(["<unk>", "<|im_start|>", "<|im_end|>", *chars])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        unk_token="<unk>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        bos_token="<|im_start|>",
-    )
-    tok.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    return tok
 
 
 if __name__ == "__main__":

@@ -5,39 +5,22 @@ weights, OBS beats the baselines at equal structure, bad input fails with one cl
 from __future__ import annotations
 
 import json
-import string
 
 import pytest
 import torch
 
 from zipkd.errors import ZipkdError
 from zipkd.latency.table import LatencyTable, Regime
+from zipkd.models.tiny import char_tokenizer, random_llama
 from zipkd.prune import PruneConfig, prune, save_pruned
 
 HIDDEN, INTER, HEADS, KV, HEAD_DIM, LAYERS = 32, 64, 4, 2, 8, 3
 
 
-def char_tokenizer():
-    """One token per printable character (vocabulary 103), EOS = id 2."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [c for c in string.printable if c not in "\x0b\x0c"]
-    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *chars])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk, unk_token="<unk>", eos_token="</s>", pad_token="</s>", bos_token="<s>"
-    )
-
-
 def tiny(seed: int = 0, layers: int = LAYERS):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = AutoConfig.for_model(
-        "llama",
+    return random_llama(
+        seed,
+        weight_std=0.25,
         vocab_size=128,
         hidden_size=HIDDEN,
         intermediate_size=INTER,
@@ -46,14 +29,7 @@ def tiny(seed: int = 0, layers: int = LAYERS):
         num_key_value_heads=KV,
         head_dim=HEAD_DIM,
         max_position_embeddings=512,
-        tie_word_embeddings=True,
     )
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():  # larger weights than the default init, so every block matters
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 1.0 if "embed" in name else 0.25)
-    return model
 
 
 class LM:

@@ -4,62 +4,19 @@ vocabulary of 128 and train in milliseconds) and a dense → pruned chain of tin
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 
-TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from zipkd.models.tiny import char_tokenizer, random_llama
+
 VOCAB = 128
 
 
 def tiny_tokenizer(reverse: bool = False):
-    """One token per printable character, plus <unk>, <|im_start|>, <|im_end|> (EOS and padding)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [c for c in string.printable if c not in "\x0b\x0c"]
-    if reverse:
-        chars = chars[::-1]
-    vocab = {t: i for i, t in enumerate(["<unk>", "<|im_start|>", "<|im_end|>", *chars])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        unk_token="<unk>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        bos_token="<|im_start|>",
-    )
-    tok.chat_template = TEMPLATE
-    return tok
+    return char_tokenizer(reverse)
 
 
 def tiny_lm(layers: int = 3, seed: int = 0):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = AutoConfig.for_model(
-        "llama",
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-    )
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():  # large weights: peaked next-token distributions, and every block matters
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 1.0 if "embed" in name else 0.3)
-    return model
+    return random_llama(seed, weight_std=0.3, num_hidden_layers=layers, vocab_size=VOCAB)
 
 
 def make_chain(root: Path, teacher_tokenizer=None) -> tuple[Path, Path]:
