@@ -314,6 +314,21 @@ def test_load_or_profile_caches_and_checks(tiny_llama, cache_env, monkeypatch, t
         load_or_profile(tiny_llama, PREFILL, table=tab)
 
 
+def test_method_choice_is_cached_apart(tiny_llama, cache_env):
+    # The device's default method shares the plain cache entry; another method gets its own.
+    assert table_cache_path(tiny_llama.config, PREFILL, "blocks") == table_cache_path(
+        tiny_llama.config, PREFILL
+    )
+    other = table_cache_path(tiny_llama.config, PREFILL, "in-model")
+    assert other != table_cache_path(tiny_llama.config, PREFILL) and "-in-model-" in other.name
+    tab = load_or_profile(tiny_llama, PREFILL, method="in-model")
+    assert tab.meta["method"] == "in-model" and tab.meta["cache_path"] == str(other)
+    assert load_or_profile(tiny_llama, PREFILL, method="in-model").meta["cached"] is True
+    assert load_or_profile(tiny_llama, PREFILL).meta["method"] == "blocks"
+    with pytest.raises(ZipkdError, match="unknown profiling method 'fast'"):
+        load_or_profile(tiny_llama, PREFILL, method="fast")
+
+
 # ---------------------------------------------------------------- validation
 
 
@@ -410,6 +425,11 @@ def test_cli_profile_json(tmp_path, cache_env):
     # Writing over an existing table needs --force.
     res = runner.invoke(app, ["profile", m, "--seq-len", "8", "--repeats", "1", "-o", str(out)])
     assert res.exit_code == 1 and "--force" in res.stderr
+    res = runner.invoke(
+        app, ["profile", m, "--seq-len", "8", "--repeats", "1", "--method", "anchored", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["table"]["meta"]["method"] == "anchored"
 
 
 def test_cli_profile_bad_input(tmp_path, cache_env):
@@ -425,6 +445,8 @@ def test_cli_profile_bad_input(tmp_path, cache_env):
     assert res.exit_code == 2 and "batch" in res.stderr
     res = runner.invoke(app, ["profile", m, "--runtime", "compile"])
     assert res.exit_code == 2
+    res = runner.invoke(app, ["profile", m, "--method", "fast"])
+    assert res.exit_code == 2 and "unknown method 'fast'" in res.stderr
     tab = profile_model(tiny_model(hidden_size=32, head_dim=8), Regime(seq_len=8), **FAST)
     tab.save(tmp_path / "other.json")
     res = runner.invoke(app, ["profile", m, "--table", str(tmp_path / "other.json")])

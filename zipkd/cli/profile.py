@@ -59,6 +59,16 @@ def profile(
             rich_help_panel=_REGIME,
         ),
     ] = None,
+    method: Annotated[
+        str,
+        typer.Option(
+            help="How blocks are timed: auto (blocks on CPU; on a GPU anchored for prefill, in-model for "
+            "decode), blocks (each block alone), anchored (inside the dense layer) or in-model (whole models "
+            "whose every layer has the shape; slowest, sees launch overlap). Tables of a non-default method are "
+            "cached apart: pass them to `zipkd prune --table`.",
+            rich_help_panel=_RUN,
+        ),
+    ] = "auto",
     table: Annotated[
         Path | None,
         typer.Option(
@@ -96,10 +106,15 @@ def profile(
     """Measure a latency table: every attention KV-head count and a grid of MLP widths (0 = block removed),
     plus the rest, on the target device and regime. Cached and reused; --force re-measures (and accepts a
     mismatching --table)."""
-    from zipkd.latency.profile import load_or_profile, parse_device, profile_model, table_cache_path
+    from zipkd.latency.profile import METHODS, load_or_profile, parse_device, profile_model, table_cache_path
     from zipkd.latency.table import Regime
     from zipkd.models.io import load_model
 
+    if method != "auto" and method not in METHODS:
+        raise typer.BadParameter(
+            f"unknown method {method!r}; choose auto, {', '.join(METHODS)}", param_hint="--method"
+        )
+    how = None if method == "auto" else method
     if runtime not in ("eager", "cudagraphs"):
         raise typer.BadParameter(
             f"unknown runtime {runtime!r}; choose eager or cudagraphs", param_hint="--runtime"
@@ -124,13 +139,13 @@ def profile(
         if table is not None:
             tab = load_or_profile(lm, reg, table=table, force=force)
         elif force:
-            tab = profile_model(lm, reg, progress=bar, repeats=repeats)
-            path = table_cache_path(lm.model.config, reg)
+            tab = profile_model(lm, reg, progress=bar, repeats=repeats, method=how)
+            path = table_cache_path(lm.model.config, reg, how)
             path.parent.mkdir(parents=True, exist_ok=True)
             tab.save(path)
             tab.meta.update(cache_path=str(path), cached=False)
         else:
-            tab = load_or_profile(lm, reg, progress=bar)
+            tab = load_or_profile(lm, reg, progress=bar, method=how)
         report = None
         if validate:
             from zipkd.latency.validate import validate_table

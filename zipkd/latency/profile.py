@@ -13,7 +13,7 @@ measure it:
 - "blocks" (default on CPU, where blocks are compute-bound and add up): each block alone, T(k, 0) and T(0, w),
   and the empty layer c = T(0, 0); A[k] = T(k, 0) − c, M[w] = T(0, w) − c. Each entry is measured directly, so
   its noise is a fraction of its own size (small widths stay accurate on a busy CPU).
-- "anchored" (default on GPU): inside the dense layer, T(k, W) and T(K, w); A[k] = T(k, W) − T(0, W),
+- "anchored" (default for GPU prefill): inside the dense layer, T(k, W) and T(K, w); A[k] = T(k, W) − T(0, W),
   M[w] = T(K, w) − T(K, 0), c = T(0, W) + T(K, 0) − T(K, W). Exact at every measured shape even where blocks do
   not add up (on a GPU the CPU launches one block while the other computes, so a layer costs less than its blocks
   timed alone); entries are differences of dense-layer-sized times, fine on a quiet GPU.
@@ -415,8 +415,9 @@ def profile_model(
     method: str | None = None,
 ) -> LatencyTable:
     """Measure a latency table for this (unpruned) model on the regime's device. `lm`: LoadedModel or module
-    (already on the device, in the regime's dtype). `method`: "blocks" (each block timed alone; default on CPU)
-    or "anchored" (timed inside the dense layer; default on GPU), see the module docstring."""
+    (already on the device, in the regime's dtype). `method`: "blocks" (each block timed alone; default on CPU),
+    "anchored" (timed inside the dense layer; default for GPU prefill) or "in-model" (whole models whose every
+    layer has the shape; default for GPU decode), see the module docstring and `default_method`."""
     t_start = time.perf_counter()
     model = _module(lm).eval()
     config = model.config
@@ -602,19 +603,22 @@ def profile_model(
 # ---------------------------------------------------------------- cache
 
 
-def table_cache_path(config: Any, regime: Regime) -> Path:
-    """Where the table for this model, device and regime is cached (under cache_dir()/tables)."""
+def table_cache_path(config: Any, regime: Regime, method: str | None = None) -> Path:
+    """Where the table for this model, device and regime is cached (under cache_dir()/tables); a `method` other
+    than the device's default (see `default_method`) is cached apart."""
     from zipkd.paths import cache_dir
 
     mfp = model_fingerprint(config)
     dfp = device_fingerprint(regime)
-    key = json.dumps(
-        {"model": mfp, "device": dfp, "regime": asdict(regime), "v": PROFILER_VERSION}, sort_keys=True
-    )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    fields = {"model": mfp, "device": dfp, "regime": asdict(regime), "v": PROFILER_VERSION}
+    suffix = ""
+    if method is not None and method != default_method(torch.device(regime.device.strip().lower()), regime):
+        fields["method"] = method
+        suffix = f"-{method}"
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     name = (
         f"{mfp['architecture']}-h{mfp['hidden_size']}-l{mfp['num_layers']}-{dfp['device']}-{regime.regime}"
-        f"-b{regime.batch}-{digest}.json"
+        f"-b{regime.batch}{suffix}-{digest}.json"
     )
     return cache_dir() / "tables" / name
 
@@ -637,14 +641,18 @@ def load_or_profile(
     table: LatencyTable | str | Path | None = None,
     force: bool = False,
     progress: Any = None,
+    method: str | None = None,
 ) -> LatencyTable:
     """A given table (checked against the model/device; `force` accepts a mismatch), else the cached table for
-    this model+device+regime, else a freshly measured one (cached). `force` also re-measures a cached table."""
+    this model+device+regime(+method), else a freshly measured one (cached). `force` also re-measures a cached
+    table. `method`: see `profile_model` (default: the device's, `default_method`)."""
     if table is not None:
         tab = table if isinstance(table, LatencyTable) else LatencyTable.load(table)
         return check_table(tab, lm, regime, force)
+    if method is not None and method not in METHODS:
+        raise ZipkdError(f"unknown profiling method {method!r}; choose {', '.join(METHODS)}")
     model = _module(lm)
-    path = table_cache_path(model.config, regime)
+    path = table_cache_path(model.config, regime, method)
     if path.is_file() and not force:
         try:
             tab = LatencyTable.load(path)
@@ -654,7 +662,7 @@ def load_or_profile(
                 return tab
         except ZipkdError:
             pass  # unreadable or outdated cache entry: measure again
-    tab = profile_model(lm, regime, progress=progress)
+    tab = profile_model(lm, regime, progress=progress, method=method)
     path.parent.mkdir(parents=True, exist_ok=True)
     tab.save(path)
     tab.meta["cache_path"] = str(path)
