@@ -106,7 +106,7 @@ def profile(
     """Measure a latency table: every attention KV-head count and a grid of MLP widths (0 = block removed),
     plus the rest, on the target device and regime. Cached and reused; --force re-measures (and accepts a
     mismatching --table)."""
-    from zipkd.latency.profile import METHODS, load_or_profile, parse_device, profile_model, table_cache_path
+    from zipkd.latency.profile import METHODS, load_or_profile, parse_device
     from zipkd.latency.table import Regime
     from zipkd.models.io import load_model
 
@@ -136,16 +136,7 @@ def profile(
     dev = parse_device(device) if table is None or validate else None
     lm = load_model(model, dtype=dtype, device=str(dev or "cpu"), tokenizer=False)
     with progress(transient=True) as bar:
-        if table is not None:
-            tab = load_or_profile(lm, reg, table=table, force=force)
-        elif force:
-            tab = profile_model(lm, reg, progress=bar, repeats=repeats, method=how)
-            path = table_cache_path(lm.model.config, reg, how)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tab.save(path)
-            tab.meta.update(cache_path=str(path), cached=False)
-        else:
-            tab = load_or_profile(lm, reg, progress=bar, method=how)
+        tab = load_or_profile(lm, reg, table=table, force=force, progress=bar, method=how, repeats=repeats)
         report = None
         if validate:
             from zipkd.latency.validate import validate_table

@@ -422,6 +422,9 @@ def profile_model(
     model = _module(lm).eval()
     config = model.config
     device = _check_model(model, regime)
+    method = method or default_method(device, regime)
+    if method not in METHODS:
+        raise ZipkdError(f"unknown profiling method {method!r}; choose {', '.join(METHODS)}")
     fingerprint = {**model_fingerprint(config), **device_fingerprint(regime)}
     from zipkd.models.surgery import base_geometry
 
@@ -440,9 +443,6 @@ def profile_model(
         dense_model = quantize(copy.deepcopy(model), regime.quantization, str(device))
 
     # (kv_heads, width) shapes to time around the dense layer T(K, W), which every chunk also times as reference.
-    method = method or default_method(device, regime)
-    if method not in METHODS:
-        raise ZipkdError(f"unknown profiling method {method!r}; choose {', '.join(METHODS)}")
     in_model = method == "in-model"
     if method == "blocks":
         specs = [(k, 0) for k in range(K + 1)] + [(0, w) for w in grid if w > 0]
@@ -612,7 +612,7 @@ def table_cache_path(config: Any, regime: Regime, method: str | None = None) -> 
     dfp = device_fingerprint(regime)
     fields = {"model": mfp, "device": dfp, "regime": asdict(regime), "v": PROFILER_VERSION}
     suffix = ""
-    if method is not None and method != default_method(torch.device(regime.device.strip().lower()), regime):
+    if method is not None and method != default_method(parse_device(regime.device), regime):
         fields["method"] = method
         suffix = f"-{method}"
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
@@ -642,15 +642,14 @@ def load_or_profile(
     force: bool = False,
     progress: Any = None,
     method: str | None = None,
+    repeats: int = 9,
 ) -> LatencyTable:
     """A given table (checked against the model/device; `force` accepts a mismatch), else the cached table for
     this model+device+regime(+method), else a freshly measured one (cached). `force` also re-measures a cached
-    table. `method`: see `profile_model` (default: the device's, `default_method`)."""
+    table. `method`, `repeats`: see `profile_model` (default method: the device's, `default_method`)."""
     if table is not None:
         tab = table if isinstance(table, LatencyTable) else LatencyTable.load(table)
         return check_table(tab, lm, regime, force)
-    if method is not None and method not in METHODS:
-        raise ZipkdError(f"unknown profiling method {method!r}; choose {', '.join(METHODS)}")
     model = _module(lm)
     path = table_cache_path(model.config, regime, method)
     if path.is_file() and not force:
@@ -662,7 +661,7 @@ def load_or_profile(
                 return tab
         except ZipkdError:
             pass  # unreadable or outdated cache entry: measure again
-    tab = profile_model(lm, regime, progress=progress, method=method)
+    tab = profile_model(lm, regime, progress=progress, repeats=repeats, method=method)
     path.parent.mkdir(parents=True, exist_ok=True)
     tab.save(path)
     tab.meta["cache_path"] = str(path)
