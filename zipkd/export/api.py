@@ -1,0 +1,149 @@
+"""Python API: `export(lm, ExportConfig(quantization="q8_0"), "model.gguf")` writes a GGUF that llama.cpp
+runs. Formats are a registry (`FORMATS`); GGUF is the one there is today.
+
+    from zipkd import load_model, export, ExportConfig
+    export(load_model("out/pruned/2x"), ExportConfig(quantization="q8_0"), "pruned-2x-q8_0.gguf")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zipkd.errors import ZipkdError
+
+MANIFEST_KEY = "zipkd.manifest"  # the export's manifest, as a JSON string inside the GGUF
+
+
+@dataclass
+class ExportConfig:
+    """What `export` writes. Validated on construction."""
+
+    format: str = "gguf"  # gguf
+    quantization: str = "f32"  # f32 | f16 | bf16 | q8_0 | q4_k_m | … (zipkd.runtimes.llamacpp.FTYPES)
+    threads: int | None = None  # llama.cpp quantizer threads (None: all cores)
+    check: bool = True  # after writing, check llama.cpp loads the file and tokenizes like Hugging Face
+
+    def __post_init__(self) -> None:
+        from zipkd.runtimes.llamacpp import parse_ftype
+
+        if self.format not in FORMATS:
+            raise ZipkdError(f"unknown export format {self.format!r}; choose one of {', '.join(FORMATS)}")
+        self.quantization = parse_ftype(self.quantization)
+        if self.threads is not None and self.threads < 1:
+            raise ZipkdError("threads must be at least 1")
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    arch: str
+    quantization: str
+    size_bytes: int
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+def check_file_output(out: str | os.PathLike, force: bool, inputs: tuple[Path, ...] = ()) -> Path:
+    """Refuse an existing output file without force, a folder in its place, an output inside an input, and an
+    unwritable parent — before any work."""
+    out = Path(out).expanduser().resolve()
+    for src in inputs:
+        src = Path(src).expanduser().resolve()
+        if out == src or (src.is_dir() and out.is_relative_to(src)):
+            raise ZipkdError(f"output {out} would be written inside the input {src}; choose another path")
+    if out.is_dir():
+        raise ZipkdError(f"output {out} is a folder; give a file name such as model.gguf")
+    if out.exists() and not force:
+        raise ZipkdError(f"output {out} already exists; pass --force to replace it")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ZipkdError(f"cannot write {out}: {parent} is not writable")
+    return out
+
+
+def export_gguf(lm: Any, config: ExportConfig, out: str | os.PathLike, force: bool = False) -> ExportResult:
+    """Write `lm` (a LoadedModel) as a GGUF file at `out`, atomically: f32 with the `gguf` package, then
+    llama.cpp's quantizer for any other type; the manifest goes into the file's metadata."""
+    from zipkd.export.gguf import plan_layers, write_f32
+    from zipkd.manifest import build_manifest
+    from zipkd.models.surgery import base_geometry, layer_shapes
+    from zipkd.runtimes.llamacpp import llama_cpp_module, quantize_gguf
+
+    src = getattr(lm, "path", None)
+    out = check_file_output(out, force, (Path(src),) if src else ())
+    llama_cpp_module()  # fail before any work when llama.cpp is missing
+    model = lm.model
+    geo = base_geometry(model.config)
+    layers = plan_layers(layer_shapes(model), geo.group_size, geo.num_heads)
+    manifest = build_manifest(
+        "export", {"model": src}, config, None, {"gguf_layers": len(layers)}, {"export": {"format": "gguf"}}
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tok_dir = tmpdir / "tokenizer"
+        if lm.tokenizer is not None:
+            lm.tokenizer.save_pretrained(tok_dir)
+        f32 = tmpdir / "model-f32.gguf"
+        arch = write_f32(
+            model,
+            tok_dir if lm.tokenizer is not None else None,
+            lm.tokenizer,
+            f32,
+            {MANIFEST_KEY: json.dumps(manifest, sort_keys=True, default=str)},
+        )
+        final = f32
+        if config.quantization != "f32":
+            final = quantize_gguf(f32, tmpdir / "model.gguf", config.quantization, config.threads)
+        if config.check:
+            check_export(final, lm.tokenizer)
+        os.replace(final, out)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return ExportResult(
+        out, arch, config.quantization, out.stat().st_size, [asdict(lay) for lay in layers]
+    )
+
+
+def check_export(path: Path, tokenizer: Any) -> None:
+    """llama.cpp opens the written file and tokenizes the probe texts exactly as the Hugging Face tokenizer."""
+    from zipkd.export.gguf import _hf_ids, probe_texts
+    from zipkd.runtimes.llamacpp import open_model
+
+    with open_model(path, n_ctx=64) as em:
+        if tokenizer is None:
+            return
+        for text in probe_texts()[:12]:
+            if em.tokenize(text) != _hf_ids(tokenizer, text):
+                raise ZipkdError(f"the GGUF written for {path.name} tokenizes differently from the model's tokenizer")
+
+
+def read_export_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
+    from zipkd.runtimes.llamacpp import gguf_metadata
+
+    meta = gguf_metadata(path, keys=(MANIFEST_KEY,))
+    try:
+        return json.loads(meta[MANIFEST_KEY]) if MANIFEST_KEY in meta else None
+    except json.JSONDecodeError:
+        return None
+
+
+FORMATS: dict[str, Callable[..., ExportResult]] = {"gguf": export_gguf}
+
+
+def export(lm: Any, config: ExportConfig, out: str | os.PathLike, force: bool = False) -> ExportResult:
+    """Export `lm` in `config.format` to `out` (a file)."""
+    return FORMATS[config.format](lm, config, out, force)

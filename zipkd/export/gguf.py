@@ -1,0 +1,482 @@
+"""Export to GGUF for llama.cpp: uniform models as their family's own architecture, heterogeneous ones as
+`deci`, whose graph reads per-layer head counts and MLP widths (0 = block removed).
+
+What llama.cpp's `deci` graph does, and how the export keeps every layer zipkd's search can choose exact:
+- attention removed (`head_count` 0): the layer's MLP reads the residual stream directly. Exact.
+- MLP removed (`feed_forward_length` 0): the graph skips to the next layer *before* keeping the attention
+  output, so a layer with attention but no MLP would silently lose its attention. Such a layer gets a stub MLP
+  of `STUB_FF` channels whose weights are all zero (it adds exactly 0; quantized zeros stay zero).
+- layer 0 without attention: llama.cpp takes the head size and rotary dimensions from layer 0's head count, so
+  layer 0 gets a zero "linear attention" (`head_count` > 0, `head_count_kv` 0: one zero n_embd×n_embd
+  projection) instead of none.
+- both removed: the layer is not written at all (zipkd drops such layers already).
+Q and K rows are permuted into llama.cpp's rotary layout for the architectures that use it (llama, deci).
+
+Weights are written as f32 with the `gguf` package; other types come from llama.cpp's quantizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from zipkd.errors import ZipkdError
+
+STUB_FF = 32  # channels of the zero MLP that stands in for a removed MLP behind a kept attention block
+# Families and their llama.cpp architecture for uniform layouts; `permute`: Q/K rows need llama.cpp's rotary
+# layout (the NORM rope type); `deci`: a heterogeneous layout of the family maps onto `deci`.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {"arch": "llama", "permute": True, "deci": True},
+    "mistral": {"arch": "llama", "permute": True, "deci": True},
+    "qwen2": {"arch": "qwen2", "permute": False, "deci": True},
+    "qwen3": {"arch": "qwen3", "permute": False, "deci": False},
+}
+# Pre-tokenizers llama.cpp knows, tried in this order until one tokenizes the probe corpus exactly as the
+# Hugging Face tokenizer does (see `detect_pre`).
+PRE_CANDIDATES = (
+    "smollm",
+    "llama-bpe",
+    "qwen2",
+    "gpt-2",
+    "default",
+    "deepseek-llm",
+    "deepseek-coder",
+    "falcon",
+    "starcoder",
+    "refact",
+    "command-r",
+    "dbrx",
+    "olmo",
+    "stablelm2",
+    "mpt",
+    "jais",
+    "tekken",
+    "bloom",
+    "gpt3-finnish",
+    "exaone",
+    "chameleon",
+    "minerva-7b",
+    "gpt-4o",
+    "superbpe",
+    "trillion",
+    "bailingmoe",
+    "llama4",
+    "pixtral",
+    "seed-coder",
+    "hunyuan",
+    "kimi-k2",
+    "grok-2",
+)
+
+
+@dataclass(frozen=True)
+class GGUFLayer:
+    """One layer as llama.cpp sees it. `attn`: full | none | null (zero linear attention, layer 0 only);
+    `mlp`: full | stub (zero MLP of STUB_FF channels)."""
+
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    attn: str
+    mlp: str
+    source: int  # index of the zipkd layer it comes from
+
+
+def plan_layers(shapes: Sequence[Any], group_size: int, num_heads: int) -> list[GGUFLayer]:
+    """The llama.cpp layers for zipkd per-layer shapes (LayerShape or dicts: kv_heads, intermediate). Pure."""
+    out: list[GGUFLayer] = []
+    for i, s in enumerate(shapes):
+        kv, w = (s["kv_heads"], s["intermediate"]) if isinstance(s, dict) else (s.kv_heads, s.intermediate)
+        if kv == 0 and w == 0:
+            continue  # an empty layer passes the residual stream through: leave it out
+        if kv > 0:
+            attn, n_head, n_kv = "full", kv * group_size, kv
+        elif not out:
+            attn, n_head, n_kv = "null", num_heads, 0  # layer 0 must have heads (see module docstring)
+        else:
+            attn, n_head, n_kv = "none", 0, 0
+        if w > 0:
+            mlp, n_ff = "full", w
+        elif attn != "none":
+            mlp, n_ff = "stub", STUB_FF  # a kept attention output survives only behind an MLP
+        else:
+            mlp, n_ff = "none", 0  # unreachable: kv == 0 and w == 0 was skipped
+        out.append(GGUFLayer(n_head, n_kv, n_ff, attn, mlp, i))
+    if not out:
+        raise ZipkdError("every decoder layer was removed; there is nothing to export")
+    return out
+
+
+def is_uniform(layers: Sequence[GGUFLayer]) -> bool:
+    return all(lay.attn == "full" and lay.mlp == "full" for lay in layers) and (
+        len({(lay.n_head_kv, lay.n_ff) for lay in layers}) == 1
+    )
+
+
+def choose_arch(family: str, layers: Sequence[GGUFLayer]) -> str:
+    """The llama.cpp architecture for this family and layout; one clear error where there is none."""
+    if family not in FAMILIES:
+        raise ZipkdError(
+            f"no GGUF mapping for architecture {family!r}; zipkd exports {', '.join(sorted(FAMILIES))}"
+        )
+    info = FAMILIES[family]
+    if is_uniform(layers):
+        return info["arch"]
+    if not info["deci"]:
+        raise ZipkdError(
+            f"a heterogeneous {family} model has no llama.cpp mapping (llama.cpp's per-layer `deci` graph has no "
+            "per-head q/k norms); prune with a uniform layout to export it"
+        )
+    return "deci"
+
+
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Hugging Face's rotary layout (halves) → llama.cpp's (interleaved pairs), per head; rows of Q or K (a
+    weight matrix or a bias vector). Pure."""
+    if n_head == 0:
+        return w
+    rest = w.shape[1:]
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def _np(t: Any) -> np.ndarray:
+    return t.detach().to("cpu").float().numpy()
+
+
+def tensors(model: Any, layers: Sequence[GGUFLayer], arch: str) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 array) for every tensor of the model in llama.cpp's naming; zero stubs included."""
+    from zipkd.models.adapters import adapter_for
+    from zipkd.models.surgery import base_geometry
+
+    cfg = model.config
+    ad = adapter_for(cfg)
+    geo = base_geometry(cfg)
+    permute = arch in ("llama", "deci")
+    hidden = geo.hidden_size
+    yield "token_embd.weight", _np(model.get_input_embeddings().weight)
+    hf_layers = ad.layers(model)
+    for j, lay in enumerate(layers):
+        layer = hf_layers[lay.source]
+        p = f"blk.{j}"
+        if lay.attn == "full":
+            attn = ad.attention(layer)
+            q, k, v, o = (getattr(attn, n) for n in (ad.q, ad.k, ad.v, ad.o))
+            yield f"{p}.attn_norm.weight", _np(getattr(layer, ad.attn_norm).weight)
+            wq, wk = _np(q.weight), _np(k.weight)
+            yield f"{p}.attn_q.weight", permute_rows(wq, lay.n_head) if permute else wq
+            yield f"{p}.attn_k.weight", permute_rows(wk, lay.n_head_kv) if permute else wk
+            yield f"{p}.attn_v.weight", _np(v.weight)
+            yield f"{p}.attn_output.weight", _np(o.weight)
+            for name, lin, heads in (("attn_q", q, lay.n_head), ("attn_k", k, lay.n_head_kv), ("attn_v", v, 0)):
+                if getattr(lin, "bias", None) is not None:
+                    b = _np(lin.bias)
+                    yield f"{p}.{name}.bias", permute_rows(b, heads) if permute and heads else b
+            if getattr(o, "bias", None) is not None:
+                yield f"{p}.attn_output.bias", _np(o.bias)
+            for hf, gg in (("q_norm", "attn_q_norm"), ("k_norm", "attn_k_norm")):
+                norm = getattr(attn, hf, None)
+                if norm is not None and getattr(norm, "weight", None) is not None:
+                    yield f"{p}.{gg}.weight", _np(norm.weight)
+        elif lay.attn == "null":
+            yield f"{p}.attn_norm.weight", np.ones(hidden, dtype=np.float32)
+            yield f"{p}.attn_output.weight", np.zeros((hidden, hidden), dtype=np.float32)
+        if lay.mlp == "full":
+            mlp = ad.mlp_block(layer)
+            yield f"{p}.ffn_norm.weight", _np(getattr(layer, ad.mlp_norm).weight)
+            yield f"{p}.ffn_gate.weight", _np(getattr(mlp, ad.gate).weight)
+            yield f"{p}.ffn_up.weight", _np(getattr(mlp, ad.up).weight)
+            yield f"{p}.ffn_down.weight", _np(getattr(mlp, ad.down).weight)
+        elif lay.mlp == "stub":
+            yield f"{p}.ffn_norm.weight", np.ones(hidden, dtype=np.float32)
+            yield f"{p}.ffn_gate.weight", np.zeros((STUB_FF, hidden), dtype=np.float32)
+            yield f"{p}.ffn_up.weight", np.zeros((STUB_FF, hidden), dtype=np.float32)
+            yield f"{p}.ffn_down.weight", np.zeros((hidden, STUB_FF), dtype=np.float32)
+    yield "output_norm.weight", _np(_final_norm(model, ad))
+    if not getattr(cfg, "tie_word_embeddings", False):
+        yield "output.weight", _np(model.get_output_embeddings().weight)
+
+
+def _final_norm(model: Any, ad: Any) -> Any:
+    obj = model
+    for part in ad.final_norm.split("."):
+        obj = getattr(obj, part)
+    return obj.weight
+
+
+# ---------------------------------------------------------------- metadata
+
+
+@dataclass(frozen=True)
+class Hparams:
+    """The architecture numbers a GGUF header needs (from a transformers config)."""
+
+    hidden_size: int
+    head_dim: int
+    num_heads: int
+    context_length: int
+    rms_eps: float
+    rope_theta: float
+    vocab_size: int
+    name: str
+
+
+def hparams(config: Any) -> Hparams:
+    from zipkd.models.surgery import base_geometry
+
+    geo = base_geometry(config)
+    rope = getattr(config, "rope_parameters", None) or {}
+    scaling = getattr(config, "rope_scaling", None) or {}
+    kind = (rope.get("rope_type") if isinstance(rope, dict) else None) or scaling.get("rope_type") or "default"
+    if kind not in ("default", None):
+        raise ZipkdError(f"rope scaling {kind!r} has no GGUF export in zipkd yet")
+    theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or getattr(config, "rope_theta", 10000.0)
+    return Hparams(
+        hidden_size=geo.hidden_size,
+        head_dim=geo.head_dim,
+        num_heads=geo.num_heads,
+        context_length=int(getattr(config, "max_position_embeddings", 2048)),
+        rms_eps=float(getattr(config, "rms_norm_eps", 1e-6)),
+        rope_theta=float(theta),
+        vocab_size=int(config.vocab_size),
+        name=str(getattr(config, "_name_or_path", "") or config.model_type),
+    )
+
+
+def _per_layer(values: Sequence[int]) -> int | list[int]:
+    return values[0] if len(set(values)) == 1 else list(values)
+
+
+def write_header(writer: Any, arch: str, hp: Hparams, layers: Sequence[GGUFLayer]) -> None:
+    """Architecture keys: per-layer arrays for deci, plain numbers for a uniform family."""
+    writer.add_name(Path(hp.name).name or arch)
+    writer.add_context_length(hp.context_length)
+    writer.add_embedding_length(hp.hidden_size)
+    writer.add_block_count(len(layers))
+    ff = [lay.n_ff for lay in layers]
+    heads = [lay.n_head for lay in layers]
+    kv = [lay.n_head_kv for lay in layers]
+    if arch == "deci":
+        writer.add_feed_forward_length(ff)
+        writer.add_head_count(heads)
+        writer.add_head_count_kv(kv)
+    else:
+        writer.add_feed_forward_length(_per_layer(ff))
+        writer.add_head_count(_per_layer(heads))
+        writer.add_head_count_kv(_per_layer(kv))
+    writer.add_key_length(hp.head_dim)
+    writer.add_value_length(hp.head_dim)
+    writer.add_rope_dimension_count(hp.head_dim)
+    writer.add_rope_freq_base(hp.rope_theta)
+    writer.add_layer_norm_rms_eps(hp.rms_eps)
+    writer.add_vocab_size(hp.vocab_size)
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+@dataclass
+class Vocab:
+    """Tokenizer metadata for llama.cpp, read from a Hugging Face tokenizer folder."""
+
+    model: str  # gpt2 (byte-level BPE) or llama (SentencePiece-style BPE with byte fallback)
+    tokens: list[bytes]
+    types: list[int]
+    scores: list[float] | None
+    folder: Path
+    pre: str | None = None
+
+    def add_to(self, writer: Any, n_vocab: int) -> None:
+        from gguf import SpecialVocab
+
+        writer.add_tokenizer_model(self.model)
+        if self.model == "gpt2":
+            writer.add_tokenizer_pre(self.pre or "default")
+        writer.add_token_list(self.tokens)
+        writer.add_token_types(self.types)
+        if self.scores is not None:
+            writer.add_token_scores(self.scores)
+        SpecialVocab(self.folder, load_merges=self.model == "gpt2", n_vocab=n_vocab).add_to_gguf(writer, quiet=True)
+
+
+def read_vocab(folder: Path, n_vocab: int) -> Vocab:
+    """Tokens, types (and scores) from `tokenizer.json`, padded to the model's vocabulary size."""
+    from gguf import TokenType
+    from gguf.vocab import BpeVocab, LlamaHfVocab
+
+    tj = folder / "tokenizer.json"
+    if not tj.is_file():
+        raise ZipkdError(f"{folder} has no tokenizer.json; GGUF export needs a fast (tokenizer.json) tokenizer")
+    try:
+        model = json.loads(tj.read_text())["model"]
+    except (OSError, json.JSONDecodeError, KeyError) as exc:
+        raise ZipkdError(f"cannot read {tj}: {exc}") from None
+    try:
+        if model.get("type") == "BPE" and model.get("byte_fallback"):
+            hf, kind = LlamaHfVocab(folder), "llama"
+        else:
+            hf, kind = BpeVocab(folder), "gpt2"
+        items = list(hf.all_tokens())
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise ZipkdError(f"the tokenizer in {folder} has no GGUF mapping ({exc})") from None
+    tokens = [t if isinstance(t, bytes) else str(t).encode() for t, _, _ in items]
+    scores = [float(s) for _, s, _ in items]
+    types = [int(tt) for _, _, tt in items]
+    _mark_special(folder, tokens, types)
+    if len(tokens) > n_vocab:
+        raise ZipkdError(f"the tokenizer has {len(tokens)} tokens but the model only {n_vocab} embeddings")
+    for i in range(len(tokens), n_vocab):
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(int(TokenType.UNUSED))
+    return Vocab(kind, tokens, types, scores if kind == "llama" else None, folder)
+
+
+def _mark_special(folder: Path, tokens: list[bytes], types: list[int]) -> None:
+    """Added tokens marked `special` in tokenizer.json are control tokens, the others user-defined."""
+    from gguf import TokenType
+
+    try:
+        added = json.loads((folder / "tokenizer.json").read_text()).get("added_tokens") or []
+    except (OSError, json.JSONDecodeError):
+        return
+    for item in added:
+        i = item.get("id")
+        if isinstance(i, int) and 0 <= i < len(tokens):
+            types[i] = int(TokenType.CONTROL if item.get("special") else TokenType.USER_DEFINED)
+
+
+def probe_texts() -> list[str]:
+    """Text for checking that llama.cpp tokenizes as Hugging Face does: held-out prose plus digits, code,
+    whitespace runs, punctuation and non-Latin scripts."""
+    texts = [
+        "Hello world! 12345 67.89 1,000,000 3.14159 and 2024-12-01.",
+        "def f(x):\n    return x**2  # square\n\n\tif a != b: print('tab\\t')",
+        "   leading spaces, trailing spaces   \n\n\nthree newlines",
+        "Ünïcödé naïve café — “quotes” ‘single’ … ½ ¾ € £ ¥",
+        "日本語のテキストと中文文本 한국어 텍스트 Русский текст العربية",
+        "emoji 😀🎉👍🏽 and symbols <>&|{}[]~^%$#@!",
+        "can't won't I'm you're they'll we've he'd IT'S",
+        "URL https://example.com/a/b?c=d&e=f#g and email a.b@c.de",
+    ]
+    try:
+        from zipkd.data.assets import heldout_text_path
+        from zipkd.data.text import load_texts
+
+        texts += [t[:600] for t in load_texts(heldout_text_path())[:40]]
+    except Exception:  # noqa: BLE001 - the fixed probes alone still check the tokenizer
+        pass
+    return texts
+
+
+def _hf_ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def detect_pre(tokenizer: Any, vocab: Vocab, n_vocab: int, texts: Sequence[str] | None = None) -> str | None:
+    """The llama.cpp pre-tokenizer that reproduces the Hugging Face tokenizer on the probe texts, tried by
+    writing vocabulary-only GGUFs (cached per tokenizer). None for SentencePiece-style vocabularies."""
+    if vocab.model != "gpt2":
+        return None
+    import hashlib
+
+    from zipkd.paths import cache_dir
+
+    texts = list(texts or probe_texts())
+    digest = hashlib.sha256((vocab.folder / "tokenizer.json").read_bytes()).hexdigest()[:16]
+    cache = cache_dir() / "gguf-pre" / f"{digest}.json"
+    if cache.is_file():
+        try:
+            return json.loads(cache.read_text())["pre"]
+        except (OSError, json.JSONDecodeError, KeyError):
+            pass
+    want = [_hf_ids(tokenizer, t) for t in texts]
+    with tempfile.TemporaryDirectory(prefix="zipkd-pre-") as tmp:
+        for pre in PRE_CANDIDATES:
+            vocab.pre = pre
+            path = Path(tmp) / f"{pre}.gguf"
+            write_vocab_only(path, vocab, n_vocab)
+            if engine_tokenizes_like(path, texts, want):
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                from zipkd.outputs import atomic_write_text
+
+                atomic_write_text(cache, json.dumps({"pre": pre}) + "\n")
+                return pre
+    vocab.pre = None
+    raise ZipkdError(
+        "no llama.cpp pre-tokenizer reproduces this model's Hugging Face tokenizer; its GGUF would tokenize "
+        "differently, so zipkd does not write one"
+    )
+
+
+def write_vocab_only(path: Path, vocab: Vocab, n_vocab: int) -> None:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_embedding_length(64)
+    w.add_head_count(1)
+    w.add_feed_forward_length(64)
+    w.add_context_length(64)
+    vocab.add_to(w, n_vocab)
+    _write(w)
+
+
+def engine_tokenizes_like(path: Path, texts: Sequence[str], want: Sequence[Sequence[int]]) -> bool:
+    from zipkd.runtimes.llamacpp import open_model
+
+    try:
+        em = open_model(path, vocab_only=True, n_ctx=64)
+    except ZipkdError:
+        return False
+    with em:
+        return all(em.tokenize(t, add_bos=False, special=False) == list(w) for t, w in zip(texts, want, strict=True))
+
+
+def _write(writer: Any) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+# ---------------------------------------------------------------- export
+
+
+def write_f32(
+    model: Any,
+    tokenizer_folder: Path | None,
+    tokenizer: Any,
+    path: Path,
+    extra: dict[str, str] | None = None,
+) -> str:
+    """Write the model as an f32 GGUF at `path`; returns the llama.cpp architecture used."""
+    import gguf
+
+    from zipkd.models.adapters import adapter_for
+    from zipkd.models.surgery import base_geometry, layer_shapes
+
+    cfg = model.config
+    ad = adapter_for(cfg)
+    geo = base_geometry(cfg)
+    layers = plan_layers(layer_shapes(model), geo.group_size, geo.num_heads)
+    arch = choose_arch(ad.family, layers)
+    hp = hparams(cfg)
+    writer = gguf.GGUFWriter(str(path), arch)
+    write_header(writer, arch, hp, layers)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    if tokenizer_folder is not None:
+        vocab = read_vocab(tokenizer_folder, hp.vocab_size)
+        vocab.pre = detect_pre(tokenizer, vocab, hp.vocab_size) if tokenizer is not None else None
+        vocab.add_to(writer, hp.vocab_size)
+    for key, value in (extra or {}).items():
+        writer.add_string(key, value)
+    for name, arr in tensors(model, layers, arch):
+        writer.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+    _write(writer)
+    return arch
