@@ -100,15 +100,13 @@ def progress(transient: bool = False):
 
 
 def parse_speedup(value: str) -> float:
-    """Accept `2x`, `2`, `2.0` (and `1.5X`)."""
-    text = value.strip().lower().removesuffix("x")
+    """Accept `2x`, `2`, `2.0` (and `1.5X`): `zipkd.prune.speedup`'s parser, as a Typer error."""
+    from zipkd.prune.speedup import parse_speedup as parse
+
     try:
-        s = float(text)
-    except ValueError:
-        raise typer.BadParameter(f"{value!r} is not a speedup; write e.g. 2x, 2 or 1.5") from None
-    if not s >= 1.0 or s == float("inf"):
-        raise typer.BadParameter(f"speedup {value!r} must be at least 1x (a slowdown is not a target)")
-    return s
+        return parse(value)
+    except ZipkdError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def parse_speedups(value: str) -> list[float]:
@@ -118,3 +116,58 @@ def parse_speedups(value: str) -> list[float]:
 def not_built(name: str) -> None:
     err_console.print(f"[bold red]error:[/] `zipkd {name}` is not built yet")
     raise typer.Exit(1)
+
+
+RuntimeOpt = Annotated[
+    str,
+    typer.Option(
+        help="Where speed is measured: eager (PyTorch), cudagraphs (PyTorch, CUDA only) or llama.cpp (the CPU "
+        "serving engine: GGUF models at --quantization, --threads).",
+        rich_help_panel=REGIME_PANEL,
+    ),
+]
+QuantizationOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="With --runtime llama.cpp: the GGUF type (f32, f16, bf16, q8_0 (default), q6_k, q5_k_m, q4_k_m, "
+        "q4_0, …). With eager/cudagraphs: time blocks quantized in memory with a `zipkd quantize` method.",
+        rich_help_panel=REGIME_PANEL,
+    ),
+]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(min=1, help="llama.cpp threads (default: all cores).", rich_help_panel=REGIME_PANEL),
+]
+DecodeTokensOpt = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="llama.cpp decode: tokens generated one at a time after a --context-token prompt.",
+        rich_help_panel=REGIME_PANEL,
+    ),
+]
+
+
+def regime_from_options(**fields: Any):
+    """A Regime from CLI options, with one clear error for a runtime/quantization mismatch."""
+    from zipkd.latency.runtimes import RUNTIMES
+    from zipkd.latency.table import Regime
+
+    runtime = fields.get("runtime") or "eager"
+    if runtime not in RUNTIMES:
+        raise typer.BadParameter(
+            f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}", param_hint="--runtime"
+        )
+    q = fields.get("quantization")
+    if not RUNTIMES[runtime].torch and q is not None:
+        from zipkd.runtimes.llamacpp import FTYPES
+
+        if q.strip().lower() not in FTYPES:
+            raise ZipkdError(
+                f"--runtime {runtime} takes a GGUF type for --quantization ({', '.join(FTYPES)}); {q!r} is not "
+                "one (torch-only methods such as bnb-int8 or quanto-int8 do not run in llama.cpp)"
+            )
+        fields["quantization"] = q.strip().lower()
+    elif RUNTIMES[runtime].torch and (fields.get("threads") is not None):
+        raise typer.BadParameter("--threads applies to --runtime llama.cpp only", param_hint="--threads")
+    return Regime(**fields)

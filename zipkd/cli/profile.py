@@ -14,12 +14,16 @@ from zipkd.cli.common import (
     REGIME_PANEL,
     BatchOpt,
     ContextOpt,
+    DecodeTokensOpt,
     DeviceOpt,
     DtypeOpt,
     ForceOpt,
     JsonOpt,
     ModelArg,
+    QuantizationOpt,
+    RuntimeOpt,
     SeqLenOpt,
+    ThreadsOpt,
     cli_errors,
     console,
     progress,
@@ -46,19 +50,10 @@ def profile(
     seq_len: SeqLenOpt = 512,
     context: ContextOpt = 512,
     dtype: DtypeOpt = "float32",
-    runtime: Annotated[
-        str,
-        typer.Option(
-            help="eager, or cudagraphs (CUDA only). torch.compile is not offered.", rich_help_panel=_REGIME
-        ),
-    ] = "eager",
-    quantization: Annotated[
-        str | None,
-        typer.Option(
-            help="Time blocks quantized in memory with this method (see `zipkd quantize`).",
-            rich_help_panel=_REGIME,
-        ),
-    ] = None,
+    runtime: RuntimeOpt = "eager",
+    quantization: QuantizationOpt = None,
+    threads: ThreadsOpt = None,
+    decode_tokens: DecodeTokensOpt = 64,
     method: Annotated[
         str,
         typer.Option(
@@ -106,8 +101,9 @@ def profile(
     """Measure a latency table: every attention KV-head count and a grid of MLP widths (0 = block removed),
     plus the rest, on the target device and regime. Cached and reused; --force re-measures (and accepts a
     mismatching --table)."""
+    from zipkd.cli.common import regime_from_options
     from zipkd.latency.profile import METHODS, load_or_profile, parse_device
-    from zipkd.latency.table import Regime
+    from zipkd.latency.runtimes import runtime_for
     from zipkd.models.io import load_model
 
     if method != "auto" and method not in METHODS:
@@ -115,15 +111,11 @@ def profile(
             f"unknown method {method!r}; choose auto, {', '.join(METHODS)}", param_hint="--method"
         )
     how = None if method == "auto" else method
-    if runtime not in ("eager", "cudagraphs"):
-        raise typer.BadParameter(
-            f"unknown runtime {runtime!r}; choose eager or cudagraphs", param_hint="--runtime"
-        )
     if output is not None and output.exists() and not force:
         from zipkd.errors import ZipkdError
 
         raise ZipkdError(f"{output} exists; pass --force to replace it")
-    reg = Regime(
+    reg = regime_from_options(
         device=device,
         regime=regime,
         batch=batch,
@@ -132,13 +124,22 @@ def profile(
         dtype=dtype,
         runtime=runtime,
         quantization=quantization,
+        threads=threads,
+        decode_tokens=decode_tokens,
     )
-    dev = parse_device(device) if table is None or validate else None
-    lm = load_model(model, dtype=dtype, device=str(dev or "cpu"), tokenizer=False)
+    engine = not runtime_for(reg.runtime).torch
+    dev = parse_device(device) if (table is None or validate) and not engine else None
+    lm = load_model(model, dtype=dtype, device=str(dev or "cpu"), tokenizer=engine)
     with progress(transient=True) as bar:
         tab = load_or_profile(lm, reg, table=table, force=force, progress=bar, method=how, repeats=repeats)
         report = None
-        if validate:
+        if validate and engine:
+            report = (
+                runtime_for(reg.runtime)
+                .impl()
+                .validate(lm, tab, n=variants, seed=seed, repeats=max(3, min(repeats, 5)), progress=bar)
+            )
+        elif validate:
             from zipkd.latency.validate import validate_table
 
             report = validate_table(lm, tab, n=variants, seed=seed, repeats=max(3, repeats - 2), progress=bar)

@@ -14,13 +14,17 @@ from zipkd.cli.common import (
     REGIME_PANEL,
     BatchOpt,
     ContextOpt,
+    DecodeTokensOpt,
     DeviceOpt,
     DtypeOpt,
     ForceOpt,
     JsonOpt,
     ModelArg,
+    QuantizationOpt,
+    RuntimeOpt,
     SeedOpt,
     SeqLenOpt,
+    ThreadsOpt,
     cli_errors,
     console,
     parse_speedups,
@@ -90,6 +94,10 @@ def prune(
     seq_len: SeqLenOpt = 512,
     context: ContextOpt = 512,
     dtype: DtypeOpt = "float32",
+    runtime: RuntimeOpt = "eager",
+    quantization: QuantizationOpt = None,
+    threads: ThreadsOpt = None,
+    decode_tokens: DecodeTokensOpt = 64,
     calib: Annotated[
         Path | None,
         typer.Option(
@@ -120,8 +128,8 @@ def prune(
 ) -> None:
     """Prune MODEL to one or more measured speedup targets with structured OBS (ZipLM): per-layer databases of
     KV groups and MLP channels on the latency table's grid, a DP search per target, one output per target."""
+    from zipkd.cli.common import regime_from_options
     from zipkd.data.text import load_texts
-    from zipkd.latency.table import Regime
     from zipkd.models.io import load_model
     from zipkd.prune import PruneConfig, save_pruned
     from zipkd.prune import prune as run_prune
@@ -130,7 +138,18 @@ def prune(
     method = _method(method)
     if not 0 < damp < 10:
         raise typer.BadParameter(f"damp must lie in (0, 10) (got {damp})", param_hint="--damp")
-    reg = Regime(device=device, regime=regime, batch=batch, seq_len=seq_len, context=context, dtype=dtype)
+    reg = regime_from_options(
+        device=device,
+        regime=regime,
+        batch=batch,
+        seq_len=seq_len,
+        context=context,
+        dtype=dtype,
+        runtime=runtime,
+        quantization=quantization,
+        threads=threads,
+        decode_tokens=decode_tokens,
+    )
     config = PruneConfig(
         target_speedup=targets,
         method=method,
@@ -173,7 +192,8 @@ def prune(
     from zipkd.models.surgery import base_geometry
 
     geo = base_geometry(lm.model.config)
-    t = Table(title=f"zipkd prune ({method}) on {reg.device} {reg.regime}", header_style="bold")
+    where = f"llama.cpp {reg.quantization}" if reg.runtime == "llama.cpp" else reg.device
+    t = Table(title=f"zipkd prune ({method}) on {where} {reg.regime}", header_style="bold")
     for col in ("target", "predicted", "layers", "KV heads kept", "MLP channels kept", "output"):
         t.add_column(col, justify="left" if col == "output" else "right")
     for r, row in zip(results, rows, strict=True):

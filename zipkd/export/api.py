@@ -113,9 +113,7 @@ def export_gguf(lm: Any, config: ExportConfig, out: str | os.PathLike, force: bo
         os.replace(final, out)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    return ExportResult(
-        out, arch, config.quantization, out.stat().st_size, [asdict(lay) for lay in layers]
-    )
+    return ExportResult(out, arch, config.quantization, out.stat().st_size, [asdict(lay) for lay in layers])
 
 
 def check_export(path: Path, tokenizer: Any) -> None:
@@ -128,7 +126,9 @@ def check_export(path: Path, tokenizer: Any) -> None:
             return
         for text in probe_texts()[:12]:
             if em.tokenize(text) != _hf_ids(tokenizer, text):
-                raise ZipkdError(f"the GGUF written for {path.name} tokenizes differently from the model's tokenizer")
+                raise ZipkdError(
+                    f"the GGUF written for {path.name} tokenizes differently from the model's tokenizer"
+                )
 
 
 def read_export_manifest(path: str | os.PathLike) -> dict[str, Any] | None:

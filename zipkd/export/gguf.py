@@ -6,9 +6,9 @@ What llama.cpp's `deci` graph does, and how the export keeps every layer zipkd's
 - MLP removed (`feed_forward_length` 0): the graph skips to the next layer *before* keeping the attention
   output, so a layer with attention but no MLP would silently lose its attention. Such a layer gets a stub MLP
   of `STUB_FF` channels whose weights are all zero (it adds exactly 0; quantized zeros stay zero).
-- layer 0 without attention: llama.cpp takes the head size and rotary dimensions from layer 0's head count, so
-  layer 0 gets a zero "linear attention" (`head_count` > 0, `head_count_kv` 0: one zero n_embd×n_embd
-  projection) instead of none.
+- layer 0 without attention: llama.cpp takes the head size and rotary dimensions from layer 0's head count
+  (and cannot allocate a KV cache when no layer has KV heads), so layer 0 gets a zero attention block of one KV
+  group (all four projections zero: it adds exactly 0) instead of none.
 - both removed: the layer is not written at all (zipkd drops such layers already).
 Q and K rows are permuted into llama.cpp's rotary layout for the architectures that use it (llama, deci).
 
@@ -17,7 +17,6 @@ Weights are written as f32 with the `gguf` package; other types come from llama.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -77,7 +76,7 @@ PRE_CANDIDATES = (
 
 @dataclass(frozen=True)
 class GGUFLayer:
-    """One layer as llama.cpp sees it. `attn`: full | none | null (zero linear attention, layer 0 only);
+    """One layer as llama.cpp sees it. `attn`: full | none | zero (one zero KV group, layer 0 only);
     `mlp`: full | stub (zero MLP of STUB_FF channels)."""
 
     n_head: int
@@ -98,7 +97,7 @@ def plan_layers(shapes: Sequence[Any], group_size: int, num_heads: int) -> list[
         if kv > 0:
             attn, n_head, n_kv = "full", kv * group_size, kv
         elif not out:
-            attn, n_head, n_kv = "null", num_heads, 0  # layer 0 must have heads (see module docstring)
+            attn, n_head, n_kv = "zero", group_size, 1  # layer 0 must have heads (see module docstring)
         else:
             attn, n_head, n_kv = "none", 0, 0
         if w > 0:
@@ -173,7 +172,11 @@ def tensors(model: Any, layers: Sequence[GGUFLayer], arch: str) -> Iterator[tupl
             yield f"{p}.attn_k.weight", permute_rows(wk, lay.n_head_kv) if permute else wk
             yield f"{p}.attn_v.weight", _np(v.weight)
             yield f"{p}.attn_output.weight", _np(o.weight)
-            for name, lin, heads in (("attn_q", q, lay.n_head), ("attn_k", k, lay.n_head_kv), ("attn_v", v, 0)):
+            for name, lin, heads in (
+                ("attn_q", q, lay.n_head),
+                ("attn_k", k, lay.n_head_kv),
+                ("attn_v", v, 0),
+            ):
                 if getattr(lin, "bias", None) is not None:
                     b = _np(lin.bias)
                     yield f"{p}.{name}.bias", permute_rows(b, heads) if permute and heads else b
@@ -183,9 +186,13 @@ def tensors(model: Any, layers: Sequence[GGUFLayer], arch: str) -> Iterator[tupl
                 norm = getattr(attn, hf, None)
                 if norm is not None and getattr(norm, "weight", None) is not None:
                     yield f"{p}.{gg}.weight", _np(norm.weight)
-        elif lay.attn == "null":
+        elif lay.attn == "zero":
+            d, zero = geo.head_dim, np.zeros
             yield f"{p}.attn_norm.weight", np.ones(hidden, dtype=np.float32)
-            yield f"{p}.attn_output.weight", np.zeros((hidden, hidden), dtype=np.float32)
+            yield f"{p}.attn_q.weight", zero((lay.n_head * d, hidden), dtype=np.float32)
+            yield f"{p}.attn_k.weight", zero((d, hidden), dtype=np.float32)
+            yield f"{p}.attn_v.weight", zero((d, hidden), dtype=np.float32)
+            yield f"{p}.attn_output.weight", zero((hidden, lay.n_head * d), dtype=np.float32)
         if lay.mlp == "full":
             mlp = ad.mlp_block(layer)
             yield f"{p}.ffn_norm.weight", _np(getattr(layer, ad.mlp_norm).weight)
@@ -232,10 +239,14 @@ def hparams(config: Any) -> Hparams:
     geo = base_geometry(config)
     rope = getattr(config, "rope_parameters", None) or {}
     scaling = getattr(config, "rope_scaling", None) or {}
-    kind = (rope.get("rope_type") if isinstance(rope, dict) else None) or scaling.get("rope_type") or "default"
+    kind = (
+        (rope.get("rope_type") if isinstance(rope, dict) else None) or scaling.get("rope_type") or "default"
+    )
     if kind not in ("default", None):
         raise ZipkdError(f"rope scaling {kind!r} has no GGUF export in zipkd yet")
-    theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or getattr(config, "rope_theta", 10000.0)
+    theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or getattr(
+        config, "rope_theta", 10000.0
+    )
     return Hparams(
         hidden_size=geo.hidden_size,
         head_dim=geo.head_dim,
@@ -301,7 +312,9 @@ class Vocab:
         writer.add_token_types(self.types)
         if self.scores is not None:
             writer.add_token_scores(self.scores)
-        SpecialVocab(self.folder, load_merges=self.model == "gpt2", n_vocab=n_vocab).add_to_gguf(writer, quiet=True)
+        SpecialVocab(self.folder, load_merges=self.model == "gpt2", n_vocab=n_vocab).add_to_gguf(
+            writer, quiet=True
+        )
 
 
 def read_vocab(folder: Path, n_vocab: int) -> Vocab:
@@ -311,7 +324,9 @@ def read_vocab(folder: Path, n_vocab: int) -> Vocab:
 
     tj = folder / "tokenizer.json"
     if not tj.is_file():
-        raise ZipkdError(f"{folder} has no tokenizer.json; GGUF export needs a fast (tokenizer.json) tokenizer")
+        raise ZipkdError(
+            f"{folder} has no tokenizer.json; GGUF export needs a fast (tokenizer.json) tokenizer"
+        )
     try:
         model = json.loads(tj.read_text())["model"]
     except (OSError, json.JSONDecodeError, KeyError) as exc:
@@ -435,7 +450,9 @@ def engine_tokenizes_like(path: Path, texts: Sequence[str], want: Sequence[Seque
     except ZipkdError:
         return False
     with em:
-        return all(em.tokenize(t, add_bos=False, special=False) == list(w) for t, w in zip(texts, want, strict=True))
+        return all(
+            em.tokenize(t, add_bos=False, special=False) == list(w) for t, w in zip(texts, want, strict=True)
+        )
 
 
 def _write(writer: Any) -> None:
@@ -448,6 +465,42 @@ def _write(writer: Any) -> None:
 # ---------------------------------------------------------------- export
 
 
+def write_gguf(
+    path: Path,
+    arch: str,
+    hp: Hparams,
+    layers: Sequence[GGUFLayer],
+    arrays: Iterator[tuple[str, np.ndarray]],
+    vocab: Vocab | None,
+    extra: dict[str, str] | None = None,
+    f16: bool = False,
+) -> None:
+    """Write a GGUF: header, tokenizer, extra string keys, then the (name, array) tensors, in f32 (or matrices
+    in f16 with `f16`: half the bytes, for timing models that llama.cpp quantizes anyway)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    write_header(writer, arch, hp, layers)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
+    if vocab is not None:
+        vocab.add_to(writer, hp.vocab_size)
+    for key, value in (extra or {}).items():
+        writer.add_string(key, value)
+    for name, arr in arrays:
+        dtype = np.float16 if f16 and arr.ndim > 1 else np.float32
+        writer.add_tensor(name, np.ascontiguousarray(arr, dtype=dtype))
+    _write(writer)
+
+
+def model_vocab(tokenizer_folder: Path | None, tokenizer: Any, n_vocab: int) -> Vocab | None:
+    """The tokenizer metadata for a model, with the pre-tokenizer that makes llama.cpp match Hugging Face."""
+    if tokenizer_folder is None:
+        return None
+    vocab = read_vocab(tokenizer_folder, n_vocab)
+    vocab.pre = detect_pre(tokenizer, vocab, n_vocab) if tokenizer is not None else None
+    return vocab
+
+
 def write_f32(
     model: Any,
     tokenizer_folder: Path | None,
@@ -456,8 +509,6 @@ def write_f32(
     extra: dict[str, str] | None = None,
 ) -> str:
     """Write the model as an f32 GGUF at `path`; returns the llama.cpp architecture used."""
-    import gguf
-
     from zipkd.models.adapters import adapter_for
     from zipkd.models.surgery import base_geometry, layer_shapes
 
@@ -467,16 +518,50 @@ def write_f32(
     layers = plan_layers(layer_shapes(model), geo.group_size, geo.num_heads)
     arch = choose_arch(ad.family, layers)
     hp = hparams(cfg)
-    writer = gguf.GGUFWriter(str(path), arch)
-    write_header(writer, arch, hp, layers)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    if tokenizer_folder is not None:
-        vocab = read_vocab(tokenizer_folder, hp.vocab_size)
-        vocab.pre = detect_pre(tokenizer, vocab, hp.vocab_size) if tokenizer is not None else None
-        vocab.add_to(writer, hp.vocab_size)
-    for key, value in (extra or {}).items():
-        writer.add_string(key, value)
-    for name, arr in tensors(model, layers, arch):
-        writer.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
-    _write(writer)
+    vocab = model_vocab(tokenizer_folder, tokenizer, hp.vocab_size)
+    write_gguf(path, arch, hp, layers, tensors(model, layers, arch), vocab, extra)
     return arch
+
+
+def random_tensors(
+    hp: Hparams,
+    layers: Sequence[GGUFLayer],
+    tied: bool,
+    biases: bool = False,
+    qk_norm: bool = False,
+    seed: int = 0,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Random tensors of the right shapes for timing a layout in llama.cpp (speed does not depend on the
+    values); views of one shared random pool, so writing a model costs no generation."""
+    h, d, v = hp.hidden_size, hp.head_dim, hp.vocab_size
+    biggest = max([v * h] + [3 * lay.n_ff * h for lay in layers] + [h * lay.n_head * d for lay in layers])
+    pool = (np.random.default_rng(seed).standard_normal(biggest, dtype=np.float32) * 0.02).astype(np.float16)
+
+    def arr(*shape: int) -> np.ndarray:
+        return pool[: int(np.prod(shape))].reshape(shape)
+
+    ones = np.ones(h, dtype=np.float32)
+    yield "token_embd.weight", arr(v, h)
+    for j, lay in enumerate(layers):
+        p = f"blk.{j}"
+        if lay.attn in ("full", "zero"):
+            yield f"{p}.attn_norm.weight", ones
+            yield f"{p}.attn_q.weight", arr(lay.n_head * d, h)
+            yield f"{p}.attn_k.weight", arr(lay.n_head_kv * d, h)
+            yield f"{p}.attn_v.weight", arr(lay.n_head_kv * d, h)
+            yield f"{p}.attn_output.weight", arr(h, lay.n_head * d)
+            if biases:
+                yield f"{p}.attn_q.bias", arr(lay.n_head * d)
+                yield f"{p}.attn_k.bias", arr(lay.n_head_kv * d)
+                yield f"{p}.attn_v.bias", arr(lay.n_head_kv * d)
+            if qk_norm:
+                yield f"{p}.attn_q_norm.weight", np.ones(d, dtype=np.float32)
+                yield f"{p}.attn_k_norm.weight", np.ones(d, dtype=np.float32)
+        if lay.n_ff:
+            yield f"{p}.ffn_norm.weight", ones
+            yield f"{p}.ffn_gate.weight", arr(lay.n_ff, h)
+            yield f"{p}.ffn_up.weight", arr(lay.n_ff, h)
+            yield f"{p}.ffn_down.weight", arr(h, lay.n_ff)
+    yield "output_norm.weight", ones
+    if not tied:
+        yield "output.weight", arr(v, h)

@@ -57,11 +57,12 @@ from zipkd.latency.measure import (
     restore_cache,
     snapshot_cache,
 )
+from zipkd.latency.runtimes import runtime_for
 from zipkd.latency.table import DEVICE_KEYS, MODEL_KEYS, LatencyTable, Regime
 
 PROFILER_VERSION = 5  # part of the cache key: bump when the method changes
 METHODS = ("blocks", "anchored", "in-model")
-EXTRA_DEVICE_KEYS = ("driver", "runtime", "quantization")
+EXTRA_DEVICE_KEYS = ("driver", "runtime", "quantization", "llama_cpp")
 GPU_SAMPLE_MS = 3.0  # a GPU layer-timing sample runs the layer back to back for at least this long
 
 
@@ -108,6 +109,9 @@ def device_fingerprint(regime: Regime, strict: bool = True) -> dict[str, Any]:
     dtype, runtime and quantization. `strict=False` describes an absent CUDA device by its type only."""
     from zipkd.manifest import cpu_model
 
+    runtime = runtime_for(regime.runtime)
+    if not runtime.torch:
+        return runtime.impl().fingerprint(regime)
     fp: dict[str, Any] = {
         "device": None,
         "device_name": None,
@@ -610,11 +614,20 @@ def table_cache_path(config: Any, regime: Regime, method: str | None = None) -> 
 
     mfp = model_fingerprint(config)
     dfp = device_fingerprint(regime)
-    fields = {"model": mfp, "device": dfp, "regime": asdict(regime), "v": PROFILER_VERSION}
-    suffix = ""
+    reg = asdict(regime)
+    runtime = runtime_for(regime.runtime)
+    if runtime.torch:  # fields torch tables never had keep their cache keys as they were
+        for key in ("threads", "decode_tokens"):
+            reg.pop(key)
+    else:
+        method = None  # one method per engine runtime
+    fields = {"model": mfp, "device": dfp, "regime": reg, "v": PROFILER_VERSION}
+    if not runtime.torch:
+        fields["engine_v"] = getattr(runtime.impl(), "PROFILER_VERSION", 0)
+    suffix = "" if runtime.torch else f"-{regime.runtime}-{regime.quantization}"
     if method is not None and method != default_method(parse_device(regime.device), regime):
         fields["method"] = method
-        suffix = f"-{method}"
+        suffix += f"-{method}"
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     name = (
         f"{mfp['architecture']}-h{mfp['hidden_size']}-l{mfp['num_layers']}-{dfp['device']}-{regime.regime}"
@@ -661,7 +674,11 @@ def load_or_profile(
                 return tab
         except ZipkdError:
             pass  # unreadable or outdated cache entry: measure again
-    tab = profile_model(lm, regime, progress=progress, repeats=repeats, method=method)
+    runtime = runtime_for(regime.runtime)
+    if runtime.torch:
+        tab = profile_model(lm, regime, progress=progress, repeats=repeats, method=method)
+    else:
+        tab = runtime.impl().profile(lm, regime, progress=progress, repeats=min(repeats, 5), method=method)
     path.parent.mkdir(parents=True, exist_ok=True)
     tab.save(path)
     tab.meta["cache_path"] = str(path)

@@ -40,10 +40,18 @@ class Regime:
     seq_len: int = 512
     context: int = 512
     dtype: str = "float32"
-    runtime: str = "eager"
-    quantization: str | None = None
+    runtime: str = "eager"  # eager | cudagraphs | llama.cpp
+    quantization: str | None = None  # torch: a zipkd quantize method; llama.cpp: a GGUF type (q8_0, …)
+    threads: int | None = None  # llama.cpp threads (None: all cores)
+    decode_tokens: int = 64  # llama.cpp decode: tokens generated after a prompt of `context` tokens
 
     def __post_init__(self) -> None:
+        if self.runtime == "llama.cpp" and self.quantization is None:
+            self.quantization = "q8_0"
+        if self.threads is not None and self.threads < 1:
+            raise ZipkdError(f"threads must be at least 1 (got {self.threads})")
+        if self.decode_tokens < 1:
+            raise ZipkdError("decode tokens must be at least 1")
         if self.regime not in ("prefill", "decode"):
             raise ZipkdError(f"unknown regime {self.regime!r}; choose prefill or decode")
         if self.batch < 1:
