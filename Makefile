@@ -38,6 +38,7 @@ bench: install
 lint: install
 	$(BIN)/ruff format --check zipkd tests scripts
 	$(BIN)/ruff check zipkd tests scripts
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff format zipkd tests scripts

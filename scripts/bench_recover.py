@@ -1,7 +1,7 @@
 """Benchmark for `zipkd recover` (issue #5): does self-data distillation recover what pruning lost?
 
 On the embedded SmolLM2-135M-Instruct pruned to 2x (zipkd's own pruner, `zipkd.prune`, cached after the first
-run; `--pruner surgery` uses a simple layer-drop + MLP-halving variant instead), every recovery arm gets the same
+run; `--pruner shortgpt|wanda-sp|magnitude` uses one of zipkd's baselines instead), every recovery arm gets the same
 budget (steps, batch, sequence length, learning rate, seed) and is scored on held-out data only:
 
 - perplexity on LAMBADA passages (`heldout_text_path()`, evaluation role; never trained on), and
@@ -39,7 +39,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # On a shared CPU, OpenMP threads spinning while they wait for each other starve everyone (the latency bench
 # measured the same); passive waiting keeps the default thread count and makes training ~10x faster here.
 # Set before torch is imported. `--omp-active` keeps OpenMP's default.
@@ -51,85 +50,6 @@ TARGET_MINUTES = 30.0
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def surgery_2x(lm, out: Path) -> Path:
-    """Fallback 2x model (when zipkd's pruner is not used): on 16 calibration windows (calibration role), drop
-    the 13 of 30 layers whose output is most similar to their input (block influence, ShortGPT) and keep the
-    half of each remaining MLP with the largest mean |activation| x |down column| (Wanda-style). FLOPs:
-    17 x (attention + half MLP) + LM head ~ dense / 2."""
-    import torch
-
-    from zipkd.data.assets import calib_text_path
-    from zipkd.data.text import calibration_batch, load_texts
-    from zipkd.models.adapters import adapter_for
-    from zipkd.models.io import save_model
-    from zipkd.models.surgery import drop_layers, slice_mlp
-
-    model = lm.model
-    ad = adapter_for(model.config)
-    layers = ad.layers(model)
-    x = calibration_batch(lm.tokenizer, load_texts(calib_text_path()), 16, 256, seed=0)
-    act = [torch.zeros(getattr(ad.mlp_block(layer), ad.down).in_features) for layer in layers]
-    sim = [0.0] * len(layers)
-    hooks = []
-    for i, layer in enumerate(layers):
-        down = getattr(ad.mlp_block(layer), ad.down)
-        hooks.append(
-            down.register_forward_pre_hook(
-                lambda _m, a, i=i: act[i].add_(a[0].detach().abs().float().mean(dim=(0, 1)))
-            )
-        )
-        hooks.append(
-            layer.register_forward_hook(
-                lambda _m, a, o, i=i: sim.__setitem__(
-                    i,
-                    sim[i]
-                    + torch.nn.functional.cosine_similarity(
-                        (a[0] if a else _m._zipkd_in).float(),
-                        (o[0] if isinstance(o, tuple) else o).float(),
-                        dim=-1,
-                    )
-                    .mean()
-                    .item(),
-                )
-            )
-        )
-        hooks.append(
-            layer.register_forward_pre_hook(
-                lambda _m, a, kw: setattr(_m, "_zipkd_in", kw.get("hidden_states", a[0] if a else None)),
-                with_kwargs=True,
-            )
-        )
-    try:
-        with torch.inference_mode():
-            for b in range(0, x.shape[0], 4):
-                model(x[b : b + 4])
-    finally:
-        for h in hooks:
-            h.remove()
-        for layer in layers:
-            if hasattr(layer, "_zipkd_in"):
-                del layer._zipkd_in
-    for i, layer in enumerate(layers):
-        down = getattr(ad.mlp_block(layer), ad.down)
-        score = act[i] * down.weight.norm(dim=0)
-        slice_mlp(layer, ad, torch.topk(score, score.numel() // 2).indices)
-    candidates = sorted(range(1, len(layers) - 1), key=lambda i: -sim[i])[:13]
-    drop_layers(model, sorted(candidates))
-    return save_model(
-        model,
-        lm.tokenizer,
-        out,
-        stage="prune",
-        inputs={"model": lm.path},
-        config={
-            "method": "surgery",
-            "rule": "block influence (13 layers), MLP half by |act|x|down|",
-            "dropped": sorted(candidates),
-        },
-        force=True,
-    )
 
 
 def get_pruned(method: str, root: Path) -> tuple[Path, dict]:
@@ -144,7 +64,7 @@ def get_pruned(method: str, root: Path) -> tuple[Path, dict]:
 
     t = time.perf_counter()
     lm = load_model("smollm2-135m")
-    cfg = PruneConfig(target_speedup=2.0)
+    cfg = PruneConfig(target_speedup=2.0, method=method)
     # Keyed by the pruning config and the latency table it uses (cached or profiled now): a re-measured table
     # (another machine, a quieter one) or another pruner config makes a new model instead of reusing a stale one.
     # "v2": models pruned before content_hash hashed folders under hidden directories recorded an empty teacher
@@ -155,14 +75,10 @@ def get_pruned(method: str, root: Path) -> tuple[Path, dict]:
     key = hashlib.sha256(
         json.dumps(["v2", repr(cfg), table.to_json(), calib], sort_keys=True).encode()
     ).hexdigest()[:12]
-    folder = root / f"pruned-2x-{method}-{key if method == 'zipkd' else 'v1'}"
+    folder = root / f"pruned-2x-{method}-{key}"
     if (folder / "zipkd.json").is_file():
         return folder, {"cached": True, **(read_manifest(folder) or {}).get("metrics", {})}
-    if method == "zipkd":
-        res = prune(lm, cfg, table=table)
-        save_pruned(res, lm, folder, cfg, force=True)
-    else:
-        surgery_2x(lm, folder)
+    save_pruned(prune(lm, cfg, table=table), lm, folder, cfg, force=True)
     return folder, {
         "cached": False,
         "seconds": time.perf_counter() - t,
@@ -203,7 +119,9 @@ def retention(m: dict, dense: dict) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="results folder (default: cache/bench_recover)")
-    ap.add_argument("--pruner", choices=("zipkd", "surgery"), default="zipkd")
+    from zipkd.prune.methods import METHODS
+
+    ap.add_argument("--pruner", choices=tuple(METHODS), default="zipkd")
     ap.add_argument("--examples", type=int, default=128, help="fine-tuning examples (teacher rewrites)")
     ap.add_argument("--steps", type=int, default=240)
     ap.add_argument("--batch-size", type=int, default=8)

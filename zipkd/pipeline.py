@@ -1,5 +1,5 @@
-"""`zipkd run recipe.yaml`: profile → prune → recover → quantize → eval through the same functions as the
-individual commands. Each stage writes its own folder (with its manifest) under the recipe's output; a stage
+"""`zipkd run recipe.yaml`: profile → prune → recover → quantize → eval → export through the same functions as
+the individual commands, each built from its recipe section by `Recipe.config` (the stage's config dataclass). Each stage writes its own folder (with its manifest) under the recipe's output; a stage
 whose inputs and config are unchanged is skipped on a rerun, an interrupted recovery resumes from its last
 checkpoint, and `from_stage` reruns from a stage on."""
 
@@ -9,12 +9,22 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from zipkd.errors import ZipkdError
+from zipkd.evaluate.api import evaluate
+from zipkd.evaluate.report import Report, write_report
+from zipkd.export.api import export
+from zipkd.latency.profile import load_or_profile
+from zipkd.manifest import build_manifest, content_hash, set_seed, write_manifest
+from zipkd.models.io import load_model, resolve_model
+from zipkd.outputs import atomic_dir, atomic_write_text
+from zipkd.prune.api import prune_model, save_pruned
+from zipkd.quantize.api import quantize
 from zipkd.recipe import STAGES, Recipe
+from zipkd.recover.api import recover
 
 STATE = "pipeline.json"
 FOLDERS = {stage: f"{i}-{stage}" for i, stage in enumerate(STAGES, 1)}
@@ -53,26 +63,15 @@ def _load_state(out: Path) -> dict[str, Any]:
 
 
 def _save_state(out: Path, state: dict[str, Any]) -> None:
-    from zipkd.outputs import atomic_write_text
-
     atomic_write_text(out / STATE, json.dumps(state, indent=2) + "\n")
 
 
-def _regime(recipe: Recipe):
-    from zipkd.latency.table import Regime
-
-    return Regime(**recipe.hardware)
-
-
 def _profile(recipe: Recipe, folder: Path, inputs: dict[str, Any], progress: Any) -> dict[str, Any]:
-    from zipkd.latency.profile import load_or_profile
-    from zipkd.manifest import build_manifest, write_manifest
-    from zipkd.models.io import load_model
-    from zipkd.outputs import atomic_dir
-
-    cfg = recipe.sections["profile"] or {}
+    cfg = recipe.config("profile")
     lm = load_model(recipe.model, dtype=recipe.hardware["dtype"])
-    table = load_or_profile(lm, _regime(recipe), table=cfg.get("table"), progress=progress)
+    table = load_or_profile(
+        lm, recipe.regime(), table=cfg.table, progress=progress, method=cfg.method, repeats=cfg.repeats
+    )
     with atomic_dir(folder, force=True) as tmp:
         table.save(tmp / "table.json")
         write_manifest(
@@ -80,7 +79,7 @@ def _profile(recipe: Recipe, folder: Path, inputs: dict[str, Any], progress: Any
             build_manifest(
                 "profile",
                 {"model": lm.path},
-                {"regime": recipe.hardware, **cfg},
+                {"regime": recipe.hardware, **asdict(cfg)},
                 recipe.seed,
                 {"dense_predicted_ms": table.dense_ms()},
             ),
@@ -89,26 +88,10 @@ def _profile(recipe: Recipe, folder: Path, inputs: dict[str, Any], progress: Any
 
 
 def _prune(recipe: Recipe, folder: Path, inputs: dict[str, Any], progress: Any) -> dict[str, Any]:
-    from zipkd.data.text import load_texts
-    from zipkd.models.io import load_model
-    from zipkd.prune import PruneConfig, prune, save_pruned
-
-    c = dict(recipe.sections["prune"] or {})
-    targets = c["target_speedup"] if isinstance(c["target_speedup"], list) else [c["target_speedup"]]
-    config = PruneConfig(
-        target_speedup=[float(str(t).lower().removesuffix("x")) for t in targets],
-        method=c["method"],
-        samples=c["samples"],
-        calib_len=c["calib_len"],
-        damp=float(c["damp"]),
-        seed=recipe.seed,
-        regime=_regime(recipe),
-        table=inputs.get("table"),
-    )
+    config = recipe.config("prune", seed=recipe.seed, regime=recipe.regime(), table=inputs.get("table"))
     lm = load_model(recipe.model, dtype=recipe.hardware["dtype"])
-    texts = load_texts(c["calib"]) if c.get("calib") else None
-    results = prune(lm, config, calib_texts=texts, progress=progress, table=inputs.get("table"))
-    folders = save_pruned(results, lm, folder, config, force=True, calib_path=c.get("calib"))
+    results = prune_model(lm, config, progress=progress, table=inputs.get("table"))
+    folders = save_pruned(results, lm, folder, config, force=True)
     return {
         "model": str(folders[0]),
         "family": [str(f) for f in folders],
@@ -117,63 +100,46 @@ def _prune(recipe: Recipe, folder: Path, inputs: dict[str, Any], progress: Any) 
 
 
 def _recover(recipe: Recipe, folder: Path, inputs: dict[str, Any], progress: Any) -> dict[str, Any]:
-    from zipkd.recover.api import RecoverConfig, recover
-    from zipkd.recover.data import RewriteSettings
-    from zipkd.recover.train import TrainConfig
-
-    c = recipe.sections["recover"] or {}
-    config = RecoverConfig(
-        data=c.get("data"),
-        distill=c["self_distill"],
-        max_examples=c["examples"],
-        rewrite=RewriteSettings(max_new_tokens=c["max_new_tokens"]),
-        train=TrainConfig(
-            steps=c["steps"],
-            batch_size=c["batch_size"],
-            lr=c.get("lr"),
-            method="lora" if c["lora"] else "full",
-            kd=c["kd"],
-            kd_weight=float(c["kd_weight"]),
-            mix_ratio=float(c["mix_ratio"]),
-            max_seq_len=c["max_seq_len"],
-            checkpoint_every=c["checkpoint_every"],
-            precision=c["precision"],
-            seed=recipe.seed,
-        ),
-        device=recipe.hardware["device"],
-    )
+    config = recipe.config("recover", device=recipe.hardware["device"], **{"train.seed": recipe.seed})
     out = recover(inputs["model"], config, out=folder, force=True, progress=progress)
     return {"model": str(out)}
 
 
 def _quantize(recipe: Recipe, folder: Path, inputs: dict[str, Any], progress: Any) -> dict[str, Any]:
-    from zipkd.quantize.api import quantize
-
-    method = (recipe.sections["quantize"] or {})["method"]
-    quantize(inputs["model"], method, folder, force=True, device=recipe.hardware["device"], progress=progress)
-    return {"model": str(folder)}
+    config = recipe.config("quantize", device=recipe.hardware["device"])
+    quantize(inputs["model"], config, folder, force=True, progress=progress)
+    return {"model": str(folder), "unquantized": inputs["model"]}
 
 
 def _eval(recipe: Recipe, folder: Path, inputs: dict[str, Any], progress: Any) -> dict[str, Any]:
-    from zipkd.evaluate.api import EvalConfig, evaluate
-    from zipkd.evaluate.report import write_report
-
-    c = recipe.sections["eval"] or {}
-    tasks = c["tasks"].split(",") if isinstance(c["tasks"], str) else list(c["tasks"])
-    config = EvalConfig(
-        tasks=tasks,
-        limit=c["limit"],
-        batch_size=c["batch_size"],
-        perplexity=c["perplexity"],
-        device=recipe.hardware["device"],
-        regime=_regime(recipe),
-        repeats=c["speed_repeats"],
-        base=str(recipe.model),
+    config = recipe.config(
+        "eval", device=recipe.hardware["device"], regime=recipe.regime(), base=str(recipe.model)
     )
     models = list(dict.fromkeys([*inputs.get("family", []), inputs["model"]]))
     report = evaluate(models, config, progress=progress)
     write_report(report, folder, force=True)
     return {"report": str(folder / "report.json")}
+
+
+def _export(recipe: Recipe, folder: Path, inputs: dict[str, Any], progress: Any) -> dict[str, Any]:
+    """GGUF (or another format) of the last unquantized model: `N-export/model.gguf` with a manifest beside."""
+    config = recipe.config("export")
+    source = inputs.get("unquantized", inputs["model"])
+    lm = load_model(source)
+    with atomic_dir(folder, force=True) as tmp:
+        result = export(lm, config, tmp / f"model.{config.format}", force=True)
+        write_manifest(
+            tmp,
+            build_manifest(
+                "export",
+                {"model": source},
+                asdict(config),
+                recipe.seed,
+                {"size_bytes": result.size_bytes},
+                {"export": {"arch": result.arch, "quantization": result.quantization}},
+            ),
+        )
+    return {"gguf": str(folder / f"model.{config.format}")}
 
 
 RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
@@ -182,6 +148,7 @@ RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
     "recover": _recover,
     "quantize": _quantize,
     "eval": _eval,
+    "export": _export,
 }
 
 
@@ -193,10 +160,6 @@ def run_recipe(
 ) -> RunSummary:
     """Run every enabled stage of `recipe` in order; skip stages whose key (config + upstream keys) matches
     the recorded one and whose folder exists, unless at or after `from_stage`."""
-    from zipkd.manifest import content_hash, set_seed
-    from zipkd.models.io import resolve_model
-    from zipkd.outputs import atomic_write_text
-
     if from_stage is not None and from_stage not in STAGES:
         raise ZipkdError(f"unknown stage {from_stage!r}; stages are {', '.join(STAGES)}")
     if from_stage is not None and not recipe.enabled(from_stage):
@@ -244,12 +207,10 @@ def run_recipe(
             if on_stage:
                 on_stage(stage, f"done in {time.perf_counter() - t0:.0f} s")
         for k, v in runs[-1].outputs.items():
-            if k in ("model", "table", "family", "report"):
+            if k in ("model", "table", "family", "report", "unquantized", "gguf"):
                 inputs[k] = v
         upstream = key
     summary = RunSummary(recipe, runs)
     if "report" in inputs:
-        from zipkd.evaluate.report import Report
-
         summary.report = Report.load(inputs["report"])
     return summary

@@ -2,22 +2,39 @@
 
 `save_model` writes safetensors + config + tokenizer + the `zipkd.json` manifest atomically. `load_model`
 reads any folder zipkd wrote, including heterogeneous ones (per-layer widths, removed blocks) whose
-shapes are recorded in the config's `zipkd_layers`; uniform ones also load with plain `from_pretrained`."""
+shapes are recorded in the config's `zipkd_layers`; uniform ones also load with plain `from_pretrained`.
+
+Folders in a format that a higher layer defines (a quantized model: `zipkd.quantize`) are marked by a config key
+and read by the loader that layer registers with `register_format`; this module knows none of them."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from zipkd.errors import ZipkdError
+from zipkd.manifest import build_manifest, write_manifest
 from zipkd.models.adapters import ADAPTERS
 from zipkd.models.embedded import DEFAULT_MODEL, EMBEDDED, embedded_folder
+from zipkd.outputs import atomic_dir, check_output
 from zipkd.paths import offline_env
 
 DTYPES = ("float32", "bfloat16", "float16")
+WEIGHTS_SUFFIX = ".safetensors"
+
+# config.json key marking a folder format -> its loader(folder, torch dtype, device) -> model
+FolderLoader = Callable[[Path, Any, str], Any]
+_FORMATS: dict[str, FolderLoader] = {}
+
+
+def register_format(config_key: str, loader: FolderLoader) -> None:
+    """Read folders whose config.json has `config_key` with `loader` (e.g. `zipkd_quantization`, registered by
+    `zipkd.quantize`)."""
+    _FORMATS[config_key] = loader
 
 
 @dataclass
@@ -83,12 +100,13 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def _read_state_dict(folder: Path) -> dict:
+def read_state_dict(folder: str | os.PathLike) -> dict:
+    """Every tensor of a folder's safetensors files (one clear error for a corrupt file)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     sd: dict = {}
-    for f in _weight_files(folder):
+    for f in _weight_files(Path(folder)):
         try:
             sd.update(load_file(str(f)))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -96,7 +114,7 @@ def _read_state_dict(folder: Path) -> dict:
     return sd
 
 
-def _fix_meta_buffers(model: Any) -> None:
+def fix_meta_buffers(model: Any) -> None:
     """Non-persistent buffers (rotary inv_freq) are not in the checkpoint: rebuild their modules."""
     import torch
 
@@ -120,7 +138,7 @@ def _load_heterogeneous(folder: Path, dtype: Any) -> Any:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     apply_layer_shapes(model, config.zipkd_layers)
-    sd = _read_state_dict(folder)
+    sd = read_state_dict(folder)
     result = model.load_state_dict(sd, strict=False, assign=True)
     tied = (
         {k for k in result.missing_keys if k.endswith("lm_head.weight")}
@@ -135,7 +153,7 @@ def _load_heterogeneous(folder: Path, dtype: Any) -> Any:
         )
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    _fix_meta_buffers(model)
+    fix_meta_buffers(model)
     return model.to(dtype)
 
 
@@ -159,11 +177,10 @@ def load_model(
     class _Cfg:  # duck-typed view for is_heterogeneous
         zipkd_layers = cfg.get("zipkd_layers")
 
+    fmt = next((key for key in _FORMATS if cfg.get(key)), None)
     try:
-        if cfg.get("zipkd_quantization"):  # saved by `zipkd quantize`: rebuilt from its recipe
-            from zipkd.quantize.api import load_quantized
-
-            model = load_quantized(path, dt, device)
+        if fmt is not None:  # e.g. saved by `zipkd quantize`: rebuilt by the loader of its format
+            model = _FORMATS[fmt](path, dt, device)
         elif is_heterogeneous(_Cfg):
             model = _load_heterogeneous(path, dt)
         else:
@@ -211,11 +228,12 @@ def save_model(
     extra: dict[str, Any] | None = None,
     force: bool = False,
     input_hashes: dict[str, str] | None = None,
+    weights_suffix: str = WEIGHTS_SUFFIX,
 ) -> Path:
-    """Write weights (safetensors), config, tokenizer and `zipkd.json` into `out`, atomically."""
-    from zipkd.manifest import build_manifest, write_manifest
-    from zipkd.models.surgery import sync_config
-    from zipkd.outputs import atomic_dir, check_output
+    """Write weights (safetensors), config, tokenizer and `zipkd.json` into `out`, atomically. A
+    `weights_suffix` other than `.safetensors` renames the weight files (and their index) so that stock
+    `from_pretrained` cannot pick them up; `load_model` reads them all the same."""
+    from zipkd.models.surgery import sync_config  # torch: this module stays light for `import zipkd`
 
     out = check_output(out, force, tuple(Path(p) for p in (inputs or {}).values() if p is not None))
     if getattr(model.config, "zipkd_layers", None) is not None or getattr(model.config, "zipkd_base", None):
@@ -223,7 +241,21 @@ def save_model(
     manifest = build_manifest(stage, inputs, config, seed, metrics, extra, input_hashes)
     with atomic_dir(out, force=force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        if weights_suffix != WEIGHTS_SUFFIX:
+            _rename_weights(tmp, weights_suffix)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_manifest(tmp, manifest)
     return out
+
+
+def _rename_weights(folder: Path, suffix: str) -> None:
+    renamed = {}
+    for f in sorted(folder.glob(f"*{WEIGHTS_SUFFIX}")):
+        renamed[f.name] = f.name.removesuffix(WEIGHTS_SUFFIX) + suffix
+        f.rename(folder / renamed[f.name])
+    for index in folder.glob(f"*{WEIGHTS_SUFFIX}.index.json"):
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: renamed.get(v, v) for k, v in data.get("weight_map", {}).items()}
+        (folder / index.name.replace(WEIGHTS_SUFFIX, suffix)).write_text(json.dumps(data, indent=2))
+        index.unlink()

@@ -37,11 +37,15 @@ def char_tokenizer(reverse: bool = False) -> Any:
     return tok
 
 
-def random_llama(seed: int = 0, weight_std: float = 0.3, **shape: Any) -> Any:
-    """A float32 Llama with `shape` (LlamaConfig keyword arguments; default 3 layers of hidden 32, MLP 64, 4 heads
-    over 2 KV heads, vocabulary 128), in eval mode. Weights are drawn larger than the default initialisation
-    (embeddings N(0, 1), the rest N(0, weight_std), norms left at 1) so next-token distributions are peaked and
-    every block matters: pruning mistakes show up in the logits."""
+def random_llama(
+    seed: int = 0, weight_std: float = 0.3, device: str = "cpu", dtype: Any = None, **shape: Any
+) -> Any:
+    """A Llama with `shape` (LlamaConfig keyword arguments; default 3 layers of hidden 32, MLP 64, 4 heads
+    over 2 KV heads, vocabulary 128), in eval mode, built on `device` in float32 and then cast to `dtype`.
+    Weights are drawn larger than the default initialisation (embeddings N(0, 1), the rest N(0, weight_std),
+    norms left at 1) so next-token distributions are peaked and every block matters: pruning mistakes show up
+    in the logits. Also the random stand-in for real shapes in the GPU scripts (the embedded model cannot
+    travel there)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -57,11 +61,12 @@ def random_llama(seed: int = 0, weight_std: float = 0.3, **shape: Any) -> Any:
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(
-        AutoConfig.for_model("llama", **{**config, **shape}), dtype=torch.float32
-    )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 1.0 if "embed" in name else weight_std)
-    return model.eval()
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.for_model("llama", **{**config, **shape}), dtype=torch.float32
+        )
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" not in name:
+                    p.normal_(0, 1.0 if "embed" in name else weight_std)
+    return (model if dtype is None else model.to(dtype)).eval()

@@ -1,10 +1,12 @@
 """Python API: `prune(lm, PruneConfig(target_speedup=2.0))` → one pruned model per target, and `save_pruned`.
 
-from zipkd.models.io import load_model
-from zipkd.prune import PruneConfig, prune, save_pruned
-lm = load_model("smollm2-135m")
-results = prune(lm, PruneConfig(target_speedup=(1.5, 2.0)))
-save_pruned(results, lm, "pruned", PruneConfig(target_speedup=(1.5, 2.0)))   # pruned/1.5x, pruned/2x
+    from zipkd import PruneConfig, load_model, prune_model, save_pruned
+    lm = load_model("smollm2-135m")
+    config = PruneConfig(target_speedup="1.5x,2x")
+    save_pruned(prune_model(lm, config), lm, "pruned", config)   # pruned/1.5x, pruned/2x
+
+The method (`config.method`) is looked up in the registry `zipkd.prune.methods.METHODS`; what it declares
+(calibration, Hessians, Fisher weighting, search, refit) decides what is collected and how surgery runs.
 """
 
 from __future__ import annotations
@@ -17,10 +19,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from zipkd.data.assets import calib_text_path
+from zipkd.data.text import calibration_batch, load_texts
 from zipkd.errors import ZipkdError
+from zipkd.latency.profile import load_or_profile, parse_device, table_cache_path
 from zipkd.latency.table import LatencyTable, Regime
-from zipkd.models.surgery import LayerShape
-from zipkd.prune.database import METHODS, ModelDatabase
+from zipkd.manifest import set_seed
+from zipkd.models.io import save_model
+from zipkd.models.surgery import LayerShape, base_geometry
+from zipkd.outputs import atomic_dir, check_output
+from zipkd.prune.database import ModelDatabase
+from zipkd.prune.driver import apply_choice, build_database, capture_inputs, check_unpruned, collect_fisher
+from zipkd.prune.methods import METHODS, PruneMethod, get_method
+from zipkd.prune.search import select, select_uniform
+from zipkd.prune.speedup import parse_speedups
 
 
 def _auto_chunk(width: int) -> int:
@@ -31,12 +45,16 @@ def _auto_chunk(width: int) -> int:
 
 @dataclass
 class PruneConfig:
-    """What `prune` does. Validated on construction; the CLI builds one and calls `prune`."""
+    """What `prune` does. Validated on construction; the CLI and recipes build one and call `prune`."""
 
-    target_speedup: float | Sequence[float] = 2.0  # one target, or a family (1.5, 2.0, 3.0)
-    method: str = "zipkd"  # zipkd | magnitude | shortgpt | wanda-sp
+    # one target or a family: 2.0, "2x", (1.5, 2.0, 3.0), "1.5x,2x,3x" (stored as sorted floats)
+    target_speedup: float | str | Sequence[float | str] = 2.0
+    method: str = (
+        "zipkd"  # a registered method: zipkd | magnitude | shortgpt | wanda-sp (zipkd.prune.methods)
+    )
     samples: int = 32  # calibration sequences
     calib_len: int = 512  # tokens per calibration sequence
+    calib: str | None = None  # calibration text file (.txt, .jsonl, .parquet); None: zipkd's calibration text
     damp: float = 0.01  # λ: H + λ·mean(diag H)·I
     seed: int = 0
     regime: Regime = field(default_factory=Regime)  # where the speedup is measured (latency table)
@@ -50,14 +68,7 @@ class PruneConfig:
     resolution: int = 2000  # latency units of dense/resolution in the DP
 
     def __post_init__(self) -> None:
-        ts = self.target_speedup
-        ts = (ts,) if isinstance(ts, (int, float)) else tuple(ts)
-        if not ts:
-            raise ZipkdError("give at least one target speedup")
-        for t in ts:
-            if not isinstance(t, (int, float)) or not t >= 1.0 or t == float("inf"):
-                raise ZipkdError(f"target speedup {t!r} must be a number of at least 1 (e.g. 1.5 or 2)")
-        self.target_speedup = tuple(sorted({float(t) for t in ts}))
+        self.target_speedup = parse_speedups(self.target_speedup)
         if self.method not in METHODS:
             raise ZipkdError(f"unknown pruning method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.samples < 1 or self.calib_len < 2:
@@ -78,8 +89,19 @@ class PruneConfig:
         return self.target_speedup  # type: ignore[return-value]
 
     @property
+    def pruning_method(self) -> PruneMethod:
+        return get_method(self.method)
+
+    @property
     def needs_calibration(self) -> bool:
-        return self.method != "magnitude"
+        return self.pruning_method.needs_calibration
+
+    @property
+    def calib_path(self) -> Path | None:
+        """The calibration file this config reads (None for methods without calibration)."""
+        if not self.needs_calibration:
+            return None
+        return Path(self.calib).expanduser() if self.calib else calib_text_path()
 
 
 @dataclass
@@ -111,16 +133,10 @@ def _module(lm: Any) -> Any:
 
 
 def calibration_tokens(lm: Any, config: PruneConfig, calib_texts: Sequence[str] | None = None):
-    """The seeded (samples × calib_len) calibration token windows and their sha256."""
-    import torch
-
-    from zipkd.data.text import calibration_batch
-
+    """The seeded (samples × calib_len) calibration token windows and their sha256 (texts: `calib_texts`, else
+    the config's calibration file)."""
     if calib_texts is None:
-        from zipkd.data.assets import calib_text_path
-        from zipkd.data.text import load_texts
-
-        calib_texts = load_texts(calib_text_path())
+        calib_texts = load_texts(Path(config.calib).expanduser() if config.calib else calib_text_path())
     texts = [t for t in calib_texts if t and t.strip()]
     if not texts:
         raise ZipkdError("calibration data is empty")
@@ -135,10 +151,6 @@ def latency_table(
     lm: Any, config: PruneConfig, table: LatencyTable | str | os.PathLike | None = None, progress: Any = None
 ) -> LatencyTable:
     """The given table (checked against the model and device), else the cached or freshly profiled one."""
-    import torch
-
-    from zipkd.latency.profile import load_or_profile, parse_device, table_cache_path
-
     given = table if table is not None else config.table
     model = _module(lm)
     if given is None and not table_cache_path(model.config, config.regime).is_file():
@@ -163,12 +175,9 @@ def build(
     calib_texts: Sequence[str] | None = None,
     progress: Any = None,
 ) -> tuple[ModelDatabase, Any]:
-    """Calibrate and build the method's database on the table's grid; returns it and the layer-0 inputs."""
-    import torch
-
-    from zipkd.manifest import set_seed
-    from zipkd.prune.driver import build_database, capture_inputs, check_unpruned
-
+    """Calibrate and build the method's database on the table's grid; returns it and the layer-0 inputs that the
+    "sequential" refit needs (else None)."""
+    method = config.pruning_method
     model = _module(lm)
     check_unpruned(model)
     set_seed(config.seed)
@@ -176,36 +185,32 @@ def build(
     meta: dict[str, Any] = {}
     acts = None
     fisher = None
-    if config.needs_calibration:
+    if method.needs_calibration:
         tokens, digest = calibration_tokens(lm, config, calib_texts)
         meta.update(calib_sha256=digest, calib_tokens=int(tokens.numel()), calib_shape=list(tokens.shape))
-        if config.method in ("zipkd", "wanda-sp") and config.fisher_samples > 0:
-            from zipkd.prune.driver import collect_fisher
-
+        if method.uses_fisher and config.fisher_samples > 0:
             t0 = time.perf_counter()
             fisher = collect_fisher(
                 model, tokens[: config.fisher_samples], config.batch_size, device, progress
             )
             meta.update(fisher_s=round(time.perf_counter() - t0, 2))
         acts = capture_inputs(model, tokens, config.batch_size, device)
-    from zipkd.models.surgery import base_geometry
-
     width = base_geometry(model.config).intermediate_size
     chunk = config.mlp_chunk or _auto_chunk(width)
-    keep_h = config.method == "zipkd" and not config.sequential
+    refit = method.refit(config.sequential)
     t0 = time.perf_counter()
-    first = acts.clone() if (acts is not None and config.method == "zipkd" and config.sequential) else None
+    first = acts.clone() if (acts is not None and refit == "sequential") else None
     db = build_database(
         model,
         acts,
-        config.method,
+        method,
         table.attention_levels,
         table.mlp_levels,
         config.damp,
         device,
         chunk,
         fisher,
-        keep_h,
+        refit == "dense",
         progress,
     )
     meta.update(database_s=round(time.perf_counter() - t0, 2), mlp_chunk=chunk)
@@ -213,7 +218,7 @@ def build(
     return db, first
 
 
-def prune(
+def prune_model(
     lm: Any,
     config: PruneConfig,
     calib_texts: Sequence[str] | None = None,
@@ -222,23 +227,18 @@ def prune(
 ) -> list[PruneResult]:
     """Prune `lm` (a LoadedModel or a bare model) to every target speedup in `config`; the input is not
     modified. One calibration pass and one database serve all targets."""
-    import torch
-
-    from zipkd.prune.driver import apply_choice
-    from zipkd.prune.search import select, select_uniform
-
+    method = config.pruning_method
     tab = table if isinstance(table, LatencyTable) else latency_table(lm, config, table, progress)
     t0 = time.perf_counter()
     db, first = build(lm, config, tab, calib_texts, progress)
     # Every target is checked before any surgery, so an unreachable one fails fast.
-    choose = select_uniform if config.method == "magnitude" else select
     choices = [
-        choose(db, tab, t, config.resolution) if choose is select else choose(db, tab, t)
+        select_uniform(db, tab, t) if method.uniform else select(db, tab, t, config.resolution)
         for t in config.targets
     ]
     model = _module(lm)
     device = torch.device(config.device or config.regime.device)
-    refit = {"zipkd": "sequential" if config.sequential else "dense"}.get(config.method, "none")
+    refit = method.refit(config.sequential)
     results = []
     for choice in choices:
         t1 = time.perf_counter()
@@ -285,6 +285,11 @@ def prune(
     return results
 
 
+# `zipkd.prune` is the package, so `from zipkd import prune` cannot be this function: zipkd exports it as
+# `prune_model`; the short name stays for existing callers (`from zipkd.prune import prune`).
+prune = prune_model
+
+
 def save_pruned(
     results: PruneResult | Sequence[PruneResult],
     lm: Any,
@@ -295,18 +300,13 @@ def save_pruned(
 ) -> list[Path]:
     """Write each result with its manifest: one target → `out`; several → `out/<target>x` (atomically as a
     whole). Returns the folders written."""
-    from zipkd.models.io import save_model
-    from zipkd.outputs import atomic_dir, check_output
-
     results = [results] if isinstance(results, PruneResult) else list(results)
     if not results:
         raise ZipkdError("nothing to save")
     model_path = getattr(lm, "path", None)
     tokenizer = getattr(lm, "tokenizer", None)
-    if calib_path is None and config.needs_calibration:
-        from zipkd.data.assets import calib_text_path
-
-        calib_path = calib_text_path()
+    if calib_path is None:
+        calib_path = config.calib_path
     inputs = {"model": model_path, "calib": calib_path}
 
     def write(r: PruneResult, dest: Path, force_: bool) -> Path:

@@ -5,7 +5,7 @@
   down column of a channel). Needs no calibration data.
 - `shortgpt`: whole layers dropped by block influence BI = 1 − cos(input, output) of the layer, averaged over
   calibration tokens (Men et al., 2024, "ShortGPT").
-- `wanda-sp`: structures ranked by Σ|W|·‖x‖ of the output projection's columns (Wanda-sp / FLAP-like, An et
+- `wanda-sp`: structures ranked by (`structure_scores`) Σ|W|·‖x‖ of the output projection's columns (Wanda-sp / FLAP-like, An et
   al., 2024), no weight update; errors for the search are the true output errors of the kept structures.
 """
 
@@ -48,3 +48,11 @@ class BlockInfluence:
     @property
     def value(self) -> float:
         return self.total / max(self.count, 1)
+
+
+def structure_scores(W: torch.Tensor, H: torch.Tensor, cols_per_structure: int) -> torch.Tensor:
+    """Wanda-sp / FLAP-like activation-weighted scores: Σ_i |W_ij|·‖x_j‖ summed over each structure's columns
+    (‖x_j‖ ∝ sqrt(H_jj))."""
+    norms = H.diagonal().clamp_min(0).sqrt()
+    col = (W.abs().float() * norms).sum(0)
+    return col.view(-1, cols_per_structure).sum(1)

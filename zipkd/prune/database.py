@@ -15,10 +15,16 @@ from typing import Any
 
 import torch
 
-from zipkd.prune import obs
 from zipkd.prune.obs import Level
 
-METHODS = ("zipkd", "magnitude", "shortgpt", "wanda-sp")
+
+def __getattr__(name: str):
+    """`METHODS` (the registered method names) used to live here; kept for callers that import it from here."""
+    if name == "METHODS":
+        from zipkd.prune.methods import METHODS
+
+        return tuple(METHODS)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -72,12 +78,9 @@ def attention_columns(group_size: int, head_dim: int) -> int:
     return group_size * head_dim
 
 
-def structure_scores(W: torch.Tensor, H: torch.Tensor, cols_per_structure: int) -> torch.Tensor:
-    """Wanda-sp / FLAP-like activation-weighted scores: Σ_i |W_ij|·‖x_j‖ summed over each structure's columns
-    (‖x_j‖ ∝ sqrt(H_jj))."""
-    norms = H.diagonal().clamp_min(0).sqrt()
-    col = (W.abs().float() * norms).sum(0)
-    return col.view(-1, cols_per_structure).sum(1)
+def expand_groups(keep: torch.Tensor, cols: int) -> torch.Tensor:
+    """Input columns of the kept structures (`cols` columns each)."""
+    return (keep[:, None] * cols + torch.arange(cols, device=keep.device)).reshape(-1)
 
 
 def ranked_levels(order_desc: torch.Tensor, sizes: Sequence[int], error_of) -> dict[int, Level]:
@@ -87,47 +90,3 @@ def ranked_levels(order_desc: torch.Tensor, sizes: Sequence[int], error_of) -> d
         keep = order_desc[:s].sort().values.cpu()
         out[s] = Level(s, keep, float(error_of(keep)))
     return out
-
-
-def _expand(keep: torch.Tensor, cols: int) -> torch.Tensor:
-    return (keep[:, None] * cols + torch.arange(cols)).reshape(-1)
-
-
-def block_database(
-    method: str,
-    kind: str,
-    W: torch.Tensor,
-    H: torch.Tensor | None,
-    cols: int,
-    sizes: Sequence[int],
-    damp: float,
-    chunk: int = 1,
-    scores: torch.Tensor | None = None,
-    G: torch.Tensor | None = None,
-) -> BlockDatabase:
-    """Database of one block. `W`: the output projection (d_out × n), `H`: its float32 input Hessian, `cols`:
-    columns per structure (head_dim·group_size for attention, 1 for MLP), `G`: output-side weighting of the
-    errors (the Fisher of the loss w.r.t. the block output; None = identity)."""
-    full = W.shape[1] // cols
-    W = W.float()
-    if method == "zipkd":
-        if cols == 1:
-            levels = obs.obs_prune_columns(W, H, sizes, damp, chunk, G)
-        else:
-            levels = obs.obs_prune_groups(W, H, cols, sizes, damp, G)
-        return BlockDatabase(kind, full, levels)
-    if method == "wanda-sp":
-        s = structure_scores(W, H, cols) if scores is None else scores
-        order = torch.argsort(s.cpu(), descending=True, stable=True)
-        Hd = obs.damp_hessian(H, damp)
-
-        def err(keep: torch.Tensor) -> float:
-            return obs.output_error(W, Hd, _expand(keep, cols).to(W.device), G)
-
-        return BlockDatabase(kind, full, ranked_levels(order, sizes, err))
-    if method == "magnitude":
-        if scores is None:
-            raise ValueError("magnitude pruning needs structure scores")
-        order = torch.argsort(scores.cpu(), descending=True, stable=True)
-        return BlockDatabase(kind, full, ranked_levels(order, sizes, lambda keep: float("nan")))
-    raise ValueError(f"unknown method {method!r}")

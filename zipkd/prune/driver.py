@@ -3,10 +3,11 @@
 Only the layer being processed moves to the compute device; calibration activations stay there between layers.
 
 1. `build_database`: one pass over the dense layers. For each layer, float32 Hessians of the inputs of o_proj and
-   down_proj (hooks, removed in `finally`), block influence, then the layer's database for the method.
-2. `apply_choice`: a copy of the model cut to a chosen structure. For zipkd (sequential) the calibration inputs
-   flow through the *already-pruned* earlier layers: each pruned o_proj/down_proj is re-fitted by least squares
-   (the OBS update) on Hessians of its actual inputs. Baselines only slice.
+   down_proj (hooks, removed in `finally`) where the method needs them, block influence, then the layer's
+   database, built by the method (`zipkd.prune.methods`).
+2. `apply_choice`: a copy of the model cut to a chosen structure. With the "sequential" refit (zipkd) the
+   calibration inputs flow through the *already-pruned* earlier layers: each pruned o_proj/down_proj is
+   re-fitted by least squares (the OBS update) on Hessians of its actual inputs. Baselines only slice.
 """
 
 from __future__ import annotations
@@ -28,18 +29,13 @@ from zipkd.models.surgery import (
     remove_mlp,
     slice_attention,
     slice_mlp,
+    sync_config,
     width_of,
 )
 from zipkd.prune import obs
-from zipkd.prune.baselines import BlockInfluence, channel_magnitude, kv_group_magnitude
-from zipkd.prune.database import (
-    BlockDatabase,
-    LayerDatabase,
-    ModelDatabase,
-    attention_columns,
-    block_database,
-)
-from zipkd.prune.obs import Level
+from zipkd.prune.baselines import BlockInfluence
+from zipkd.prune.database import LayerDatabase, ModelDatabase, attention_columns, expand_groups
+from zipkd.prune.methods import LayerStats, PruneMethod, get_method
 
 _LOSS_ROWS = 2048  # tokens per chunk of the loss in the Fisher pass
 
@@ -272,7 +268,7 @@ def _levels(sizes: list[int], full: int) -> list[int]:
 def build_database(
     model: nn.Module,
     acts: Activations | None,
-    method: str,
+    method: str | PruneMethod,
     attention_sizes: list[int],
     mlp_sizes: list[int],
     damp: float = 0.01,
@@ -282,57 +278,38 @@ def build_database(
     keep_hessians: bool = False,
     progress: Any = None,
 ) -> ModelDatabase:
-    """One pass over the dense layers building the per-layer database of `method`. `acts` (layer-0
-    calibration inputs, consumed) may be None for magnitude pruning, which needs no data. `fisher`: per layer
-    (G_attn, G_mlp) output-side weights of the errors (`collect_fisher`), else plain squared output errors."""
+    """One pass over the dense layers building the per-layer database of `method` (a registered name or a
+    `PruneMethod`), collecting what it declares it needs. `acts` (layer-0 calibration inputs, consumed) may be
+    None for a method that needs no calibration. `fisher`: per layer (G_attn, G_mlp) output-side weights of the
+    errors (`collect_fisher`) for methods that use them, else plain squared output errors."""
+    m = get_method(method)
     ad = adapter_for(model.config)
     geo = base_geometry(model.config)
-    cols = attention_columns(geo.group_size, geo.head_dim)
     a_sizes = _levels(attention_sizes, geo.num_kv_heads)
     m_sizes = _levels(mlp_sizes, geo.intermediate_size)
     home = model_device(model)
     device = device or home
     layers = ad.layers(model)
-    task = progress.add_task(f"{method}: database", total=len(layers)) if progress is not None else None
+    task = progress.add_task(f"{m.name}: database", total=len(layers)) if progress is not None else None
     out: list[LayerDatabase] = []
     hessians = [] if keep_hessians else None
     for index, layer in enumerate(layers):
-        attn, mlp = ad.attention(layer), ad.mlp_block(layer)
-        o, down = getattr(attn, ad.o), getattr(mlp, ad.down)
-        if method == "magnitude":
-            a_scores = kv_group_magnitude(
-                getattr(attn, ad.q).weight,
-                getattr(attn, ad.k).weight,
-                getattr(attn, ad.v).weight,
-                o.weight,
-                geo.head_dim,
-                geo.group_size,
-            )
-            m_scores = channel_magnitude(
-                getattr(mlp, ad.gate).weight, getattr(mlp, ad.up).weight, down.weight
-            )
-            out.append(
-                LayerDatabase(
-                    block_database(
-                        "magnitude", "attention", o.weight, None, cols, a_sizes, damp, scores=a_scores
-                    ),
-                    block_database("magnitude", "mlp", down.weight, None, 1, m_sizes, damp, scores=m_scores),
-                )
-            )
+        stats = LayerStats(index, layer, ad, geo, a_sizes, m_sizes, damp, mlp_chunk)
+        if not m.needs_calibration:
+            out.append(m.layer_database(stats))
             _tick(progress, task)
             continue
         if acts is None:
-            raise ZipkdError(f"{method} needs calibration data")
+            raise ZipkdError(f"{m.name} needs calibration data")
         layer.to(device)
         bi = BlockInfluence()
         energy = [0.0, 0]
-        need_h = method in ("zipkd", "wanda-sp")
         hooks = (
             [
                 HessianHook(getattr(ad.attention(layer), ad.o)),
                 HessianHook(getattr(ad.mlp_block(layer), ad.down)),
             ]
-            if need_h
+            if m.needs_hessians or keep_hessians
             else []
         )
 
@@ -347,43 +324,24 @@ def build_database(
         finally:
             for hk in hooks:
                 hk.remove()
-        if method == "shortgpt":
-            ldb = LayerDatabase(
-                BlockDatabase(
-                    "attention", geo.num_kv_heads, {0: Level(0, torch.zeros(0, dtype=torch.long), bi.value)}
-                ),
-                BlockDatabase(
-                    "mlp", geo.intermediate_size, {0: Level(0, torch.zeros(0, dtype=torch.long), 0.0)}
-                ),
-                joint=True,
-            )
-        else:
-            W_o = getattr(ad.attention(layer), ad.o).weight.detach()
-            W_d = getattr(ad.mlp_block(layer), ad.down).weight.detach()
-            Ga, Gm = (
-                (None, None) if fisher is None else (fisher[index][0].to(device), fisher[index][1].to(device))
-            )
-            ldb = LayerDatabase(
-                block_database(method, "attention", W_o, Hs[0], cols, a_sizes, damp, G=Ga),
-                block_database(method, "mlp", W_d, Hs[1], 1, m_sizes, damp, chunk=mlp_chunk, G=Gm),
-            )
+        stats.hessians = (Hs[0], Hs[1]) if Hs else None
+        stats.block_influence = bi.value
+        if fisher is not None and m.uses_fisher:
+            stats.fisher = (fisher[index][0].to(device), fisher[index][1].to(device))
+        ldb = m.layer_database(stats)
         ldb.info = {"block_influence": bi.value, "residual_energy": energy[0] / max(energy[1], 1)}
         out.append(ldb)
         if hessians is not None:
             hessians.append(tuple(H.cpu() for H in Hs))
-        del Hs
+        del Hs, stats
         layer.to(home)
         _tick(progress, task)
-    return ModelDatabase(method, out, hessians=hessians)
+    return ModelDatabase(m.name, out, hessians=hessians)
 
 
 def _tick(progress: Any, task: Any) -> None:
     if progress is not None:
         progress.advance(task)
-
-
-def _expand_groups(keep: torch.Tensor, cols: int) -> torch.Tensor:
-    return (keep[:, None] * cols + torch.arange(cols)).reshape(-1)
 
 
 def _set_weight(lin: nn.Linear, w: torch.Tensor) -> None:
@@ -426,8 +384,6 @@ def apply_choice(
             _cut_layer(layer, ad, geo, db, i, shape.kv_heads, shape.intermediate, refit, damp)
         layer.to(home)
         _tick(progress, task)
-    from zipkd.models.surgery import sync_config
-
     sync_config(pruned)
     return pruned
 
@@ -456,7 +412,7 @@ def _cut_layer(
         slice_attention(layer, ad, geo.head_dim, geo.group_size, keep.tolist())
         if refit == "dense":
             H = db.hessians[i][0].to(W.device)
-            new = obs.refit_columns(W, obs.damp_hessian(H, damp), _expand_groups(keep, cols))
+            new = obs.refit_columns(W, obs.damp_hessian(H, damp), expand_groups(keep, cols))
             _set_weight(getattr(ad.attention(layer), ad.o), new)
     if width == 0:
         remove_mlp(layer, ad)
@@ -542,7 +498,7 @@ def _sequential_layer(
         o = getattr(attn, ad.o)
         zs = _inputs_of(run_layer, n, o)
         keep = ldb.attention.keep(kv)
-        cols = _expand_groups(keep, attention_columns(geo.group_size, geo.head_dim)).to(zs[0].device)
+        cols = expand_groups(keep, attention_columns(geo.group_size, geo.head_dim)).to(zs[0].device)
         W = o.weight.detach().float()
         slice_attention(layer, ad, geo.head_dim, geo.group_size, keep.tolist())
         o_new = getattr(ad.attention(layer), ad.o)

@@ -1,8 +1,17 @@
-"""Quantization back ends (bitsandbytes, optimum-quanto) behind one API: see `zipkd.quantize.api`."""
+"""Quantization back ends (bitsandbytes, optimum-quanto) behind one API: see `zipkd.quantize.api`.
+
+Importing the package is cheap (no torch): it registers the loader of quantized folders with `zipkd.models.io`
+(which knows no quantizer) and loads the API on first use."""
 
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
+from typing import Any
+
+from zipkd.models.io import register_format
+
+RECIPE_KEY = "zipkd_quantization"  # the config.json key a quantized folder carries (its recipe)
 
 _API = (
     "METHODS",
@@ -23,4 +32,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'zipkd.quantize' has no attribute {name!r}")
 
 
-__all__ = list(_API)
+def _load_quantized(folder: Path, dtype: Any, device: str) -> Any:
+    return importlib.import_module("zipkd.quantize.api").load_quantized(folder, dtype, device)
+
+
+register_format(RECIPE_KEY, _load_quantized)
+
+__all__ = ["RECIPE_KEY", *_API]

@@ -10,82 +10,42 @@ speed depends on the kernels of the device (on the H200, bitsandbytes nf4/int8 w
 
 from __future__ import annotations
 
+import copy
 import functools
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from zipkd.errors import ZipkdError
+from zipkd.latency.measure import compare_ms
+from zipkd.latency.table import Regime
+from zipkd.models.io import (
+    DTYPES,
+    LoadedModel,
+    fix_meta_buffers,
+    load_model,
+    read_state_dict,
+    resolve_model,
+    save_model,
+)
+from zipkd.models.surgery import apply_layer_shapes, is_heterogeneous
+from zipkd.outputs import check_output
 
-if TYPE_CHECKING:
-    from torch import nn
+# Each back-end module registers itself (and its methods) in `registry` on import; bitsandbytes and quanto
+# themselves are imported only when a method of theirs is used.
+from zipkd.quantize import RECIPE_KEY, bnb, quanto  # noqa: F401
+from zipkd.quantize.registry import BACKENDS, METHODS, Method
 
-    from zipkd.latency.table import Regime
-    from zipkd.models.io import LoadedModel
-
-RECIPE_KEY = "zipkd_quantization"
 DEFAULT_SKIP = ("lm_head",)
 
 
-@dataclass(frozen=True)
-class Method:
-    """One quantization method: which library, which weight format, on which device types it runs."""
-
-    name: str
-    backend: str  # "bitsandbytes" or "optimum-quanto"
-    weights: str  # int8 | nf4 | fp4 | int4
-    bits: int
-    devices: tuple[str, ...]
-    summary: str
-
-
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method(
-            "bnb-int8",
-            "bitsandbytes",
-            "int8",
-            8,
-            ("cpu", "cuda"),
-            "LLM.int8(): row-wise absmax int8 weights, outlier input features (>6) in 16-bit",
-        ),
-        Method(
-            "bnb-nf4",
-            "bitsandbytes",
-            "nf4",
-            4,
-            ("cpu", "cuda"),
-            "NormalFloat4 weights in blocks of 64, compute in the model dtype",
-        ),
-        Method(
-            "bnb-fp4",
-            "bitsandbytes",
-            "fp4",
-            4,
-            ("cpu", "cuda"),
-            "FP4 (e2m1) weights in blocks of 64, compute in the model dtype",
-        ),
-        Method(
-            "quanto-int8",
-            "optimum-quanto",
-            "int8",
-            8,
-            ("cpu", "cuda"),
-            "weight-only int8, one scale per output channel",
-        ),
-        Method(
-            "quanto-int4",
-            "optimum-quanto",
-            "int4",
-            4,
-            ("cpu", "cuda"),
-            "weight-only int4 with scale and shift per group of 128 inputs",
-        ),
-    )
-}
 # Short names that are unambiguous; `int8`/`int4` are not (two libraries), so they are refused with a hint.
 ALIASES = {"nf4": "bnb-nf4", "fp4": "bnb-fp4", "bnb-4bit": "bnb-nf4", "bnb-8bit": "bnb-int8"}
 AMBIGUOUS = {"int8": ("bnb-int8", "quanto-int8"), "int4": ("quanto-int4", "bnb-nf4", "bnb-fp4")}
@@ -106,8 +66,6 @@ def canonical_method(name: str) -> str:
 
 def device_type(device: Any) -> str:
     """'cpu', 'cuda', ... for 'cuda:1', torch.device, etc. (a clear error for nonsense)."""
-    import torch
-
     try:
         return torch.device(device).type
     except (RuntimeError, TypeError) as exc:
@@ -117,29 +75,14 @@ def device_type(device: Any) -> str:
 @functools.cache
 def backend_problem(backend: str, dev: str) -> str | None:
     """Why `backend` cannot run on device type `dev` here, or None when it can."""
-    import torch
-
     if dev == "cuda" and not torch.cuda.is_available():
         return "CUDA is not available on this machine"
     if dev not in ("cpu", "cuda"):
         return f"zipkd's quantization back ends support cpu and cuda, not {dev}"
     try:
-        if backend == "bitsandbytes":
-            from zipkd.quantize.bnb import import_bnb
-
-            bnb = import_bnb()
-            if dev == "cuda":
-                from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary
-
-                if isinstance(bnb.cextension.lib, ErrorHandlerMockBNBNativeLibrary):
-                    return "bitsandbytes has no CUDA library for this CUDA/torch build"
-        else:
-            from zipkd.quantize.quanto import import_quanto
-
-            import_quanto()
+        return BACKENDS[backend].check(dev)
     except ImportError as exc:
         return f"{backend} is not installed ({exc})"
-    return None
 
 
 def available_methods(device: str = "cpu") -> list[str]:
@@ -179,8 +122,6 @@ class QuantizeConfig:
         device_type(self.device)
         self.skip = tuple(self.skip)
         if self.dtype is not None:
-            from zipkd.models.io import DTYPES
-
             if self.dtype not in DTYPES:
                 raise ZipkdError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
 
@@ -205,8 +146,6 @@ def quantized_modules(module: nn.Module) -> list[str]:
 
 def linear_targets(module: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP) -> list[str]:
     """Names of the plain `nn.Linear` submodules that a method would quantize."""
-    from torch import nn
-
     return [n for n, m in module.named_modules() if type(m) is nn.Linear and not _skipped(n, skip)]
 
 
@@ -217,9 +156,6 @@ def quantize_model(
     in place, on `device`, except those named in `skip` (default `lm_head`). Returns the module (a new one when
     `model` is itself an `nn.Linear`, whose weights may be released). The model is moved to `device`; compute
     stays in its dtype."""
-    import torch
-    from torch import nn
-
     cfg = (
         method
         if isinstance(method, QuantizeConfig)
@@ -247,20 +183,7 @@ def quantize_model(
     dev = torch.device(cfg.device)
     model.to(dev)
     dtypes = {model.get_submodule(t).weight.dtype for t in targets}
-    if m.backend == "bitsandbytes":
-        from zipkd.quantize.bnb import quantize_linear
-
-        for name in targets:
-            parent, _, child = name.rpartition(".")
-            owner = model.get_submodule(parent) if parent else model
-            # The root's mode, not the linear's: surgery leaves freshly sliced linears in training mode.
-            setattr(
-                owner, child, quantize_linear(getattr(owner, child), m.weights, dev, training=model.training)
-            )
-    else:
-        from zipkd.quantize.quanto import quantize_modules
-
-        quantize_modules(model, targets, m.weights)
+    BACKENDS[m.backend].quantize(model, targets, m, dev)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         setattr(
@@ -282,8 +205,6 @@ def quantize_model(
 def tensor_bytes(module: nn.Module) -> int:
     """Bytes held by a module's parameters and buffers, quantized data and scales included (tied tensors once).
     bitsandbytes keeps 4-bit statistics in a `quant_state` outside the parameters: counted too."""
-    import torch
-
     seen: set[int] = set()
     total = 0
 
@@ -359,26 +280,15 @@ def quantize(
 
     With `measure` (a prefill or decode Regime), the original and the quantized model are timed alternately
     on `device` and the ratio is recorded in the manifest, whichever way it goes."""
-    import copy
-
-    import torch
-
-    from zipkd.models.io import LoadedModel, load_model, save_model
-    from zipkd.outputs import check_output
-
     cfg = method if isinstance(method, QuantizeConfig) else QuantizeConfig(method=method, device=device)
     resolve_method(cfg.method, cfg.device)  # fail before loading anything
     if isinstance(lm_or_path, LoadedModel):
         lm = lm_or_path
         check_output(out, force, (Path(lm.path),))
     else:
-        from zipkd.models.io import resolve_model
-
         src = resolve_model(lm_or_path)
         check_output(out, force, (src,))
         if src.is_dir():
-            import json
-
             recipe = json.loads((src / "config.json").read_text()).get(RECIPE_KEY)
             if recipe:
                 raise ZipkdError(
@@ -409,8 +319,6 @@ def quantize(
         progress.advance(task)
     latency: dict[str, Any] = {}
     if measure is not None:
-        from zipkd.latency.measure import compare_ms
-
         orig_t, quant_t = compare_ms([original, model], measure, warmup=warmup, repeats=repeats)
         del original
         latency = {
@@ -426,9 +334,7 @@ def quantize(
     m = METHODS[cfg.method]
     stock = m.backend == "bitsandbytes" and stock_loadable(model, recipe)
     if stock:
-        from zipkd.quantize.bnb import hf_quantization_config
-
-        model.config.quantization_config = hf_quantization_config(
+        model.config.quantization_config = bnb.hf_quantization_config(
             m.weights, getattr(torch, recipe["compute_dtype"] or "float32"), list(cfg.skip)
         )
     metrics = {
@@ -471,13 +377,10 @@ HIDDEN_SUFFIX = ".zipkd.safetensors"
 def stock_loadable(model: Any, recipe: dict[str, Any]) -> bool:
     """Whether transformers' own bitsandbytes loader reads this model correctly: uniform layer shapes, and for
     4-bit every quantized width a multiple of the block (bitsandbytes' CPU kernels fail on others)."""
-    from zipkd.models.surgery import is_heterogeneous
-    from zipkd.quantize.bnb import BLOCKSIZE
-
     if is_heterogeneous(model.config):
         return False
     return recipe["weights"] == "int8" or all(
-        model.get_submodule(n).in_features % BLOCKSIZE == 0 for n in recipe["modules"]
+        model.get_submodule(n).in_features % bnb.BLOCKSIZE == 0 for n in recipe["modules"]
     )
 
 
@@ -496,41 +399,23 @@ def save_hidden(
     suffix, so stock `from_pretrained` fails with "no model.safetensors" instead of silently loading quantized
     tensors into plain linears (it does that with quanto's when they are named model.safetensors). zipkd's
     loader reads them."""
-    import json
-
-    from zipkd.manifest import build_manifest, write_manifest
-    from zipkd.models.surgery import sync_config
-    from zipkd.outputs import atomic_dir, check_output
-
-    out = check_output(out, force, tuple(Path(p) for p in inputs.values() if p is not None))
-    if getattr(model.config, "zipkd_layers", None) is not None or getattr(model.config, "zipkd_base", None):
-        sync_config(model)
-    manifest = build_manifest(stage, inputs, config, None, metrics, extra)
-    with atomic_dir(out, force=force) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        renamed = {}
-        for f in sorted(tmp.glob("*.safetensors")):
-            renamed[f.name] = f.name.removesuffix(".safetensors") + HIDDEN_SUFFIX
-            f.rename(tmp / renamed[f.name])
-        for index in tmp.glob("*.safetensors.index.json"):
-            data = json.loads(index.read_text())
-            data["weight_map"] = {k: renamed.get(v, v) for k, v in data.get("weight_map", {}).items()}
-            (tmp / index.name.replace(".safetensors", HIDDEN_SUFFIX)).write_text(json.dumps(data, indent=2))
-            index.unlink()
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_manifest(tmp, manifest)
-    return out
+    return save_model(
+        model,
+        tokenizer,
+        out,
+        stage,
+        inputs=inputs,
+        config=config,
+        metrics=metrics,
+        extra=extra,
+        force=force,
+        weights_suffix=HIDDEN_SUFFIX,
+    )
 
 
 def load_quantized(folder: str | os.PathLike, dtype: Any, device: str = "cpu") -> nn.Module:
     """Rebuild a model saved by `quantize` (any zipkd shape) from its recipe: build the architecture on the meta
     device, swap in quantized modules from the saved tensors, load the rest."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from zipkd.models.io import _fix_meta_buffers, _read_state_dict
-    from zipkd.models.surgery import apply_layer_shapes, is_heterogeneous
 
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder)
@@ -547,42 +432,18 @@ def load_quantized(folder: str | os.PathLike, dtype: Any, device: str = "cpu") -
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if is_heterogeneous(config):
         apply_layer_shapes(model, config.zipkd_layers)
-    _fix_meta_buffers(model)  # rotary buffers are not saved: rebuild them before anything materialises them
-    sd = _read_state_dict(folder)
+    fix_meta_buffers(model)  # rotary buffers are not saved: rebuild them before anything materialises them
+    sd = read_state_dict(folder)
     names = list(recipe["modules"])
-    shapes = {}
     for n in names:
         try:
-            lin = model.get_submodule(n)
+            model.get_submodule(n)
         except AttributeError:
             raise ZipkdError(
                 f"{folder}: quantized module {n} is not in the model its config describes"
             ) from None
-        shapes[n] = (lin.in_features, lin.out_features, lin.bias is not None)
     try:
-        if m.backend == "bitsandbytes":
-            from zipkd.quantize.bnb import load_linear
-
-            for n in names:
-                parent, _, child = n.rpartition(".")
-                owner = model.get_submodule(parent) if parent else model
-                setattr(owner, child, load_linear(n, sd, m.weights, shapes[n][0], shapes[n][1], dtype, dev))
-            rest = {
-                k: v.to(device=dev, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()
-            }
-            result = model.load_state_dict(rest, strict=False, assign=True)
-            done = set(names)  # already built from their own tensors above
-            missing = {k for k in result.missing_keys if k.rsplit(".", 1)[0] not in done}
-            unexpected = set(result.unexpected_keys)
-        else:
-            from zipkd.quantize.quanto import load_modules
-
-            provided = set(sd)
-            # Scales follow the compute dtype, as if the model had been quantized in it.
-            sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-            load_modules(model, sd, names, m.weights, dev)
-            expected = set(model.state_dict())
-            missing, unexpected = expected - provided, provided - expected
+        missing, unexpected = BACKENDS[m.backend].load(model, sd, names, m, dtype, dev)
     except (KeyError, ValueError, RuntimeError) as exc:
         raise ZipkdError(f"quantized weights in {folder} do not match its recipe: {exc}") from exc
     if config.tie_word_embeddings:

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from zipkd.quantize.registry import Backend, Method, owner_of, register
+
 INT8_THRESHOLD = 6.0  # LLM.int8() outlier threshold (transformers' default `llm_int8_threshold`)
 BLOCKSIZE = 64  # 4-bit quantization block (transformers' default)
 
@@ -247,3 +249,77 @@ def hf_quantization_config(weights: str, compute_dtype: torch.dtype, skip: list[
             llm_int8_skip_modules=skip,
         )
     return cfg.to_dict()
+
+
+def check(dev: str) -> str | None:
+    """Why bitsandbytes cannot run on device type `dev` here (None: it can); ImportError when not installed."""
+    bnb = import_bnb()
+    if dev == "cuda":
+        from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary
+
+        if isinstance(bnb.cextension.lib, ErrorHandlerMockBNBNativeLibrary):
+            return "bitsandbytes has no CUDA library for this CUDA/torch build"
+    return None
+
+
+def quantize_targets(model: nn.Module, targets: list[str], method: Method, device: torch.device) -> None:
+    for name in targets:
+        owner, child = owner_of(model, name)
+        # The root's mode, not the linear's: surgery leaves freshly sliced linears in training mode.
+        lin = quantize_linear(getattr(owner, child), method.weights, device, training=model.training)
+        setattr(owner, child, lin)
+
+
+def load_targets(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    targets: list[str],
+    method: Method,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[set[str], set[str]]:
+    for n in targets:
+        owner, child = owner_of(model, n)
+        lin = getattr(owner, child)
+        setattr(
+            owner,
+            child,
+            load_linear(n, state_dict, method.weights, lin.in_features, lin.out_features, dtype, device),
+        )
+    rest = {
+        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+        for k, v in state_dict.items()
+    }
+    result = model.load_state_dict(rest, strict=False, assign=True)
+    done = set(targets)  # already built from their own tensors above
+    missing = {k for k in result.missing_keys if k.rsplit(".", 1)[0] not in done}
+    return missing, set(result.unexpected_keys)
+
+
+register(
+    Backend("bitsandbytes", check, quantize_targets, load_targets),
+    Method(
+        "bnb-int8",
+        "bitsandbytes",
+        "int8",
+        8,
+        ("cpu", "cuda"),
+        "LLM.int8(): row-wise absmax int8 weights, outlier input features (>6) in 16-bit",
+    ),
+    Method(
+        "bnb-nf4",
+        "bitsandbytes",
+        "nf4",
+        4,
+        ("cpu", "cuda"),
+        "NormalFloat4 weights in blocks of 64, compute in the model dtype",
+    ),
+    Method(
+        "bnb-fp4",
+        "bitsandbytes",
+        "fp4",
+        4,
+        ("cpu", "cuda"),
+        "FP4 (e2m1) weights in blocks of 64, compute in the model dtype",
+    ),
+)

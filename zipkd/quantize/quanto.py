@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from zipkd.quantize.registry import Backend, Method, register
+
 QTYPES = {"int8": "qint8", "int4": "qint4"}
 
 
@@ -75,3 +77,50 @@ def load_modules(
     qmap = {n: {"weights": QTYPES[weights], "activations": "none"} for n in names}
     quanto.requantize(model, state_dict, qmap, device=device)
     _guard_inference_mode(model, names)
+
+
+def check(dev: str) -> str | None:
+    """optimum-quanto runs wherever torch does; ImportError when it is not installed."""
+    import_quanto()
+    return None
+
+
+def quantize_targets(model: nn.Module, targets: list[str], method: Method, device: torch.device) -> None:
+    quantize_modules(model, targets, method.weights)
+
+
+def load_targets(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    targets: list[str],
+    method: Method,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[set[str], set[str]]:
+    provided = set(state_dict)
+    # Scales follow the compute dtype, as if the model had been quantized in it.
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    load_modules(model, sd, targets, method.weights, device)
+    expected = set(model.state_dict())
+    return expected - provided, provided - expected
+
+
+register(
+    Backend("optimum-quanto", check, quantize_targets, load_targets),
+    Method(
+        "quanto-int8",
+        "optimum-quanto",
+        "int8",
+        8,
+        ("cpu", "cuda"),
+        "weight-only int8, one scale per output channel",
+    ),
+    Method(
+        "quanto-int4",
+        "optimum-quanto",
+        "int4",
+        4,
+        ("cpu", "cuda"),
+        "weight-only int4 with scale and shift per group of 128 inputs",
+    ),
+)

@@ -42,18 +42,20 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decay down to this fraction of lr
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    method: str = "full"
+    method: str = field(default="full", metadata={"choices": METHODS})
     lora_rank: int = 16
     lora_alpha: float = 32.0
     train_embeddings: bool = False  # full fine-tuning: also train the (tied) embeddings / LM head
-    kd: str = "forward"
+    kd: str = field(default="forward", metadata={"choices": KD_MODES})
     kd_weight: float = 0.5
     temperature: float = 1.0
     mix_ratio: float = 0.75  # fraction of steps on plain-text windows (calibration prose; chosen on dev.txt)
     max_seq_len: int = 256
     checkpoint_every: int = 50
     seed: int = 0
-    precision: str = "auto"  # auto: bf16 mixed precision where the hardware has fast bf16, else fp32
+    precision: str = field(
+        default="auto", metadata={"choices": PRECISIONS}
+    )  # auto: bf16 mixed precision where the hardware has fast bf16, else fp32
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

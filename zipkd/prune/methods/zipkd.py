@@ -1,0 +1,33 @@
+"""zipkd: structured OBS (ZipLM, Kurtic et al. 2023). Per block, KV groups / MLP channels are removed with the
+optimal-brain-surgeon update of the remaining columns, errors weighted by the loss-gradient Fisher; surgery
+re-fits the kept columns on inputs through the already-pruned layers."""
+
+from __future__ import annotations
+
+from zipkd.prune import obs
+from zipkd.prune.database import BlockDatabase, LayerDatabase
+from zipkd.prune.methods.base import LayerStats, PruneMethod, register
+
+
+@register
+class ZipLM(PruneMethod):
+    name = "zipkd"
+    summary = "structured OBS + DP search"
+    needs_hessians = True
+    uses_fisher = True
+
+    def refit(self, sequential: bool) -> str:
+        return "sequential" if sequential else "dense"
+
+    def layer_database(self, stats: LayerStats) -> LayerDatabase:
+        H_attn, H_mlp = stats.hessians
+        G_attn, G_mlp = stats.fisher or (None, None)
+        W_o = stats.weight("attention", "o").float()
+        W_d = stats.weight("mlp", "down").float()
+        cols = stats.columns
+        attention = obs.obs_prune_groups(W_o, H_attn, cols, stats.attention_sizes, stats.damp, G_attn)
+        mlp = obs.obs_prune_columns(W_d, H_mlp, stats.mlp_sizes, stats.damp, stats.mlp_chunk, G_mlp)
+        return LayerDatabase(
+            BlockDatabase("attention", W_o.shape[1] // cols, attention),
+            BlockDatabase("mlp", W_d.shape[1], mlp),
+        )
