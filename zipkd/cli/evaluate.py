@@ -12,6 +12,7 @@ from zipkd.cli.app import app
 from zipkd.cli.common import ForceOpt, JsonOpt, cli_errors, console, err_console, progress
 
 _QUALITY = "Quality"
+_RUNTIME = "Runtime"
 _SPEED = "Speed regime (default: the one in the model's manifest)"
 _GATE = "CI gate"
 _OUT = "Output"
@@ -111,6 +112,34 @@ def evaluate(
         ),
     ] = None,
     list_tasks: Annotated[bool, typer.Option("--list-tasks", help="List the tasks and exit.")] = False,
+    runtime: Annotated[
+        str | None,
+        typer.Option(
+            help="torch or llama.cpp (default: llama.cpp for .gguf files, else torch). In llama.cpp, model "
+            "folders are exported to a temporary GGUF at --quantization; tasks, perplexity and speed (prefill "
+            "and decode) run in the engine, the base as a GGUF of the same type.",
+            rich_help_panel=_RUNTIME,
+            show_default=False,
+        ),
+    ] = None,
+    quantization: Annotated[
+        str | None,
+        typer.Option(
+            help="llama.cpp: the GGUF type model folders and the base are exported at (q8_0, q4_k_m, f32, …; "
+            "default: the .gguf input's type, else q8_0).",
+            rich_help_panel=_RUNTIME,
+            show_default=False,
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="llama.cpp threads (default: all cores).",
+            rich_help_panel=_RUNTIME,
+            show_default=False,
+        ),
+    ] = None,
     speed: Annotated[bool, typer.Option(help="Measure speed and memory.", rich_help_panel=_SPEED)] = True,
     device: Annotated[
         str | None,
@@ -121,7 +150,12 @@ def evaluate(
         ),
     ] = None,
     regime: Annotated[
-        str | None, typer.Option(help="prefill or decode.", rich_help_panel=_SPEED, show_default=False)
+        str | None,
+        typer.Option(
+            help="prefill or decode (llama.cpp times both; this one is the measured speedup).",
+            rich_help_panel=_SPEED,
+            show_default=False,
+        ),
     ] = None,
     batch: Annotated[
         int | None,
@@ -134,6 +168,15 @@ def evaluate(
     context: Annotated[
         int | None,
         typer.Option(min=1, help="KV-cache tokens (decode).", rich_help_panel=_SPEED, show_default=False),
+    ] = None,
+    decode_tokens: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="llama.cpp decode: tokens timed after a --context-token prompt (default 64; prompt 128).",
+            rich_help_panel=_SPEED,
+            show_default=False,
+        ),
     ] = None,
     repeats: Annotated[int, typer.Option(min=1, help="Timed repeats (median).", rich_help_panel=_SPEED)] = 7,
     baseline: Annotated[
@@ -192,6 +235,11 @@ def evaluate(
         )
     if base is not None and no_base:
         raise typer.BadParameter("--base and --no-base exclude each other")
+    if runtime is not None and runtime not in ("torch", "llama.cpp"):
+        raise typer.BadParameter(
+            f"unknown runtime {runtime!r}; choose torch or llama.cpp", param_hint="--runtime"
+        )
+    _check_gguf_inputs([*models, *([base] if base else [])])
     speedup_floor = _speedup(min_speedup)
     if regime is not None and regime not in ("prefill", "decode"):
         raise typer.BadParameter(
@@ -219,6 +267,7 @@ def evaluate(
             ("batch", batch),
             ("seq_len", seq_len),
             ("context", context),
+            ("decode_tokens", decode_tokens),
         )
         if v is not None
     }
@@ -238,6 +287,9 @@ def evaluate(
         regime=overrides or None,
         repeats=repeats,
         base=None if no_base else (base or AUTO),
+        runtime=runtime or AUTO,
+        quantization=quantization,
+        threads=threads,
     )
     if ref is not None and set(config.tasks) != set(ref.tasks):
         check_comparable(Report(tasks=list(config.tasks), limit=lim, models=[]), ref)  # raises, naming both
@@ -275,6 +327,15 @@ def evaluate(
             )
             raise typer.Exit(1)
         out.print(f"[green]gate passed[/] ({len(result.checks)} checks against {baseline})")
+
+
+def _check_gguf_inputs(specs: list[str]) -> None:
+    """A corrupt or truncated .gguf is refused before any other work (one line, never a crash in llama.cpp)."""
+    from zipkd.runtimes.llamacpp import check_gguf
+
+    for spec in specs:
+        if str(spec).lower().endswith(".gguf"):
+            check_gguf(spec)
 
 
 def _speedup(value: str | None) -> float | None:

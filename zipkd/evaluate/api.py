@@ -1,6 +1,11 @@
 """`evaluate(models, EvalConfig(...))`: quality (lm-eval tasks, held-out perplexity), measured speed against the
 base model in one alternating run, size and memory — one `Report` for one model or a family.
 
+Two runtimes: torch (the default for model folders) and llama.cpp (the default for .gguf files; a model folder
+with `EvalConfig(runtime="llama.cpp", quantization="q8_0")` is exported to a temporary GGUF first). In llama.cpp the
+same lm-eval tasks are scored through `zipkd.evaluate.llamacpp_lm.LlamaCppLM`, perplexity on the same token
+windows as in torch, and speed (prefill and decode) against the base model as a GGUF at the same quantization.
+
 Evaluation data never overlaps calibration or fine-tuning data (see `zipkd.data.assets`): the tasks read the
 evaluation partition and perplexity uses the held-out LAMBADA passages."""
 
@@ -25,13 +30,19 @@ DEFAULT_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande",
 # whole suite on the embedded model fits in 10 minutes on 2 CPU cores (BENCHMARKS.md). Use limit=None for all.
 DEFAULT_LIMIT = 50
 AUTO = "auto"
+RUNTIMES = ("torch", "llama.cpp")
+DEFAULT_GGUF_TYPE = "q8_0"  # llama.cpp evaluation of a model folder: exported at this type by default
+LLAMACPP_CONTEXT = 128  # llama.cpp decode speed: tokens of prompt before the timed tokens (default)
 
 
 @dataclass
 class EvalConfig:
     """What to measure. `base`: "auto" (the first model of the manifest chain), a model spec, or None.
     `regime`: None (the one recorded in the model's manifest, else the defaults on `device`), a `Regime`
-    (used as given), or a dict of fields that override the recorded one."""
+    (used as given), or a dict of fields that override the recorded one.
+    `runtime`: "auto" (llama.cpp when a model is a .gguf file, else torch), "torch" or "llama.cpp".
+    `quantization` (llama.cpp only): the GGUF type model folders (and the base) are exported at; None: the type
+    of the .gguf input, else q8_0. `threads` (llama.cpp only): None = all cores."""
 
     tasks: Sequence[str] = DEFAULT_TASKS
     limit: int | float | None = DEFAULT_LIMIT
@@ -49,8 +60,22 @@ class EvalConfig:
     memory: bool = True
     base: str | None = AUTO
     hash_models: bool = True
+    runtime: str = AUTO
+    quantization: str | None = None
+    threads: int | None = None
 
     def __post_init__(self) -> None:
+        if self.runtime not in (AUTO, *RUNTIMES):
+            raise ZipkdError(f"unknown runtime {self.runtime!r}; choose one of {', '.join(RUNTIMES)}")
+        if self.quantization is not None:
+            self.quantization = gguf_type(self.quantization)
+        if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
+            raise ZipkdError(f"threads must be at least 1, got {self.threads}")
+        if self.runtime == "torch" and (self.quantization is not None or self.threads is not None):
+            raise ZipkdError(
+                "--quantization and --threads apply to --runtime llama.cpp; in torch, quantize the model with "
+                "`zipkd quantize` and evaluate that folder"
+            )
         if isinstance(self.tasks, str):
             self.tasks = [t for t in self.tasks.split(",")]
         self.tasks = tuple(resolve_tasks(self.tasks))
@@ -86,6 +111,32 @@ class EvalConfig:
             raise ZipkdError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
 
 
+def gguf_type(name: str) -> str:
+    """A GGUF type for llama.cpp (q8_0, q4_k_m, f32, …); a torch quantization method gets its own message."""
+    from zipkd.quantize.api import canonical_method
+    from zipkd.runtimes.llamacpp import FTYPES
+
+    text = str(name).strip().lower()
+    if text in FTYPES or text in _llama_file_types():
+        return text  # the ones zipkd writes, or another type llama.cpp reads (a .gguf given may hold q4_1)
+    try:
+        method = canonical_method(text)
+    except ZipkdError:
+        method = None
+    if method is not None:
+        raise ZipkdError(
+            f"{name} is a torch quantization (`zipkd quantize --method {method}`), which llama.cpp does not run; "
+            f"llama.cpp runs the GGUF types {', '.join(FTYPES)}"
+        )
+    raise ZipkdError(f"unknown GGUF quantization {name!r}; choose one of {', '.join(FTYPES)}")
+
+
+def _llama_file_types() -> set[str]:
+    from gguf.constants import LlamaFileType
+
+    return {t.name.lower().removeprefix("mostly_").removeprefix("all_") for t in LlamaFileType} - {"guessed"}
+
+
 def short_name(spec: str) -> str:
     """A model's display name: the folder name, or the embedded name."""
     return Path(str(spec)).name or str(spec)
@@ -99,12 +150,16 @@ def _model_path(spec: str) -> Path:
 
 def expand_specs(specs: Sequence[str | os.PathLike]) -> list[str]:
     """Model specs, with a family folder (sub-folders holding models, as `zipkd prune` writes for several
-    targets) replaced by its models in name order."""
+    targets, or .gguf files) replaced by its models in name order."""
     out: list[str] = []
     for spec in specs:
         path = Path(spec).expanduser()
         if path.is_dir() and not (path / "config.json").is_file():
-            members = sorted(p for p in path.iterdir() if p.is_dir() and (p / "config.json").is_file())
+            members = sorted(
+                p
+                for p in path.iterdir()
+                if (p.is_dir() and (p / "config.json").is_file()) or (p.is_file() and p.suffix == ".gguf")
+            )
             if members:
                 out.extend(str(p) for p in members)
                 continue
@@ -165,6 +220,26 @@ def _stage(path: Path) -> str | None:
     return m.get("stage") if m else None
 
 
+def _quality_dict(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        t: {
+            "metric": r.primary,
+            "score": r.score,
+            "stderr": r.stderr.get(r.primary),
+            "n": r.n,
+            "metrics": r.metrics,
+        }
+        for t, r in results.items()
+    }
+
+
+def _heldout_texts() -> list[str]:
+    from zipkd.data.assets import heldout_text_path
+    from zipkd.data.text import load_texts
+
+    return load_texts(heldout_text_path())
+
+
 def _quality(spec: str, config: EvalConfig, progress: Any) -> ModelEval:
     """Load one model, score it (tasks, perplexity), record its size; the model is freed afterwards."""
     from zipkd.evaluate.harness import run_tasks
@@ -185,16 +260,7 @@ def _quality(spec: str, config: EvalConfig, progress: Any) -> ModelEval:
         progress=progress,
         label=short_name(spec),
     )
-    quality = {
-        t: {
-            "metric": r.primary,
-            "score": r.score,
-            "stderr": r.stderr.get(r.primary),
-            "n": r.n,
-            "metrics": r.metrics,
-        }
-        for t, r in results.items()
-    }
+    quality = _quality_dict(results)
     ppl = None
     if config.perplexity:
         from zipkd.data.assets import heldout_text_path
@@ -287,8 +353,14 @@ def _retention(report: Report) -> None:
             m.retention[t] = m.quality[t]["score"] / b if b > 0 else None
         if base.speed and m.speed:
             m.measured_speedup = base.speed["median_ms"] / m.speed["median_ms"]
+            for name, row in (m.speed.get("regimes") or {}).items():
+                ref = (base.speed.get("regimes") or {}).get(name)
+                if ref:
+                    row["speedup"] = ref["median_ms"] / row["median_ms"]
     if base is not None and base.speed:
         base.measured_speedup = 1.0
+        for row in (base.speed.get("regimes") or {}).values():
+            row["speedup"] = 1.0
 
 
 # Settings that must match for an earlier report's scores of a model to stand for this run's.
@@ -301,7 +373,11 @@ _SCORING_KEYS = (
     "perplexity",
     "ppl_max_length",
     "ppl_max_tokens",
+    "runtime",
+    "quantization",
 )
+# What a report written before a key existed had (reports before llama.cpp were all torch, unquantized).
+_SCORING_DEFAULTS = {"runtime": "torch", "quantization": None}
 
 
 def reusable_scores(report: Report | None, path: Path, config: EvalConfig) -> ModelEval | None:
@@ -313,7 +389,7 @@ def reusable_scores(report: Report | None, path: Path, config: EvalConfig) -> Mo
     theirs = report.config or {}
     if any(
         (sorted(mine[k]) if k == "tasks" else mine[k])
-        != (sorted(theirs.get(k) or []) if k == "tasks" else theirs.get(k))
+        != (sorted(theirs.get(k) or []) if k == "tasks" else theirs.get(k, _SCORING_DEFAULTS.get(k)))
         for k in _SCORING_KEYS
     ):
         return None
@@ -342,6 +418,7 @@ def _reuse(found: ModelEval, spec: str, path: Path, source: str) -> ModelEval:
         predicted_speedup=predicted[0] if predicted else None,
         predicted_from=predicted[1] if predicted else None,
         scored_in=source,
+        engine=found.engine,
     )
 
 
@@ -363,6 +440,14 @@ def evaluate(
     specs = expand_specs([model_spec] if isinstance(model_spec, (str, os.PathLike)) else list(model_spec))
     if not specs:
         raise ZipkdError("no model to evaluate")
+    if resolve_runtime(specs, config) == "llama.cpp":
+        return _evaluate_llamacpp(specs, config, progress, reuse_base)
+    if config.quantization is not None or config.threads is not None:
+        raise ZipkdError(
+            "--quantization and --threads apply to --runtime llama.cpp (the models here run in torch); "
+            "pass --runtime llama.cpp"
+        )
+    config = dataclasses.replace(config, runtime="torch")
     _check_device(config.device)
     base_spec = resolve_base(specs, config)
     if base_spec is not None and any(
@@ -400,6 +485,302 @@ def evaluate(
     return report
 
 
+# ---------------------------------------------------------------- llama.cpp
+
+
+@dataclass
+class _EngineModel:
+    """One model as llama.cpp runs it: the .gguf given, or a model folder exported to a temporary GGUF."""
+
+    spec: str
+    path: Path  # what was given: the .gguf file or the model folder
+    # the model folder: itself, or the folder a zipkd-exported .gguf came from (if it is still there)
+    source: Path | None
+    manifest: dict[str, Any] | None = None
+    gguf: Path | None = None  # the file llama.cpp opens (None until a folder is exported)
+    quantization: str | None = None  # its GGUF type
+    tokenizer: Any = None
+    tokenizer_from: str | None = None
+
+    @property
+    def exported(self) -> bool:
+        return self.gguf is not None and self.gguf != self.path
+
+
+def _engine_model(spec: str) -> _EngineModel:
+    """Cheap checks of a model for llama.cpp, before any work: a .gguf's header (corrupt, truncated), a folder that
+    zipkd quantized in torch (llama.cpp cannot run it)."""
+    import json
+
+    from zipkd.evaluate.lineage import parent_model
+    from zipkd.export.api import MANIFEST_KEY
+    from zipkd.runtimes.llamacpp import gguf_header
+
+    path = _model_path(spec)
+    if path.suffix == ".gguf":
+        header = gguf_header(path)
+        try:
+            manifest = (
+                json.loads(header["fields"][MANIFEST_KEY]) if MANIFEST_KEY in header["fields"] else None
+            )
+        except json.JSONDecodeError:
+            manifest = None
+        source = parent_model(manifest) if isinstance(manifest, dict) else None
+        return _EngineModel(str(spec), path, source, manifest, gguf=path, quantization=header["file_type"])
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ZipkdError(f"cannot read {path / 'config.json'}: {exc}") from None
+    recipe = cfg.get("zipkd_quantization")
+    if recipe:
+        from zipkd.manifest import read_manifest
+
+        before = parent_model(read_manifest(path) or {})
+        method = recipe.get("method") if isinstance(recipe, dict) else recipe
+        raise ZipkdError(
+            f"{path} was quantized in torch ({method}), which llama.cpp cannot run; export the unquantized "
+            f"model instead: zipkd eval {before or 'MODEL'} --runtime llama.cpp --quantization q8_0"
+        )
+    return _EngineModel(str(spec), path, path)
+
+
+def _llamacpp_base(models: list[_EngineModel], config: EvalConfig) -> _EngineModel | None:
+    """The base model: given, or (auto) the root of the manifest chain of the models' folders (for a .gguf, of
+    the folder it was exported from)."""
+    if config.base is None:
+        return None
+    if config.base != AUTO:
+        base = _engine_model(config.base)
+    else:
+        from zipkd.evaluate.lineage import base_model
+
+        roots = {base_model(m.source) for m in models if m.source is not None}
+        roots.discard(None)
+        if len(roots) > 1:
+            raise ZipkdError(
+                f"the models come from different bases ({', '.join(map(str, roots))}); pass --base"
+            )
+        if not roots:
+            return None
+        base = _engine_model(str(roots.pop()))
+    if any(base.path.resolve() == m.path.resolve() for m in models):
+        return None  # evaluating the base itself: nothing to compare with
+    return base
+
+
+def _llamacpp_regime(
+    models: list[_EngineModel], config: EvalConfig, threads: int
+) -> tuple[Regime, str, str | None]:
+    """The llama.cpp regime (prefill and decode are both timed; `regime.regime` is the one measured speedup
+    and the gate use), where it came from, and the GGUF type it records (None: not recorded)."""
+    from zipkd.evaluate.lineage import recorded_regime
+
+    recorded = None
+    if isinstance(config.regime, Regime):
+        regime, source = config.regime, "given"
+        recorded = regime.quantization
+    else:
+        found = None
+        for m in models:
+            rec = recorded_regime(m.source) if m.source is not None else None
+            if rec is not None and rec[0].runtime == "llama.cpp":
+                found = rec
+                break
+        if found is not None:
+            (regime, source), recorded = found, found[0].quantization
+        else:
+            regime, source = (
+                Regime(device="cpu", context=LLAMACPP_CONTEXT, runtime="llama.cpp"),
+                "llama.cpp defaults",
+            )
+        if config.regime:
+            regime = Regime(**{**dataclasses.asdict(regime), **config.regime})
+            source += " with " + ", ".join(f"{k}={v}" for k, v in config.regime.items()) + " given"
+            recorded = config.regime.get("quantization", recorded)
+    if str(regime.device).split(":")[0] != "cpu":
+        raise ZipkdError("llama.cpp runs on the CPU here; use --device cpu")
+    if regime.batch != 1:
+        raise ZipkdError("llama.cpp speed is timed for one sequence; use --batch 1")
+    return dataclasses.replace(regime, device="cpu", runtime="llama.cpp", threads=threads), source, recorded
+
+
+def _materialize(m: _EngineModel, quantization: str, threads: int, tmp: Path, progress: Any) -> None:
+    """Make `m` runnable: export a folder to a GGUF at `quantization` in `tmp`; find the tokenizer."""
+    if m.gguf is None:
+        from zipkd.export.api import ExportConfig, export
+        from zipkd.models.io import load_model
+        from zipkd.runtimes.llamacpp import FTYPES
+
+        if quantization not in FTYPES:
+            raise ZipkdError(
+                f"cannot export {m.path} at {quantization} (zipkd writes {', '.join(FTYPES)}); "
+                "pass --quantization"
+            )
+        label = f"export {short_name(m.spec)} to GGUF {quantization}"
+        task = progress.add_task(label, total=None) if progress is not None else None
+        lm = load_model(m.spec)
+        out = tmp / f"{len(list(tmp.iterdir()))}-{short_name(m.spec)}-{quantization}.gguf"
+        export(lm, ExportConfig(quantization=quantization, threads=threads), out)
+        m.gguf, m.quantization = out, quantization
+        m.tokenizer, m.tokenizer_from = lm.tokenizer, f"{m.path}"
+        del lm
+        gc.collect()
+        if task is not None:
+            progress.update(task, total=1, completed=1)
+    elif m.tokenizer is None:
+        from zipkd.evaluate.llamacpp_lm import hf_tokenizer
+
+        m.tokenizer, m.tokenizer_from = hf_tokenizer(m.gguf, m.source)
+
+
+def _engine_info(m: _EngineModel, threads: int) -> dict[str, Any]:
+    return {
+        "runtime": "llama.cpp",
+        "quantization": m.quantization,
+        "threads": threads,
+        "gguf": None if m.exported else str(m.gguf),
+        "exported_from": str(m.path) if m.exported else None,
+        "tokenizer": m.tokenizer_from,
+    }
+
+
+def _quality_llamacpp(m: _EngineModel, config: EvalConfig, threads: int, progress: Any) -> ModelEval:
+    """Score one GGUF in llama.cpp: the lm-eval tasks and held-out perplexity (the torch windows), and its size."""
+    from zipkd.evaluate.harness import evaluate_lm
+    from zipkd.evaluate.lineage import predicted_speedup
+    from zipkd.evaluate.llamacpp_lm import LlamaCppLM
+    from zipkd.manifest import content_hash
+    from zipkd.runtimes.llamacpp import gguf_header
+
+    header = gguf_header(m.gguf)
+    ppl = None
+    with LlamaCppLM(m.gguf, m.tokenizer, max_length=config.max_length, threads=threads) as lm:
+        if config.perplexity:
+            ppl = lm.perplexity(
+                _heldout_texts(), config.ppl_max_length, config.ppl_max_tokens, progress=progress
+            )
+        results = evaluate_lm(
+            lm, config.tasks, limit=config.limit, progress=progress, label=short_name(m.spec)
+        )
+    predicted = predicted_speedup(m.source) if m.source is not None else None
+    return ModelEval(
+        name=short_name(m.spec),
+        path=str(m.path),
+        stage=(m.manifest or {}).get("stage") if m.path.suffix == ".gguf" else _stage(m.path),
+        sha256=content_hash(m.path) if config.hash_models else None,
+        quality=_quality_dict(results),
+        perplexity=ppl,
+        memory={
+            "params": header["params"],
+            "disk_bytes": header["size"],
+            "weights_bytes": header["tensor_bytes"],
+        },
+        predicted_speedup=predicted[0] if predicted else None,
+        predicted_from=predicted[1] if predicted else None,
+        engine=_engine_info(m, threads),
+    )
+
+
+def _speed_llamacpp(
+    evals: list[ModelEval], models: list[_EngineModel], regime: Regime, config: EvalConfig, progress: Any
+) -> None:
+    from zipkd.evaluate.speed import measure_speed_llamacpp
+
+    task = progress.add_task("speed in llama.cpp (round-robin)", total=None) if progress is not None else None
+    rows = measure_speed_llamacpp(
+        [m.gguf for m in models], regime, warmup=config.warmup, repeats=config.repeats
+    )
+    for ev, row in zip(evals, rows, strict=True):
+        ev.speed = row
+    if task is not None:
+        progress.update(task, total=1, completed=1)
+
+
+def _evaluate_llamacpp(
+    specs: list[str], config: EvalConfig, progress: Any, reuse_base: Report | None
+) -> Report:
+    """`evaluate` in llama.cpp: every check first, then folders exported to temporary GGUFs (removed at the end),
+    quality one model at a time, speed of all of them (and the base, at the same GGUF type) round-robin."""
+    import shutil
+    import tempfile
+
+    from zipkd.manifest import hardware_fingerprint, package_versions
+    from zipkd.runtimes.llamacpp import default_threads, llama_cpp_module
+
+    if config.device != "cpu":
+        raise ZipkdError("llama.cpp runs on the CPU here; use --device cpu")
+    models = [_engine_model(s) for s in specs]
+    base = _llamacpp_base(models, config)
+    threads = config.threads or default_threads()
+    regime, regime_source, recorded_type = (
+        _llamacpp_regime(models, config, threads) if config.speed else (None, None, None)
+    )
+    quantization = (
+        config.quantization
+        or next((m.quantization for m in models if m.gguf is not None and m.quantization), None)
+        or recorded_type
+        or DEFAULT_GGUF_TYPE
+    )
+    config = dataclasses.replace(config, runtime="llama.cpp", quantization=quantization, threads=threads)
+    if regime is not None:
+        regime = dataclasses.replace(regime, quantization=quantization)
+    from zipkd.runtimes.llamacpp import FTYPES
+
+    if quantization not in FTYPES and any(m.gguf is None for m in [*models, *([base] if base else [])]):
+        raise ZipkdError(
+            f"model folders would be exported at {quantization} (the type of the .gguf given), which zipkd "
+            f"cannot write; pass --quantization (one of {', '.join(FTYPES)})"
+        )
+    llama_cpp_module()  # a clear error when llama-cpp-python is missing, before any work
+    tmp = Path(tempfile.mkdtemp(prefix="zipkd-eval-"))
+    try:
+        evals = []
+        for m in models:
+            _materialize(m, quantization, threads, tmp, progress)
+            evals.append(_quality_llamacpp(m, config, threads, progress))
+        base_eval = None
+        if base is not None:
+            found = reusable_scores(reuse_base, base.path, config)
+            if found is not None:
+                source = (reuse_base.created or "an earlier report") if reuse_base is not None else ""
+                base_eval = _reuse(found, base.spec, base.path, f"report of {source}")
+                if config.speed:
+                    _materialize(base, quantization, threads, tmp, progress)
+                base_eval.engine = _engine_info(base, threads) if base.gguf is not None else found.engine
+            else:
+                _materialize(base, quantization, threads, tmp, progress)
+                base_eval = _quality_llamacpp(base, config, threads, progress)
+        if config.speed:
+            timed = ([base] if base_eval else []) + models
+            _speed_llamacpp(([base_eval] if base_eval else []) + evals, timed, regime, config, progress)
+    finally:
+        for m in [*models, *([base] if base else [])]:
+            m.tokenizer = None
+        shutil.rmtree(tmp, ignore_errors=True)
+    _unique_names(([base_eval] if base_eval else []) + evals)
+    report = Report(
+        tasks=list(config.tasks),
+        limit=config.limit,
+        models=evals,
+        base=base_eval,
+        regime=dataclasses.asdict(regime) if regime else None,
+        regime_source=regime_source,
+        config=_config_json(config),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        versions=package_versions(),
+        hardware=hardware_fingerprint(),
+    )
+    _retention(report)
+    return report
+
+
+def resolve_runtime(specs: Sequence[str], config: EvalConfig) -> str:
+    """The runtime the models are evaluated in: as configured, or (auto) llama.cpp when one is a .gguf file."""
+    if config.runtime != AUTO:
+        return config.runtime
+    return "llama.cpp" if any(_model_path(s).suffix == ".gguf" for s in specs) else "torch"
+
+
 def _config_json(config: EvalConfig) -> dict[str, Any]:
     d = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     d["tasks"] = list(config.tasks)
@@ -408,4 +789,14 @@ def _config_json(config: EvalConfig) -> dict[str, Any]:
     return d
 
 
-__all__ = ["AUTO", "DEFAULT_LIMIT", "DEFAULT_TASKS", "EvalConfig", "Report", "available_tasks", "evaluate"]
+__all__ = [
+    "AUTO",
+    "DEFAULT_LIMIT",
+    "DEFAULT_TASKS",
+    "RUNTIMES",
+    "EvalConfig",
+    "Report",
+    "available_tasks",
+    "evaluate",
+    "gguf_type",
+]

@@ -169,13 +169,26 @@ def run_tasks(
     """Score an in-memory model (any shapes: pruned, heterogeneous) on zipkd tasks with lm-eval's
     `simple_evaluate`. All tasks go through one call, as `lm_eval run --tasks a,b,...` does: lm-eval pools the
     requests of all tasks into the same batches, so the scores are the command line's to the last digit."""
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
     names = resolve_tasks(tasks)
     if batch_size < 1:
         raise ZipkdError(f"batch size must be at least 1 (got {batch_size})")
     lm = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    return evaluate_lm(lm, names, limit=limit, progress=progress, label=label)
+
+
+def evaluate_lm(
+    lm: Any,
+    tasks: Sequence[str],
+    limit: int | float | None = None,
+    progress: Any = None,
+    label: str = "",
+) -> dict[str, TaskResult]:
+    """Score any lm-eval `LM` (zipkd's HFLM, or `zipkd.evaluate.llamacpp_lm.LlamaCppLM`) on zipkd tasks in one
+    `simple_evaluate` call. The LM may report progress through `on_start(n, kind)` and `on_rows(n)`."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    names = resolve_tasks(tasks)
     label = f"{label} " if label else ""
     title = f"{label}lm-eval {names[0]}" if len(names) == 1 else f"{label}lm-eval, {len(names)} tasks"
     if progress is not None:

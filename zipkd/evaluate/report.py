@@ -35,6 +35,9 @@ class ModelEval:
     predicted_from: str | None = None
     retention: dict[str, float | None] = field(default_factory=dict)  # score / base score per task
     scored_in: str | None = None  # None: scored in this run; else the earlier report its scores come from
+    # llama.cpp: runtime, quantization (GGUF type), threads, gguf (the file given) or exported_from (the folder
+    # exported to a temporary GGUF), tokenizer (where the Hugging Face tokenizer came from). None: torch.
+    engine: dict[str, Any] | None = None
 
     def score(self, task: str) -> float:
         return float(self.quality[task]["score"])
@@ -147,7 +150,17 @@ def markdown(report: Report) -> str:
         f"Tasks: {', '.join(report.tasks)} ({limit}); scores are lm-eval's, ± one standard error; "
         "retention = score / base score."
     )
-    if report.regime:
+    engine = _engine_line(report)
+    if engine:
+        lines.append(engine)
+    if report.regime and report.regime.get("runtime") == "llama.cpp":
+        r = report.regime
+        lines.append(
+            f"Speed in llama.cpp on the CPU, {_threads(r.get('threads'))}: prefill 1×{r['seq_len']} and "
+            f"decode of {r.get('decode_tokens', 64)} tokens after a {r['context']}-token prompt (from "
+            f"{report.regime_source}); all models timed round-robin in one run; measured speedup = {r['regime']}."
+        )
+    elif report.regime:
         r = report.regime
         shape = f"seq_len {r['seq_len']}" if r["regime"] == "prefill" else f"context {r['context']}"
         lines.append(
@@ -178,9 +191,7 @@ def markdown(report: Report) -> str:
         ("mean score", [_num(m.mean_score) for m in cols]),
         ("mean retention", ["—" if m is report.base else _num(m.mean_retention, "{:.1%}") for m in cols]),
         ("held-out perplexity", [_num((m.perplexity or {}).get("perplexity"), "{:.2f}") for m in cols]),
-        ("latency, ms (median)", [_num((m.speed or {}).get("median_ms"), "{:.2f}") for m in cols]),
-        ("tokens/s", [_num((m.speed or {}).get("tokens_per_s"), "{:,.0f}") for m in cols]),
-        ("measured speedup", [_num(m.measured_speedup, "{:.2f}x") for m in cols]),
+        *_speed_rows(report, cols),
         ("predicted speedup", [_num(m.predicted_speedup, "{:.2f}x") for m in cols]),
         (
             "parameters (M)",
@@ -193,6 +204,49 @@ def markdown(report: Report) -> str:
     for label, cells in rows:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _engine_line(report: Report) -> str | None:
+    """Where the scores come from when models ran in llama.cpp (GGUF type; given or exported)."""
+    parts = []
+    for m in report.all_models():
+        e = m.engine
+        if not e or e.get("runtime") != "llama.cpp":
+            continue
+        parts.append(f"{m.name} {e.get('quantization')}" + (" (exported)" if e.get("exported_from") else ""))
+    if not parts:
+        return None
+    return (
+        "Runtime: llama.cpp — tasks and perplexity scored by the engine on the Hugging Face tokenizer's token "
+        "ids; GGUF types: " + ", ".join(parts) + " (exported: a model folder written to a temporary GGUF)."
+    )
+
+
+def _speed_rows(report: Report, cols: list[ModelEval]) -> list[tuple[str, list[str]]]:
+    """Latency rows: one regime (torch), or prefill and decode (llama.cpp times both)."""
+    regimes = [(m.speed or {}).get("regimes") for m in cols]
+    if not any(regimes):
+        return [
+            ("latency, ms (median)", [_num((m.speed or {}).get("median_ms"), "{:.2f}") for m in cols]),
+            ("tokens/s", [_num((m.speed or {}).get("tokens_per_s"), "{:,.0f}") for m in cols]),
+            ("measured speedup", [_num(m.measured_speedup, "{:.2f}x") for m in cols]),
+        ]
+    primary = (report.regime or {}).get("regime", "prefill")
+
+    def cell(i: int, name: str, key: str, fmt: str) -> str:
+        return _num(((regimes[i] or {}).get(name) or {}).get(key), fmt)
+
+    rows = []
+    for name, unit in (("prefill", "ms"), ("decode", "ms/token")):
+        rows += [
+            (f"{name}, {unit} (median)", [cell(i, name, "median_ms", "{:.2f}") for i in range(len(cols))]),
+            (f"{name}, tokens/s", [cell(i, name, "tokens_per_s", "{:,.0f}") for i in range(len(cols))]),
+            (
+                f"{name} speedup" + (" (measured speedup)" if name == primary else ""),
+                [cell(i, name, "speedup", "{:.2f}x") for i in range(len(cols))],
+            ),
+        ]
+    return rows
 
 
 def write_report(
@@ -214,3 +268,7 @@ def write_report(
 
             save_plots(report, tmp)
     return out
+
+
+def _threads(n: int | None) -> str:
+    return "all cores" if not n else f"{n} thread" + ("s" if n != 1 else "")

@@ -149,3 +149,44 @@ def measure_speed(
             row["memory"] = peak_memory_bytes(model, regime)
         out.append(row)
     return out
+
+
+def measure_speed_llamacpp(
+    paths: list[Any], regime: Regime, warmup: int = 2, repeats: int = 7
+) -> list[dict[str, Any]]:
+    """Time GGUF files in llama.cpp round-robin (`zipkd.runtimes.llamacpp.compare`: every round times each
+    model once, so load changes hit them alike), both regimes in each round: prefill of `seq_len` tokens and
+    decode of `decode_tokens` tokens after a `context`-token prompt (ms per token). One dict per model: the
+    regime's median/p10/p90 ms and tokens/s (what measured speedup and the gate use), and `regimes` with both."""
+    from zipkd.latency.measure import summarize
+    from zipkd.runtimes.llamacpp import compare, context_size, open_model, time_decode, time_prefill
+
+    seq_len, context, tokens = regime.seq_len, regime.context, regime.decode_tokens
+    n_ctx = max(
+        context_size("prefill", seq_len, context, tokens), context_size("decode", seq_len, context, tokens)
+    )
+    n_batch = min(n_ctx, max(seq_len, context, 32))
+    models = []
+    try:
+        for path in paths:
+            models.append(open_model(path, threads=regime.threads, n_ctx=n_ctx, n_batch=n_batch))
+
+        def measure(em: Any) -> tuple[float, float]:
+            return time_prefill(em, seq_len), time_decode(em, context, tokens)
+
+        samples = compare(models, measure, warmup=warmup, repeats=repeats)
+    finally:
+        for em in models:
+            em.close()
+    keys = ("median_ms", "p10_ms", "p90_ms", "repeats")
+    out = []
+    for s in samples:
+        prefill = {k: v for k, v in summarize([a for a, _ in s]).items() if k in keys}
+        prefill.update(tokens_per_s=seq_len / (prefill["median_ms"] / 1e3), batch=1, seq_len=seq_len)
+        decode = {k: v for k, v in summarize([b for _, b in s]).items() if k in keys}
+        decode.update(tokens_per_s=1e3 / decode["median_ms"], batch=1, context=context, tokens=tokens)
+        regimes = {"prefill": prefill, "decode": decode}
+        row = {k: regimes[regime.regime][k] for k in (*keys, "tokens_per_s")}
+        row.update(runtime="llama.cpp", threads=regime.threads, regime=regime.regime, regimes=regimes)
+        out.append(row)
+    return out
