@@ -352,3 +352,18 @@ def test_real_model_export_cli_q8_0(tmp_path):
     info = json.loads(result.output)
     assert info["arch"] == "llama" and info["quantization"] == "q8_0"
     assert 100e6 < out.stat().st_size < 200e6
+
+
+def test_export_cli_refuses_a_layout_without_gguf_mapping_before_loading(tmp_path):
+    """A heterogeneous Qwen3 folder: refused from its config.json alone (no weights loaded), one line."""
+    import time
+
+    from zipkd.models.io import save_model
+
+    lm = every_layer_type(tiny("qwen3"))
+    folder = tmp_path / "qwen3-het"
+    save_model(lm.model, lm.tokenizer, folder, "prune")
+    t0 = time.perf_counter()
+    out = _one_line_error(_run(["export", str(folder), "-o", str(tmp_path / "q.gguf")]))
+    assert "uniform layout" in out and time.perf_counter() - t0 < 5
+    assert not (tmp_path / "q.gguf").exists()

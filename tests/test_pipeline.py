@@ -37,7 +37,7 @@ def synthetic_table(path):
     return regime
 
 
-def recipe(tmp_path, steps=4):
+def recipe(tmp_path, steps=4, export=False):
     table = tmp_path / "table.json"
     regime = synthetic_table(table)
     r = {
@@ -59,37 +59,48 @@ def recipe(tmp_path, steps=4):
         "quantize": False,
         "eval": {"tasks": ["arc_easy"], "limit": 8, "batch_size": 8, "perplexity": False, "speed_repeats": 1},
     }
+    if export:
+        r["export"] = {"quantization": "q8_0"}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(r))
     return path
 
 
 def test_run_skip_and_from(tmp_path):
+    """Every stage, the export one included: the recovered model as a Q8_0 GGUF, scored in llama.cpp beside the
+    dense GGUF at the same type."""
     runner = CliRunner()
-    path = recipe(tmp_path)
+    path = recipe(tmp_path, export=True)
     res = runner.invoke(app, ["run", str(path)])
     assert res.exit_code == 0, res.output + res.stderr
     out = tmp_path / "run"
-    for folder in ("1-profile", "2-prune", "3-recover", "5-eval"):
-        manifest = out / folder / ("zipkd.json" if folder != "5-eval" else "report.json")
+    for folder in ("1-profile", "2-prune", "3-recover", "6-eval"):
+        manifest = out / folder / ("zipkd.json" if folder != "6-eval" else "report.json")
         assert manifest.is_file(), folder
     prune_manifest = json.loads((out / "2-prune" / "zipkd.json").read_text())
     assert prune_manifest["stage"] == "prune" and prune_manifest["seed"] == 0
     assert prune_manifest["metrics"]["predicted_speedup"] >= 1.5 - 1e-6
-    report = json.loads((out / "5-eval" / "report.json").read_text())
+    report = json.loads((out / "6-eval" / "report.json").read_text())
     assert report["base"] is not None and report["models"][0]["measured_speedup"] > 0
+    export_manifest = json.loads((out / "5-export" / "zipkd.json").read_text())
+    assert export_manifest["stage"] == "export" and export_manifest["inputs"]["model"].endswith("3-recover")
+    assert (out / "5-export" / "model.gguf").read_bytes()[:4] == b"GGUF"
+    engine = json.loads((out / "6-eval" / "llama.cpp" / "report.json").read_text())
+    assert engine["models"][0]["engine"]["quantization"] == "q8_0"
+    assert engine["base"]["engine"]["quantization"] == "q8_0" and engine["models"][0]["measured_speedup"] > 0
+    assert "GGUF Q8_0 (llama.cpp)" in res.stdout
     state = json.loads((out / "pipeline.json").read_text())
-    assert all(state[s]["done"] for s in ("profile", "prune", "recover", "eval"))
+    assert all(state[s]["done"] for s in ("profile", "prune", "recover", "export", "eval"))
     pruned_mtime = (out / "2-prune" / "zipkd.json").stat().st_mtime
 
     res = runner.invoke(app, ["run", str(path)])
     assert res.exit_code == 0
-    assert res.stderr.count("skipped (unchanged)") == 4
+    assert res.stderr.count("skipped (unchanged)") == 5
     assert (out / "2-prune" / "zipkd.json").stat().st_mtime == pruned_mtime
 
     res = runner.invoke(app, ["run", str(path), "--from", "eval"])
     assert res.exit_code == 0
-    assert res.stderr.count("skipped (unchanged)") == 3 and "eval: running" in res.stderr
+    assert res.stderr.count("skipped (unchanged)") == 4 and "eval: running" in res.stderr
     assert (out / "2-prune" / "zipkd.json").stat().st_mtime == pruned_mtime
 
 
@@ -145,4 +156,4 @@ def test_run_killed_mid_recovery_resumes_and_matches_an_uninterrupted_run(tmp_pa
         a, b = _weights(out / stage), _weights(ref / stage)
         assert a.keys() == b.keys(), stage
         assert all(torch.equal(a[k], b[k]) for k in a), f"{stage} weights differ"
-    assert _scores(out / "5-eval" / "report.json") == _scores(ref / "5-eval" / "report.json")
+    assert _scores(out / "6-eval" / "report.json") == _scores(ref / "6-eval" / "report.json")

@@ -9,7 +9,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ from zipkd.evaluate.api import evaluate
 from zipkd.evaluate.report import Report, write_report
 from zipkd.export.api import export
 from zipkd.latency.profile import load_or_profile
+from zipkd.latency.runtimes import runtime_for
+from zipkd.latency.table import Regime
 from zipkd.manifest import build_manifest, content_hash, set_seed, write_manifest
 from zipkd.models.io import load_model, resolve_model
 from zipkd.outputs import atomic_dir, atomic_write_text
@@ -45,6 +47,7 @@ class RunSummary:
     recipe: Recipe
     stages: list[StageRun]
     report: Any = None  # zipkd.evaluate.report.Report of the eval stage
+    engine_report: Any = None  # the exported GGUF's report in llama.cpp, when there is an export stage
 
     @property
     def folder(self) -> Path:
@@ -112,13 +115,39 @@ def _quantize(recipe: Recipe, folder: Path, inputs: dict[str, Any], progress: An
 
 
 def _eval(recipe: Recipe, folder: Path, inputs: dict[str, Any], progress: Any) -> dict[str, Any]:
+    """The models in torch against the base (quality, perplexity, speed); when the export stage wrote a GGUF,
+    that file too, in llama.cpp against the base exported at the same type (`N-eval/llama.cpp/`)."""
+    regime = recipe.regime()
+    engine = not runtime_for(regime.runtime).torch
+    torch_regime = replace(regime, runtime="eager", quantization=None, threads=None) if engine else regime
     config = recipe.config(
-        "eval", device=recipe.hardware["device"], regime=recipe.regime(), base=str(recipe.model)
+        "eval", device=recipe.hardware["device"], regime=torch_regime, base=str(recipe.model)
     )
+    if config.runtime == "llama.cpp":
+        raise ZipkdError(
+            "the eval stage scores models in torch; llama.cpp scores come from the export stage's GGUF"
+        )
     models = list(dict.fromkeys([*inputs.get("family", []), inputs["model"]]))
-    report = evaluate(models, config, progress=progress)
-    write_report(report, folder, force=True)
-    return {"report": str(folder / "report.json")}
+    with atomic_dir(folder, force=True) as tmp:
+        report = evaluate(models, replace(config, runtime="torch"), progress=progress)
+        write_report(report, tmp, force=True)
+        outputs = {"report": str(folder / "report.json")}
+        if inputs.get("gguf"):
+            engine_regime = (
+                regime if engine else Regime(device="cpu", runtime="llama.cpp", seq_len=regime.seq_len)
+            )
+            quant = inputs.get("gguf_quantization") or engine_regime.quantization
+            engine_config = replace(
+                config,
+                runtime="llama.cpp",
+                quantization=quant,
+                threads=engine_regime.threads,
+                regime=replace(engine_regime, quantization=quant),
+            )
+            engine_report = evaluate([inputs["gguf"]], engine_config, progress=progress)
+            write_report(engine_report, tmp / "llama.cpp", force=True)
+            outputs["engine_report"] = str(folder / "llama.cpp" / "report.json")
+    return outputs
 
 
 def _export(recipe: Recipe, folder: Path, inputs: dict[str, Any], progress: Any) -> dict[str, Any]:
@@ -139,7 +168,7 @@ def _export(recipe: Recipe, folder: Path, inputs: dict[str, Any], progress: Any)
                 {"export": {"arch": result.arch, "quantization": result.quantization}},
             ),
         )
-    return {"gguf": str(folder / f"model.{config.format}")}
+    return {"gguf": str(folder / f"model.{config.format}"), "gguf_quantization": result.quantization}
 
 
 RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
@@ -207,10 +236,21 @@ def run_recipe(
             if on_stage:
                 on_stage(stage, f"done in {time.perf_counter() - t0:.0f} s")
         for k, v in runs[-1].outputs.items():
-            if k in ("model", "table", "family", "report", "unquantized", "gguf"):
+            if k in (
+                "model",
+                "table",
+                "family",
+                "report",
+                "unquantized",
+                "gguf",
+                "gguf_quantization",
+                "engine_report",
+            ):
                 inputs[k] = v
         upstream = key
     summary = RunSummary(recipe, runs)
     if "report" in inputs:
         summary.report = Report.load(inputs["report"])
+    if "engine_report" in inputs:
+        summary.engine_report = Report.load(inputs["engine_report"])
     return summary

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from zipkd.errors import ZipkdError
 from zipkd.evaluate.api import EvalConfig
 from zipkd.export.api import ExportConfig
 from zipkd.latency.profile import METHODS as PROFILE_METHODS
 from zipkd.latency.table import Regime
-from zipkd.models.io import DTYPES
 from zipkd.prune.api import PruneConfig
 from zipkd.quantize.api import QuantizeConfig
 from zipkd.recover.api import RecoverConfig
@@ -186,22 +187,17 @@ SCHEMAS: dict[str, StageSchema] = {
             retired={"lora": "write `method: lora` (or `method: full`)"},
         ),
         StageSchema("quantize", QuantizeConfig, fixed=("device",), optional=True, off_when_null="method"),
+        StageSchema("export", ExportConfig, optional=True),
         StageSchema(
             "eval",
             EvalConfig,
             fixed=("device", "regime", "base"),
             aliases={"speed_repeats": "repeats"},
         ),
-        StageSchema("export", ExportConfig, optional=True),
     )
 }
 STAGES = tuple(SCHEMAS)
 HARDWARE = StageSchema("hardware", Regime)
-# Checks the Regime dataclass does not (yet) make itself.
-_HARDWARE_CHECKS = {
-    "device": lambda v: None if v == "cpu" or v.startswith("cuda") else "must be cpu or cuda[:N]",
-    "dtype": lambda v: None if v in DTYPES else f"must be {_choices_text(DTYPES)}",
-}
 _TOP = {
     "model": (str, "smollm2-135m"),
     "output": (str, None),
@@ -239,8 +235,6 @@ class Recipe:
 
 def _line_map(text: str) -> dict[tuple[str, ...], int]:
     """Map key paths to 1-based line numbers using PyYAML's node marks."""
-    import yaml
-
     lines: dict[tuple[str, ...], int] = {}
 
     def walk(node: Any, path: tuple[str, ...]) -> None:
@@ -271,8 +265,6 @@ def _where_else(schema: StageSchema, key: str) -> str:
 
 def parse_recipe(text: str, source: Path | None = None, base_dir: Path | None = None) -> Recipe:
     """Validate a recipe; raise one ZipkdError listing every problem with its line."""
-    import yaml
-
     where = str(source) if source else "recipe"
     try:
         data = yaml.safe_load(text)
@@ -291,7 +283,7 @@ def parse_recipe(text: str, source: Path | None = None, base_dir: Path | None = 
             f"{where}:{line}: {'.'.join(path)}: {msg}" if line else f"{where}: {'.'.join(path)}: {msg}"
         )
 
-    def check(schema: StageSchema, values: Any, extra: dict | None = None) -> dict[str, Any]:
+    def check(schema: StageSchema, values: Any) -> dict[str, Any]:
         """The section's values (every key, defaults filled), reporting each bad key."""
         keys = schema.keys()
         out = {k: default_of(schema.config, p) for k, p in keys.items()}
@@ -323,9 +315,7 @@ def parse_recipe(text: str, source: Path | None = None, base_dir: Path | None = 
                 ok = False
                 continue
             choices = f.metadata.get("choices")
-            msg = (extra or {}).get(name, lambda _v: None)(v) if v is not None else None
-            if msg is None and choices is not None and v not in choices:
-                msg = f"must be {_choices_text(choices)}"
+            msg = f"must be {_choices_text(choices)}" if choices is not None and v not in choices else None
             if msg is None:
                 try:  # the dataclass's own checks, one key at a time so the error has the key's line
                     build_config(schema, {name: v})
@@ -356,7 +346,7 @@ def parse_recipe(text: str, source: Path | None = None, base_dir: Path | None = 
             err((k,), f"must be {typ.__name__}, got {data[k]!r}")
     if not data.get("output"):
         err(("output",), "missing: the folder where every stage writes its output")
-    hardware = check(HARDWARE, data.get("hardware"), _HARDWARE_CHECKS)
+    hardware = check(HARDWARE, data.get("hardware"))
     sections: dict[str, dict[str, Any] | None] = {}
     for stage, schema in SCHEMAS.items():
         given = data.get(stage)

@@ -42,13 +42,14 @@ def export(
     written as llama.cpp's `deci` architecture with per-layer arrays. The tokenizer (vocabulary, merges, special
     tokens, chat template) is carried and checked: llama.cpp must tokenize as the Hugging Face tokenizer does.
     Serve the file with `python -m llama_cpp.server --model FILE` or llama.cpp's own tools."""
-    from zipkd.export.api import ExportConfig, check_file_output
+    from zipkd.export.api import ExportConfig, check_file_output, precheck
     from zipkd.export.api import export as run_export
     from zipkd.models.io import load_model, resolve_model
 
     config = ExportConfig(format=fmt, quantization=quantization, threads=threads)
     src = resolve_model(model)
     out = check_file_output(output, force, (src,))  # before loading anything
+    precheck(src)
     lm = load_model(model, dtype="float32", device="cpu")
     with progress(transient=True) as bar:
         bar.add_task(f"exporting {config.quantization} GGUF", total=None)

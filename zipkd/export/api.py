@@ -1,8 +1,8 @@
 """Python API: `export(lm, ExportConfig(quantization="q8_0"), "model.gguf")` writes a GGUF that llama.cpp
 runs. Formats are a registry (`FORMATS`); GGUF is the one there is today.
 
-    from zipkd import load_model, export, ExportConfig
-    export(load_model("out/pruned/2x"), ExportConfig(quantization="q8_0"), "pruned-2x-q8_0.gguf")
+    from zipkd import ExportConfig, export_model, load_model
+    export_model(load_model("out/pruned/2x"), ExportConfig(quantization="q8_0"), "pruned-2x-q8_0.gguf")
 """
 
 from __future__ import annotations
@@ -17,6 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from zipkd.errors import ZipkdError
+from zipkd.export.gguf import _hf_ids, choose_arch, hparams, plan_layers, probe_texts, write_f32
+from zipkd.manifest import build_manifest
+from zipkd.models.adapters import adapter_for
+from zipkd.models.io import read_config, resolve_model
+from zipkd.models.surgery import base_geometry, layer_shapes
+from zipkd.runtimes.llamacpp import gguf_metadata, llama_cpp_module, open_model, parse_ftype, quantize_gguf
 
 MANIFEST_KEY = "zipkd.manifest"  # the export's manifest, as a JSON string inside the GGUF
 
@@ -31,8 +37,6 @@ class ExportConfig:
     check: bool = True  # after writing, check llama.cpp loads the file and tokenizes like Hugging Face
 
     def __post_init__(self) -> None:
-        from zipkd.runtimes.llamacpp import parse_ftype
-
         if self.format not in FORMATS:
             raise ZipkdError(f"unknown export format {self.format!r}; choose one of {', '.join(FORMATS)}")
         self.quantization = parse_ftype(self.quantization)
@@ -77,17 +81,16 @@ def check_file_output(out: str | os.PathLike, force: bool, inputs: tuple[Path, .
 def export_gguf(lm: Any, config: ExportConfig, out: str | os.PathLike, force: bool = False) -> ExportResult:
     """Write `lm` (a LoadedModel) as a GGUF file at `out`, atomically: f32 with the `gguf` package, then
     llama.cpp's quantizer for any other type; the manifest goes into the file's metadata."""
-    from zipkd.export.gguf import plan_layers, write_f32
-    from zipkd.manifest import build_manifest
-    from zipkd.models.surgery import base_geometry, layer_shapes
-    from zipkd.runtimes.llamacpp import llama_cpp_module, quantize_gguf
-
     src = getattr(lm, "path", None)
     out = check_file_output(out, force, (Path(src),) if src else ())
     llama_cpp_module()  # fail before any work when llama.cpp is missing
+    if getattr(lm, "tokenizer", None) is None:
+        raise ZipkdError("GGUF export needs the model's tokenizer (llama.cpp carries it in the file)")
     model = lm.model
     geo = base_geometry(model.config)
     layers = plan_layers(layer_shapes(model), geo.group_size, geo.num_heads)
+    choose_arch(adapter_for(model.config).family, layers)  # no GGUF mapping: refused before any work
+    hparams(model.config)
     manifest = build_manifest(
         "export", {"model": src}, config, None, {"gguf_layers": len(layers)}, {"export": {"format": "gguf"}}
     )
@@ -116,11 +119,22 @@ def export_gguf(lm: Any, config: ExportConfig, out: str | os.PathLike, force: bo
     return ExportResult(out, arch, config.quantization, out.stat().st_size, [asdict(lay) for lay in layers])
 
 
+def precheck(spec: str | os.PathLike) -> None:
+    """From a model folder's config.json alone (nothing loaded): refuse an architecture or layout that has no
+    GGUF mapping, in a second."""
+    path = resolve_model(spec)
+    if path.suffix == ".gguf":
+        return
+    cfg = read_config(path)
+    family = cfg.get("model_type")
+    shapes = cfg.get("zipkd_layers") or [{"kv_heads": 1, "intermediate": 1}]
+    kv = cfg.get("num_key_value_heads") or cfg.get("num_attention_heads") or 1
+    group = max(1, (cfg.get("num_attention_heads") or kv) // kv)
+    choose_arch(family, plan_layers(shapes, group, group * kv))
+
+
 def check_export(path: Path, tokenizer: Any) -> None:
     """llama.cpp opens the written file and tokenizes the probe texts exactly as the Hugging Face tokenizer."""
-    from zipkd.export.gguf import _hf_ids, probe_texts
-    from zipkd.runtimes.llamacpp import open_model
-
     with open_model(path, n_ctx=64) as em:
         if tokenizer is None:
             return
@@ -132,8 +146,6 @@ def check_export(path: Path, tokenizer: Any) -> None:
 
 
 def read_export_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
-    from zipkd.runtimes.llamacpp import gguf_metadata
-
     meta = gguf_metadata(path, keys=(MANIFEST_KEY,))
     try:
         return json.loads(meta[MANIFEST_KEY]) if MANIFEST_KEY in meta else None

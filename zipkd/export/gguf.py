@@ -25,7 +25,14 @@ from typing import Any
 
 import numpy as np
 
+from zipkd.data.assets import heldout_text_path
+from zipkd.data.text import load_texts
 from zipkd.errors import ZipkdError
+from zipkd.models.adapters import adapter_for
+from zipkd.models.surgery import base_geometry, layer_shapes
+from zipkd.outputs import atomic_write_text
+from zipkd.paths import cache_dir
+from zipkd.runtimes.llamacpp import open_model
 
 STUB_FF = 32  # channels of the zero MLP that stands in for a removed MLP behind a kept attention block
 # Families and their llama.cpp architecture for uniform layouts; `permute`: Q/K rows need llama.cpp's rotary
@@ -150,9 +157,6 @@ def _np(t: Any) -> np.ndarray:
 
 def tensors(model: Any, layers: Sequence[GGUFLayer], arch: str) -> Iterator[tuple[str, np.ndarray]]:
     """(GGUF name, float32 array) for every tensor of the model in llama.cpp's naming; zero stubs included."""
-    from zipkd.models.adapters import adapter_for
-    from zipkd.models.surgery import base_geometry
-
     cfg = model.config
     ad = adapter_for(cfg)
     geo = base_geometry(cfg)
@@ -234,8 +238,6 @@ class Hparams:
 
 
 def hparams(config: Any) -> Hparams:
-    from zipkd.models.surgery import base_geometry
-
     geo = base_geometry(config)
     rope = getattr(config, "rope_parameters", None) or {}
     scaling = getattr(config, "rope_scaling", None) or {}
@@ -380,9 +382,6 @@ def probe_texts() -> list[str]:
         "URL https://example.com/a/b?c=d&e=f#g and email a.b@c.de",
     ]
     try:
-        from zipkd.data.assets import heldout_text_path
-        from zipkd.data.text import load_texts
-
         texts += [t[:600] for t in load_texts(heldout_text_path())[:40]]
     except Exception:  # noqa: BLE001 - the fixed probes alone still check the tokenizer
         pass
@@ -400,8 +399,6 @@ def detect_pre(tokenizer: Any, vocab: Vocab, n_vocab: int, texts: Sequence[str] 
         return None
     import hashlib
 
-    from zipkd.paths import cache_dir
-
     texts = list(texts or probe_texts())
     digest = hashlib.sha256((vocab.folder / "tokenizer.json").read_bytes()).hexdigest()[:16]
     cache = cache_dir() / "gguf-pre" / f"{digest}.json"
@@ -418,8 +415,6 @@ def detect_pre(tokenizer: Any, vocab: Vocab, n_vocab: int, texts: Sequence[str] 
             write_vocab_only(path, vocab, n_vocab)
             if engine_tokenizes_like(path, texts, want):
                 cache.parent.mkdir(parents=True, exist_ok=True)
-                from zipkd.outputs import atomic_write_text
-
                 atomic_write_text(cache, json.dumps({"pre": pre}) + "\n")
                 return pre
     vocab.pre = None
@@ -443,8 +438,6 @@ def write_vocab_only(path: Path, vocab: Vocab, n_vocab: int) -> None:
 
 
 def engine_tokenizes_like(path: Path, texts: Sequence[str], want: Sequence[Sequence[int]]) -> bool:
-    from zipkd.runtimes.llamacpp import open_model
-
     try:
         em = open_model(path, vocab_only=True, n_ctx=64)
     except ZipkdError:
@@ -509,9 +502,6 @@ def write_f32(
     extra: dict[str, str] | None = None,
 ) -> str:
     """Write the model as an f32 GGUF at `path`; returns the llama.cpp architecture used."""
-    from zipkd.models.adapters import adapter_for
-    from zipkd.models.surgery import base_geometry, layer_shapes
-
     cfg = model.config
     ad = adapter_for(cfg)
     geo = base_geometry(cfg)

@@ -27,9 +27,26 @@ from pathlib import Path
 from typing import Any
 
 from zipkd.errors import ZipkdError
+from zipkd.export.gguf import choose_arch, hparams, plan_layers, random_tensors, read_vocab, write_gguf
+from zipkd.latency.profile import block_entries, mlp_grid, model_fingerprint
 from zipkd.latency.table import LatencyTable, Regime
+from zipkd.latency.validate import ValidationReport, VariantResult, random_shapes
+from zipkd.manifest import cpu_model
+from zipkd.models.adapters import adapter_for
+from zipkd.models.surgery import base_geometry, layer_shapes
+from zipkd.runtimes.llamacpp import (
+    build_info,
+    compare,
+    context_size,
+    default_threads,
+    llama_cpp_module,
+    open_model,
+    parse_ftype,
+    quantize_gguf,
+    timer,
+)
 
-PROFILER_VERSION = 1
+PROFILER_VERSION = 2
 CHUNK = 8  # models open and timed round-robin at once (dense included)
 
 
@@ -41,9 +58,6 @@ def scratch_dir() -> Path:
 
 def fingerprint(regime: Regime) -> dict[str, Any]:
     """Where a llama.cpp table was measured: CPU, threads, llama.cpp build, quantization type."""
-    from zipkd.manifest import cpu_model
-    from zipkd.runtimes.llamacpp import build_info, default_threads, parse_ftype
-
     info = build_info()
     return {
         "device": "cpu",
@@ -59,8 +73,6 @@ def fingerprint(regime: Regime) -> dict[str, Any]:
 
 
 def check_regime(regime: Regime) -> None:
-    from zipkd.runtimes.llamacpp import llama_cpp_module, parse_ftype
-
     if str(regime.device).split(":")[0] != "cpu":
         raise ZipkdError("--runtime llama.cpp runs on the CPU here; use --device cpu")
     if regime.batch != 1:
@@ -73,10 +85,6 @@ class ModelBuilder:
     """Writes timing GGUFs of a model's architecture at any per-layer shapes, quantized to one type."""
 
     def __init__(self, lm: Any, regime: Regime, folder: Path):
-        from zipkd.export.gguf import hparams, read_vocab
-        from zipkd.models.adapters import adapter_for
-        from zipkd.models.surgery import base_geometry
-
         model = lm.model if hasattr(lm, "model") else lm
         cfg = model.config
         self.family = adapter_for(cfg).family
@@ -97,9 +105,6 @@ class ModelBuilder:
         self.count = 0
 
     def build(self, shapes: Sequence[tuple[int, int]]) -> Path:
-        from zipkd.export.gguf import choose_arch, plan_layers, random_tensors, write_gguf
-        from zipkd.runtimes.llamacpp import parse_ftype, quantize_gguf
-
         layers = plan_layers(
             [{"kv_heads": k, "intermediate": w} for k, w in shapes], self.geo.group_size, self.geo.num_heads
         )
@@ -117,16 +122,12 @@ class ModelBuilder:
 
 
 def _open(path: Path, regime: Regime):
-    from zipkd.runtimes.llamacpp import context_size, open_model
-
     n_ctx = context_size(regime.regime, regime.seq_len, regime.context, regime.decode_tokens)
     n_batch = regime.seq_len if regime.regime == "prefill" else max(regime.context, 32)
     return open_model(path, threads=regime.threads, n_ctx=n_ctx, n_batch=n_batch)
 
 
 def _measure(regime: Regime):
-    from zipkd.runtimes.llamacpp import timer
-
     return timer(regime.regime, regime.seq_len, regime.context, regime.decode_tokens)
 
 
@@ -140,8 +141,6 @@ def time_models(
 ) -> tuple[list[float], float]:
     """Median ms of each model (per-layer shapes), timed round-robin with the dense model in chunks, each chunk
     rescaled to the median dense time over all chunks; returns (times, dense ms)."""
-    from zipkd.runtimes.llamacpp import compare
-
     L, K, W = builder.geo.num_layers, builder.geo.num_kv_heads, builder.geo.intermediate_size
     dense_path = builder.build([(K, W)] * L)
     measure = _measure(regime)
@@ -177,9 +176,6 @@ def profile_llamacpp(
     max_levels: int = 16,
 ) -> LatencyTable:
     """Measure a latency table in llama.cpp for this (unpruned) model (see the module docstring)."""
-    from zipkd.latency.profile import block_entries, mlp_grid, model_fingerprint
-    from zipkd.models.surgery import base_geometry, layer_shapes
-
     t_start = time.perf_counter()
     check_regime(regime)
     model = lm.model if hasattr(lm, "model") else lm
@@ -279,9 +275,6 @@ def validate_llamacpp(
 ):
     """Random pruned layouts (as `zipkd.latency.validate.random_shapes` draws them), each written as the GGUF
     zipkd's export makes and timed round-robin with the dense GGUF in llama.cpp: predicted vs measured."""
-    from zipkd.latency.validate import ValidationReport, VariantResult, random_shapes
-    from zipkd.models.surgery import base_geometry
-
     regime = table.regime
     check_regime(regime)
     if n < 1:
@@ -337,8 +330,6 @@ def measure_files(
     paths: Sequence[str | os.PathLike], regime: Regime, warmup: int = 1, repeats: int = 5
 ) -> list[dict[str, Any]]:
     """Time GGUF files round-robin in the regime: median ms and every sample, per file."""
-    from zipkd.runtimes.llamacpp import compare
-
     check_regime(regime)
     models = [_open(Path(p), regime) for p in paths]
     try:
