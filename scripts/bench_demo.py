@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from zipkd.paths import cache_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 1800.0
 MIN_SPEEDUP = 1.5
@@ -40,9 +42,6 @@ def _log(msg: str) -> None:
 
 def fresh_cache(base: Path) -> Path:
     """A zipkd cache with the converted embedded model and the exported data only (links to the user's cache)."""
-    sys.path.insert(0, str(ROOT))
-    from zipkd.paths import cache_dir
-
     src = cache_dir()
     cache = base / "cache"
     cache.mkdir(parents=True)
@@ -102,7 +101,7 @@ def main() -> int:
 
     base = args.keep or Path(tempfile.mkdtemp(prefix="zipkd-bench-demo-"))
     base.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "ZIPKD_CACHE": str(fresh_cache(base)), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "ZIPKD_CACHE": str(fresh_cache(base))}
     res: dict = {"recipe": str(args.recipe), "folder": str(base), "misses": []}
 
     # ---- run A: the demo, from an empty table/rewrite cache
@@ -117,7 +116,7 @@ def main() -> int:
         print(f"bench_demo: run A failed (exit {rc}); log {base / 'A.log'}", file=sys.stderr)
         return 1
     state = json.loads((a / "pipeline.json").read_text())
-    report_a = json.loads((a / "5-eval" / "report.json").read_text())
+    report_a = json.loads((a / "6-eval" / "report.json").read_text())
     rec = next(m for m in report_a["models"] if m.get("stage") == "recover")
     res["A"] = {
         "wall_s": round(wall_a, 1),
@@ -167,7 +166,7 @@ def main() -> int:
         skipped = [s for s in ("profile", "prune") if f"{s}: skipped (unchanged)" in log_b]
         same_pruned = safetensors_equal(a / "2-prune", b / "2-prune")
         same_recovered = safetensors_equal(a / "3-recover", b / "3-recover")
-        scores_b = scores(json.loads((b / "5-eval" / "report.json").read_text()))
+        scores_b = scores(json.loads((b / "6-eval" / "report.json").read_text()))
         same_scores = scores_b == res["A"]["scores"]
         res["B"] = {
             "rerun_wall_s": round(wall_b, 1),

@@ -226,8 +226,7 @@ def main() -> int:
     from zipkd.data.assets import heldout_text_path
     from zipkd.data.text import load_texts
     from zipkd.manifest import hardware_fingerprint
-    from zipkd.models.embedded import embedded_folder
-    from zipkd.models.io import load_model
+    from zipkd.models.io import embedded_folder, load_model
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

@@ -35,7 +35,7 @@ def _alarm(_sig, _frame):
 
 
 def build_model(smoke: bool, layers: int, device: str, dtype):
-    from zipkd.models.tiny import random_llama
+    from zipkd.models.tiny import LLAMA3_8B, random_llama
 
     if smoke:
         shape = dict(
@@ -50,15 +50,7 @@ def build_model(smoke: bool, layers: int, device: str, dtype):
         )
     else:
         shape = dict(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-            num_hidden_layers=layers,
-            vocab_size=128256,
-            max_position_embeddings=8192,
-            tie_word_embeddings=False,
+            LLAMA3_8B, num_hidden_layers=layers, max_position_embeddings=8192, tie_word_embeddings=False
         )
     # Timing does not depend on the values; the default initialisation's scale keeps activations finite.
     return random_llama(0, weight_std=0.02, device=device, dtype=dtype, **shape)

@@ -116,6 +116,7 @@ def run(args, t_start: float) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from zipkd.latency.table import Regime
+    from zipkd.models.tiny import LLAMA3_8B
     from zipkd.prune import PruneConfig
     from zipkd.prune.api import _auto_chunk
     from zipkd.prune.driver import apply_choice, build_database, capture_inputs, collect_fisher
@@ -142,15 +143,7 @@ def run(args, t_start: float) -> None:
         )
         samples, seq = 4, 128
     else:
-        shape = dict(
-            hidden_size=4096,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-            intermediate_size=14336,
-            num_hidden_layers=args.layers,
-            vocab_size=128256,
-        )
+        shape = dict(LLAMA3_8B, num_hidden_layers=args.layers)
         samples, seq = args.samples, args.calib_len
     cfg = AutoConfig.for_model("llama", max_position_embeddings=8192, rope_theta=500000.0, **shape)
     RESULT.update(config=shape, calibration={"samples": samples, "seq_len": seq})

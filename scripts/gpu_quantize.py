@@ -31,19 +31,9 @@ T0 = time.perf_counter()
 # Most informative first: a short budget drops the tail. fp32 is the bf16 weights upcast (no folder of its own).
 # quanto-int4 goes last: on CUDA it may try to compile quanto's extension (it overran a 75 s budget before).
 VARIANTS = ("bf16", "bnb-nf4", "bnb-int8", "quanto-int8", "bnb-fp4", "fp32", "quanto-int4")
-SMOLLM2 = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    head_dim=64,
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
-    rope_theta=100000.0,
-    tie_word_embeddings=True,
-)
+SMOLLM2_EXTRA = dict(
+    max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0
+)  # beside the geometry
 TINY = dict(
     vocab_size=512,
     hidden_size=64,
@@ -181,10 +171,11 @@ def main() -> int:
     from zipkd.latency.measure import compare_ms
     from zipkd.latency.table import Regime
     from zipkd.models.io import LoadedModel, load_model, save_model
+    from zipkd.models.tiny import SMOLLM2_135M
     from zipkd.quantize.api import QuantizeConfig, disk_bytes, quantize, tensor_bytes
 
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model("llama", **(TINY if args.smoke else SMOLLM2))
+    cfg = AutoConfig.for_model("llama", **(TINY if args.smoke else {**SMOLLM2_135M, **SMOLLM2_EXTRA}))
     base = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     src = save_model(base.to(getattr(torch, dtype_name)), None, tmp / "src", stage="gpu-base")
     del base

@@ -22,17 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-SMOL = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    head_dim=64,
-    max_position_embeddings=2048,
-    tie_word_embeddings=True,
-)
 SMOKE = dict(
     vocab_size=512,
     hidden_size=64,
@@ -123,12 +112,12 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from zipkd.models.tiny import char_tokenizer
+    from zipkd.models.tiny import SMOLLM2_135M, char_tokenizer
     from zipkd.recover.data import Example, RewriteSettings, self_distill
     from zipkd.recover.train import TrainConfig, train
 
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
-    shape = SMOKE if args.smoke else SMOL
+    shape = SMOKE if args.smoke else dict(SMOLLM2_135M, max_position_embeddings=2048)
     seq, batch = (64, 4) if args.smoke else (512, 16)
     out: dict = {
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",

@@ -57,9 +57,9 @@ def test_verbs_survive_importing_the_stage_packages():
 
 def test_import_zipkd_is_lean_and_reads_quantized_folders():
     code = (
-        "import sys, zipkd; from zipkd.models import io; "
+        "import sys, zipkd; from zipkd.models import formats; "
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules), "
-        "'zipkd_quantization' in io._FORMATS)"
+        "'zipkd_quantization' in formats.FORMATS)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[] True"

@@ -31,6 +31,7 @@ from zipkd.latency.profile import (
     uniform_model,
     without_layers,
 )
+from zipkd.latency.runtimes import module_quantizer
 from zipkd.latency.table import LatencyTable, Regime
 from zipkd.latency.validate import build_variant, random_shapes, validate_table
 from zipkd.models.surgery import layer_shapes
@@ -280,6 +281,24 @@ def test_bad_devices_and_regimes():
         Regime(batch=0)
     with pytest.raises(ZipkdError, match="regime"):
         Regime(regime="train")
+    for bad, match in [
+        ({"device": "tpu"}, "unknown device"),
+        ({"device": "cuda:x"}, "unknown device"),
+        ({"dtype": "int8"}, "unknown dtype"),
+        ({"runtime": "onnx"}, "unknown runtime"),
+    ]:
+        with pytest.raises(ZipkdError, match=match):
+            Regime(**bad)
+    assert Regime(device="cuda:1", dtype="bfloat16", runtime="cudagraphs").device == "cuda:1"  # format only
+
+
+def test_quantized_regime_times_quantized_blocks(tiny_llama):
+    """A torch regime's `quantization` reaches the latency layer through the quantizer `zipkd.quantize`
+    registers (the latency layer imports no quantizer)."""
+    assert module_quantizer(None) is None
+    tab = profile_model(tiny_llama, Regime(seq_len=8, quantization="quanto-int8"), widths=[48], **FAST)
+    assert tab.regime.quantization == "quanto-int8" and tab.dense_ms() > 0
+    assert tab.fingerprint["quantization"] == "quanto-int8"
 
 
 def test_pruned_model_shares_base_fingerprint(tiny_llama):

@@ -13,6 +13,7 @@ from zipkd.errors import ZipkdError
 from zipkd.latency.table import LatencyTable, Regime
 from zipkd.models.tiny import char_tokenizer, random_llama
 from zipkd.prune import PruneConfig, prune, save_pruned
+from zipkd.prune.methods import method_help
 
 HIDDEN, INTER, HEADS, KV, HEAD_DIM, LAYERS = 32, 64, 4, 2, 8, 3
 
@@ -312,6 +313,8 @@ def test_cli(tmp_path):
     assert res.exit_code == 1 and "largest reachable speedup" in res.stderr
     res = runner.invoke(app, ["prune", *base, "--method", "nope", "-o", str(tmp_path / "x")])
     assert res.exit_code == 2
+    res = runner.invoke(app, ["prune", "--help"], env={"COLUMNS": "400"})
+    assert res.exit_code == 0 and method_help() in res.output  # the help text is the registry's
     (tmp_path / "empty.txt").write_text("\n")
     res = runner.invoke(
         app, ["prune", *base[:-6], "--calib", str(tmp_path / "empty.txt"), "-o", str(tmp_path / "x")]

@@ -383,7 +383,7 @@ def test_cli_quantize(tmp_path):
     from typer.testing import CliRunner
 
     from zipkd.cli import app
-    from zipkd.models.embedded import embedded_folder
+    from zipkd.models.io import embedded_folder
 
     runner = CliRunner()
     src = save_model(

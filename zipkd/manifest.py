@@ -14,6 +14,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 MANIFEST = "zipkd.json"
 SCHEMA_VERSION = 1
 _PACKAGES = (
@@ -78,8 +81,6 @@ def cpu_model() -> str:
 
 def hardware_fingerprint() -> dict[str, Any]:
     """What the numbers were measured on: CPU model and threads, GPU and driver when present."""
-    import torch
-
     hw: dict[str, Any] = {
         "platform": platform.platform(),
         "cpu": cpu_model(),
@@ -98,9 +99,6 @@ def hardware_fingerprint() -> dict[str, Any]:
 
 def set_seed(seed: int | None) -> int:
     """Seed python, numpy and torch; return the seed actually used (drawn when None)."""
-    import numpy as np
-    import torch
-
     if seed is None:
         seed = random.SystemRandom().randrange(2**31)
     random.seed(seed)

@@ -136,7 +136,8 @@ def info(
 def setup() -> None:
     """Prepare the offline assets: convert the embedded model and export the local data (run once)."""
     from zipkd.data.assets import ensure_data
-    from zipkd.models.embedded import DEFAULT_MODEL, embedded_folder
+    from zipkd.models.embedded import DEFAULT_MODEL
+    from zipkd.models.io import embedded_folder
 
     with console.status("converting the embedded model (once)…"):
         folder = embedded_folder(DEFAULT_MODEL)

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from typer.core import TyperCommand
 
 from zipkd.cli.app import app
 from zipkd.cli.common import (
@@ -34,11 +35,19 @@ from zipkd.cli.common import (
 _REGIME = REGIME_PANEL
 _CALIB = "Calibration"
 _SEARCH = "Method"
-METHODS_HELP = (
-    "zipkd (structured OBS + DP search), or a baseline through the same path: magnitude (uniform "
-    "width by weight norm), shortgpt (drop layers by block influence), wanda-sp (|W|·‖x‖ scores, "
-    "no weight update)."
-)
+
+
+class _PruneCommand(TyperCommand):
+    """Takes --method's help from the method registry when the help is shown: the registry imports torch,
+    which `zipkd --help` must not wait for."""
+
+    def format_help(self, ctx, formatter) -> None:
+        from zipkd.prune.methods import method_help
+
+        for param in self.params:
+            if param.name == "method":
+                param.help = f"Pruning method: {method_help()}."
+        super().format_help(ctx, formatter)
 
 
 def _targets(value: str) -> list[float]:
@@ -49,14 +58,14 @@ def _targets(value: str) -> list[float]:
 
 
 def _method(value: str) -> str:
-    from zipkd.prune.database import METHODS
+    from zipkd.prune.methods import METHODS
 
     if value not in METHODS:
         raise typer.BadParameter(f"unknown method {value!r}; choose one of {', '.join(METHODS)}")
     return value
 
 
-@app.command(name="prune", rich_help_panel="Pipeline")
+@app.command(name="prune", cls=_PruneCommand, rich_help_panel="Pipeline")
 @cli_errors
 def prune(
     model: ModelArg = "smollm2-135m",
@@ -113,7 +122,9 @@ def prune(
     damp: Annotated[
         float, typer.Option(help="Hessian damping λ (× mean diagonal).", rich_help_panel=_SEARCH)
     ] = 0.01,
-    method: Annotated[str, typer.Option(help=METHODS_HELP, rich_help_panel=_SEARCH)] = "zipkd",
+    method: Annotated[
+        str, typer.Option(help="Pruning method (listed in `zipkd prune --help`).", rich_help_panel=_SEARCH)
+    ] = "zipkd",
     fisher_samples: Annotated[
         int,
         typer.Option(

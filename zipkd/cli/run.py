@@ -46,18 +46,18 @@ def engine_table(torch_report, engine_report) -> Table:
     """The exported GGUF in llama.cpp beside the dense GGUF at the same type and the dense torch model: speed,
     held-out perplexity, task scores and size."""
     base_t = torch_report.base if torch_report is not None else None
-    rows = [("dense (torch fp32, eager)", base_t, None)] if base_t is not None else []
+    rows = [("dense, torch fp32 eager", base_t, None)] if base_t is not None else []
     q = next((m.engine or {} for m in engine_report.all_models() if m.engine), {}).get("quantization")
     q = (q or "").upper()
     if engine_report.base is not None:
-        rows.append((f"dense GGUF {q} (llama.cpp)", engine_report.base, "llama.cpp"))
-    rows += [(f"{m.stage or m.name} GGUF {q} (llama.cpp)", m, "llama.cpp") for m in engine_report.models]
+        rows.append((f"dense, llama.cpp {q}", engine_report.base, "llama.cpp"))
+    rows += [(f"{m.stage or m.name}, llama.cpp {q}", m, "llama.cpp") for m in engine_report.models]
     t = Table(title="zipkd run: the exported GGUF in llama.cpp, beside the dense models")
     for col in (
         "model",
         "decode tok/s",
         "prefill ms",
-        "speedup vs dense GGUF",
+        "speedup",
         "perplexity",
         *engine_report.tasks,
         "MiB",

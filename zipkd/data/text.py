@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from zipkd.errors import ZipkdError
 
 TEXT_FIELDS = ("text", "content", "passage", "document")
@@ -65,8 +67,6 @@ def load_texts(path: str | os.PathLike) -> list[str]:
 
 def token_stream(tokenizer: Any, texts: list[str]):
     """Concatenate tokenized documents, separated by EOS, into one 1-D LongTensor."""
-    import torch
-
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for t in texts:
@@ -78,8 +78,6 @@ def token_stream(tokenizer: Any, texts: list[str]):
 
 def calibration_batch(tokenizer: Any, texts: list[str], n_samples: int, seq_len: int, seed: int):
     """`n_samples` windows of `seq_len` tokens at seeded random offsets of the token stream."""
-    import torch
-
     if n_samples < 1 or seq_len < 2:
         raise ZipkdError("calibration needs at least 1 sample of at least 2 tokens")
     stream = token_stream(tokenizer, texts)

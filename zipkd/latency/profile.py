@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from zipkd.errors import ZipkdError
 from zipkd.latency.measure import (
@@ -57,8 +58,21 @@ from zipkd.latency.measure import (
     restore_cache,
     snapshot_cache,
 )
-from zipkd.latency.runtimes import runtime_for
-from zipkd.latency.table import DEVICE_KEYS, MODEL_KEYS, LatencyTable, Regime
+from zipkd.latency.runtimes import module_quantizer, runtime_for
+from zipkd.latency.table import DEVICE_KEYS, MODEL_KEYS, LatencyTable, Regime, check_device
+from zipkd.manifest import cpu_model
+from zipkd.models.adapters import adapter_for
+from zipkd.models.io import torch_dtype
+from zipkd.models.surgery import (
+    base_geometry,
+    kv_heads_of,
+    remove_attention,
+    remove_mlp,
+    slice_attention,
+    slice_mlp,
+    width_of,
+)
+from zipkd.paths import cache_dir
 
 PROFILER_VERSION = 5  # part of the cache key: bump when the method changes
 METHODS = ("blocks", "anchored", "in-model")
@@ -71,10 +85,7 @@ GPU_SAMPLE_MS = 3.0  # a GPU layer-timing sample runs the layer back to back for
 
 def parse_device(device: str) -> torch.device:
     """Validate a device string: `cpu`, `cuda` or `cuda:N` (the GPU must exist)."""
-    text = str(device).strip().lower()
-    if text != "cpu" and not (text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())):
-        raise ZipkdError(f"unknown device {device!r}; choose cpu or cuda (cuda:N)")
-    dev = torch.device(text)
+    dev = torch.device(check_device(device))
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ZipkdError(
@@ -87,9 +98,6 @@ def parse_device(device: str) -> torch.device:
 
 def model_fingerprint(config: Any) -> dict[str, Any]:
     """Shape of the *base* architecture (a pruned model's base, so its table is the base model's)."""
-    from zipkd.models.adapters import adapter_for
-    from zipkd.models.surgery import base_geometry
-
     adapter_for(config)
     geo = base_geometry(config)
     return {
@@ -107,8 +115,6 @@ def model_fingerprint(config: Any) -> dict[str, Any]:
 def device_fingerprint(regime: Regime, strict: bool = True) -> dict[str, Any]:
     """Where the table is measured: device type and name (CPU model or GPU), driver, threads, torch version,
     dtype, runtime and quantization. `strict=False` describes an absent CUDA device by its type only."""
-    from zipkd.manifest import cpu_model
-
     runtime = runtime_for(regime.runtime)
     if not runtime.torch:
         return runtime.impl().fingerprint(regime)
@@ -185,9 +191,6 @@ def mlp_grid(intermediate: int, device_type: str = "cpu", max_levels: int = 32) 
 
 
 def _full_layer(model: torch.nn.Module) -> tuple[int, torch.nn.Module]:
-    from zipkd.models.adapters import adapter_for
-    from zipkd.models.surgery import base_geometry, kv_heads_of, width_of
-
     ad = adapter_for(model.config)
     geo = base_geometry(model.config)
     for i, layer in enumerate(ad.layers(model)):
@@ -232,9 +235,6 @@ def capture_layer_inputs(
 
 def layer_variant(layer: torch.nn.Module, config: Any, kv_heads: int, width: int) -> torch.nn.Module:
     """A copy of a full-size layer with the first `kv_heads` KV groups and `width` MLP channels (0 = removed)."""
-    from zipkd.models.adapters import adapter_for
-    from zipkd.models.surgery import base_geometry, remove_attention, remove_mlp, slice_attention, slice_mlp
-
     ad = adapter_for(config)
     geo = base_geometry(config)
     new = copy.deepcopy(layer)
@@ -258,15 +258,11 @@ def layer_step(
     layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, regime: Regime, config: Any, kv_heads: int
 ) -> Step:
     """One forward of a single layer in the regime; for decode over its own KV cache of `context` tokens."""
-    from zipkd.models.surgery import base_geometry
-
     device = hidden.device
     kw = dict(kwargs)
     reset = None
     keep = None
     if regime.regime == "decode":
-        from transformers import DynamicCache
-
         geo = base_geometry(config)
         cache = DynamicCache()
         if kv_heads:
@@ -328,8 +324,6 @@ def without_layers(model: torch.nn.Module) -> torch.nn.Module:
 def uniform_model(model: torch.nn.Module, kv_heads: int, width: int) -> torch.nn.Module:
     """A shallow copy of the (unpruned) model sharing everything but its decoder layers, each replaced by a copy
     keeping `kv_heads` KV groups and `width` MLP channels (0 = block removed); attention layer indices kept."""
-    from zipkd.models.adapters import adapter_for
-
     ad = adapter_for(model.config)
     layers = []
     for i, layer in enumerate(ad.layers(model)):
@@ -342,8 +336,6 @@ def uniform_model(model: torch.nn.Module, kv_heads: int, width: int) -> torch.nn
 
 def with_layers(model: torch.nn.Module, layers: Sequence[torch.nn.Module]) -> torch.nn.Module:
     """A shallow copy of the model whose decoder-layer list is `layers` (every other module shared)."""
-    from zipkd.models.adapters import adapter_for
-
     ad = adapter_for(model.config)
     parts = ad.layers_path.split(".")
     root = copy.copy(model)
@@ -358,25 +350,11 @@ def with_layers(model: torch.nn.Module, layers: Sequence[torch.nn.Module]) -> to
     return root
 
 
-def _quantizer(method: str | None):
-    if method is None:
-        return None
-    try:
-        from zipkd.quantize.api import quantize_model
-    except ImportError as exc:
-        raise ZipkdError(
-            f"--quantization {method} needs zipkd.quantize, which is not available here ({exc})"
-        ) from exc
-    return quantize_model
-
-
 def _nbytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def _check_model(model: torch.nn.Module, regime: Regime) -> torch.device:
-    from zipkd.models.io import torch_dtype
-
     dev = parse_device(regime.device)
     have = model_device(model)
     if have.type != dev.type or (dev.index is not None and have.index != dev.index):
@@ -430,14 +408,13 @@ def profile_model(
     if method not in METHODS:
         raise ZipkdError(f"unknown profiling method {method!r}; choose {', '.join(METHODS)}")
     fingerprint = {**model_fingerprint(config), **device_fingerprint(regime)}
-    from zipkd.models.surgery import base_geometry
 
     geo = base_geometry(config)
     K, W, L = geo.num_kv_heads, geo.intermediate_size, geo.num_layers
     grid = sorted(set(widths) | {0, W}) if widths is not None else mlp_grid(W, device.type, max_levels)
     if any(w < 0 or w > W for w in grid):
         raise ZipkdError(f"MLP widths must lie in 0..{W}")
-    quantize = _quantizer(regime.quantization)
+    quantize = module_quantizer(regime.quantization)
 
     _, base_layer = _full_layer(model)
     hidden, kwargs = capture_layer_inputs(model, base_layer, regime)
@@ -542,7 +519,8 @@ def profile_model(
     rest = float(torch.tensor(rest_samples).median())
     # Whatever the dense model spends beyond its measured rest and L isolated layers is spent in its layers
     # (in-model layers run a little slower or faster than one layer timed alone): scale the entries to match.
-    scale = (e2e - rest) / (L * (attention_ms[K] + mlp_ms[W]))
+    layers_ms = L * (attention_ms[K] + mlp_ms[W])  # 0 when noise clamped both dense blocks
+    scale = (e2e - rest) / layers_ms if layers_ms > 0 else 0.0
     if not 0.0 < scale < float("inf"):
         raise ZipkdError(f"inconsistent timings (dense {e2e:.3f} ms, rest {rest:.3f} ms); profile again")
     attention_ms = {k: v * scale for k, v in attention_ms.items()}
@@ -610,8 +588,6 @@ def profile_model(
 def table_cache_path(config: Any, regime: Regime, method: str | None = None) -> Path:
     """Where the table for this model, device and regime is cached (under cache_dir()/tables); a `method` other
     than the device's default (see `default_method`) is cached apart."""
-    from zipkd.paths import cache_dir
-
     mfp = model_fingerprint(config)
     dfp = device_fingerprint(regime)
     reg = asdict(regime)

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from zipkd.errors import ZipkdError
+from zipkd.latency.runtimes import runtime_for
+from zipkd.models.io import DTYPES
+from zipkd.outputs import atomic_write_text
 
 SCHEMA_VERSION = 1
 # Fingerprint keys that must match between a table and the model/device it is used for.
@@ -27,6 +30,15 @@ MODEL_KEYS = (
     "vocab_size",
 )
 DEVICE_KEYS = ("device", "device_name", "torch", "dtype", "threads")
+
+
+def check_device(device: str) -> str:
+    """The device, lower-cased, if it reads `cpu`, `cuda` or `cuda:N` (the format only: whether the GPU exists
+    is `zipkd.latency.profile.parse_device`'s check)."""
+    text = str(device).strip().lower()
+    if text != "cpu" and not (text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())):
+        raise ZipkdError(f"unknown device {device!r}; choose cpu or cuda (cuda:N)")
+    return text
 
 
 @dataclass
@@ -46,6 +58,10 @@ class Regime:
     decode_tokens: int = 64  # llama.cpp decode: tokens generated after a prompt of `context` tokens
 
     def __post_init__(self) -> None:
+        check_device(self.device)
+        if self.dtype not in DTYPES:
+            raise ZipkdError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        runtime_for(self.runtime)  # an unknown runtime names the known ones
         if self.runtime == "llama.cpp" and self.quantization is None:
             self.quantization = "q8_0"
         if self.threads is not None and self.threads < 1:
@@ -124,8 +140,6 @@ class LatencyTable:
         return d
 
     def save(self, path: str | os.PathLike) -> Path:
-        from zipkd.outputs import atomic_write_text
-
         atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
         return Path(path)
 

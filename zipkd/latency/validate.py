@@ -19,7 +19,19 @@ import torch
 
 from zipkd.errors import ZipkdError
 from zipkd.latency.measure import _module, compare_ms
+from zipkd.latency.profile import _check_model
+from zipkd.latency.runtimes import module_quantizer
 from zipkd.latency.table import LatencyTable
+from zipkd.models.adapters import adapter_for
+from zipkd.models.surgery import (
+    base_geometry,
+    layer_shapes,
+    remove_attention,
+    remove_mlp,
+    slice_attention,
+    slice_mlp,
+    sync_config,
+)
 
 
 @dataclass
@@ -115,16 +127,6 @@ def build_variant(
 ) -> torch.nn.Module:
     """A pruned copy of `model` with these per-layer shapes (random KV groups/channels kept; empty layers
     dropped), made with zipkd's surgery so it is what the pruner would produce."""
-    from zipkd.models.adapters import adapter_for
-    from zipkd.models.surgery import (
-        base_geometry,
-        remove_attention,
-        remove_mlp,
-        slice_attention,
-        slice_mlp,
-        sync_config,
-    )
-
     new = copy.deepcopy(model)
     ad = adapter_for(new.config)
     geo = base_geometry(new.config)
@@ -159,9 +161,6 @@ def validate_table(
 ) -> ValidationReport:
     """Measure `n` random pruned variants (targets spread evenly over `speedup_range`) against the dense model,
     `group` variants at a time, each group timed alternately with the dense model."""
-    from zipkd.latency.profile import _check_model
-    from zipkd.models.surgery import base_geometry, layer_shapes
-
     if n < 1:
         raise ZipkdError("validate needs at least one variant")
     lo, hi = speedup_range
@@ -175,11 +174,7 @@ def validate_table(
         raise ZipkdError("validate the table with the unpruned base model")
     rng = random.Random(seed)
     targets = [lo + (hi - lo) * i / max(1, n - 1) for i in range(n)]
-    quantize = None
-    if regime.quantization:
-        from zipkd.latency.profile import _quantizer
-
-        quantize = _quantizer(regime.quantization)
+    quantize = module_quantizer(regime.quantization)
     dense = quantize(copy.deepcopy(model), regime.quantization, str(device)) if quantize else model
     task = progress.add_task("validating", total=n) if progress is not None else None
     report = ValidationReport()

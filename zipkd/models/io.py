@@ -5,36 +5,36 @@ reads any folder zipkd wrote, including heterogeneous ones (per-layer widths, re
 shapes are recorded in the config's `zipkd_layers`; uniform ones also load with plain `from_pretrained`.
 
 Folders in a format that a higher layer defines (a quantized model: `zipkd.quantize`) are marked by a config key
-and read by the loader that layer registers with `register_format`; this module knows none of them."""
+and read by the loader that layer registers in `zipkd.models.formats`; this module knows none of them.
+
+transformers is imported inside the loaders, after `offline_env()`: it reads the hub's offline switches when it
+is first imported."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
 from zipkd.errors import ZipkdError
 from zipkd.manifest import build_manifest, write_manifest
 from zipkd.models.adapters import ADAPTERS
-from zipkd.models.embedded import DEFAULT_MODEL, EMBEDDED, embedded_folder
+from zipkd.models.embedded import DEFAULT_MODEL, EMBEDDED, embedded_gguf
+from zipkd.models.formats import folder_loader
+from zipkd.models.surgery import apply_layer_shapes, is_heterogeneous, sync_config
 from zipkd.outputs import atomic_dir, check_output
-from zipkd.paths import offline_env
+from zipkd.paths import cache_dir, offline_env
 
 DTYPES = ("float32", "bfloat16", "float16")
 WEIGHTS_SUFFIX = ".safetensors"
-
-# config.json key marking a folder format -> its loader(folder, torch dtype, device) -> model
-FolderLoader = Callable[[Path, Any, str], Any]
-_FORMATS: dict[str, FolderLoader] = {}
-
-
-def register_format(config_key: str, loader: FolderLoader) -> None:
-    """Read folders whose config.json has `config_key` with `loader` (e.g. `zipkd_quantization`, registered by
-    `zipkd.quantize`)."""
-    _FORMATS[config_key] = loader
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,8 +50,6 @@ class LoadedModel:
 
 
 def torch_dtype(name: str):
-    import torch
-
     if name not in DTYPES:
         raise ZipkdError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return getattr(torch, name)
@@ -102,9 +100,6 @@ def _weight_files(folder: Path) -> list[Path]:
 
 def read_state_dict(folder: str | os.PathLike) -> dict:
     """Every tensor of a folder's safetensors files (one clear error for a corrupt file)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     sd: dict = {}
     for f in _weight_files(Path(folder)):
         try:
@@ -116,8 +111,6 @@ def read_state_dict(folder: str | os.PathLike) -> dict:
 
 def fix_meta_buffers(model: Any) -> None:
     """Non-persistent buffers (rotary inv_freq) are not in the checkpoint: rebuild their modules."""
-    import torch
-
     for name, module in list(model.named_modules()):
         if any(b.is_meta for b in module.buffers(recurse=False)):
             if type(module).__name__.endswith("RotaryEmbedding"):
@@ -129,10 +122,7 @@ def fix_meta_buffers(model: Any) -> None:
 
 
 def _load_heterogeneous(folder: Path, dtype: Any) -> Any:
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from zipkd.models.surgery import apply_layer_shapes
 
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
@@ -165,22 +155,19 @@ def load_model(
     dt = torch_dtype(dtype)
     path = resolve_model(spec)
     if path.suffix == ".gguf":
-        from zipkd.models.embedded import load_gguf
-
         model, tok = load_gguf(path, dt)
         return LoadedModel(model.to(device), tok, path, str(spec))
 
     cfg = read_config(path)
     _weight_files(path)
-    from zipkd.models.surgery import is_heterogeneous
 
     class _Cfg:  # duck-typed view for is_heterogeneous
         zipkd_layers = cfg.get("zipkd_layers")
 
-    fmt = next((key for key in _FORMATS if cfg.get(key)), None)
+    loader = folder_loader(cfg)
     try:
-        if fmt is not None:  # e.g. saved by `zipkd quantize`: rebuilt by the loader of its format
-            model = _FORMATS[fmt](path, dt, device)
+        if loader is not None:  # e.g. saved by `zipkd quantize`: rebuilt by the loader of its format
+            model = loader(path, dt, device)
         elif is_heterogeneous(_Cfg):
             model = _load_heterogeneous(path, dt)
         else:
@@ -206,8 +193,6 @@ def load_model(
 
 def _read_state_dict_headers(folder: Path) -> None:
     """Check every safetensors file opens (a clear error for a corrupt file before transformers' own)."""
-    from safetensors import SafetensorError, safe_open
-
     for f in _weight_files(folder):
         try:
             with safe_open(str(f), framework="pt") as h:
@@ -233,8 +218,6 @@ def save_model(
     """Write weights (safetensors), config, tokenizer and `zipkd.json` into `out`, atomically. A
     `weights_suffix` other than `.safetensors` renames the weight files (and their index) so that stock
     `from_pretrained` cannot pick them up; `load_model` reads them all the same."""
-    from zipkd.models.surgery import sync_config  # torch: this module stays light for `import zipkd`
-
     out = check_output(out, force, tuple(Path(p) for p in (inputs or {}).values() if p is not None))
     if getattr(model.config, "zipkd_layers", None) is not None or getattr(model.config, "zipkd_base", None):
         sync_config(model)
@@ -259,3 +242,41 @@ def _rename_weights(folder: Path, suffix: str) -> None:
         data["weight_map"] = {k: renamed.get(v, v) for k, v in data.get("weight_map", {}).items()}
         (folder / index.name.replace(WEIGHTS_SUFFIX, suffix)).write_text(json.dumps(data, indent=2))
         index.unlink()
+
+
+def embedded_folder(name: str = DEFAULT_MODEL) -> Path:
+    """Path of the embedded model's converted safetensors folder (converted on first use)."""
+    folder = cache_dir() / "models" / name
+    if not (folder / "config.json").is_file():
+        convert_gguf(embedded_gguf(name), folder)
+    return folder
+
+
+def load_gguf(path: Path, dtype: Any = None) -> tuple[Any, Any]:
+    """Load a GGUF file as a (dequantized) transformers model and tokenizer, saveable afterwards."""
+    offline_env()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = dtype or torch.float32
+    folder, name = str(path.parent), path.name
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    except Exception as exc:  # noqa: BLE001 - the GGUF reader raises many types
+        raise ZipkdError(f"cannot read GGUF file {path}: {exc}") from exc
+    cfg = gguf_model.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.tie_weights()
+    model.eval()
+    return model, tok
+
+
+def convert_gguf(gguf: Path, folder: Path) -> Path:
+    """A GGUF file rebuilt as a safetensors model folder (transformers refuses to save a GGUF-loaded model)."""
+    log.info("converting %s to %s (once)", gguf, folder)
+    model, tok = load_gguf(gguf)
+    save_model(model, tok, folder, stage="convert", inputs={"gguf": gguf}, force=True)
+    return folder

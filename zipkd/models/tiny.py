@@ -6,21 +6,43 @@ from __future__ import annotations
 import string
 from typing import Any
 
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL = ("<unk>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2: unknown, BOS, EOS (also padding)
 CHARS = tuple(c for c in string.printable if c not in "\x0b\x0c")  # 98 characters
+# Real models' geometry (LlamaConfig keyword arguments) for random stand-ins, e.g. in the GPU scripts (the real
+# weights cannot travel there): `random_llama(**SMOLLM2_135M)` or `dict(LLAMA3_8B, num_hidden_layers=8)`.
+SMOLLM2_135M = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    tie_word_embeddings=True,
+)
+LLAMA3_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+)
 
 
 def char_tokenizer(reverse: bool = False) -> Any:
     """One token per printable character after the three special tokens (vocabulary 101), with a ChatML-style
     template. `reverse=True` numbers the characters the other way round: a tokenizer that differs from the
     default in every id but the special ones."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     chars = CHARS[::-1] if reverse else CHARS
     vocab = {t: i for i, t in enumerate([*SPECIAL, *chars])}
     tk = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL[0]))
@@ -46,9 +68,6 @@ def random_llama(
     norms left at 1) so next-token distributions are peaked and every block matters: pruning mistakes show up
     in the logits. Also the random stand-in for real shapes in the GPU scripts (the embedded model cannot
     travel there)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = dict(
         vocab_size=128,
         hidden_size=32,

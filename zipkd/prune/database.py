@@ -18,15 +18,6 @@ import torch
 from zipkd.prune.obs import Level
 
 
-def __getattr__(name: str):
-    """`METHODS` (the registered method names) used to live here; kept for callers that import it from here."""
-    if name == "METHODS":
-        from zipkd.prune.methods import METHODS
-
-        return tuple(METHODS)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @dataclass
 class BlockDatabase:
     """Levels of one attention (sizes = kept KV groups) or MLP (sizes = kept channels) block."""

@@ -1,7 +1,8 @@
 """Quantization back ends (bitsandbytes, optimum-quanto) behind one API: see `zipkd.quantize.api`.
 
-Importing the package is cheap (no torch): it registers the loader of quantized folders with `zipkd.models.io`
-(which knows no quantizer) and loads the API on first use."""
+Importing the package is cheap (no torch): it registers the loader of quantized folders with `zipkd.models.formats`
+and the quantizer of timed modules with `zipkd.latency.runtimes` (neither knows a quantizer), and loads the API
+on first use."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from zipkd.models.io import register_format
+from zipkd.latency.runtimes import register_quantizer
+from zipkd.models.formats import register_format
 
 RECIPE_KEY = "zipkd_quantization"  # the config.json key a quantized folder carries (its recipe)
 
@@ -37,5 +39,6 @@ def _load_quantized(folder: Path, dtype: Any, device: str) -> Any:
 
 
 register_format(RECIPE_KEY, _load_quantized)
+register_quantizer(lambda: importlib.import_module("zipkd.quantize.api").quantize_model)
 
 __all__ = ["RECIPE_KEY", *_API]

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import BitsAndBytesConfig
 
 from zipkd.quantize.registry import Backend, Method, owner_of, register
 
@@ -36,6 +37,7 @@ def import_bnb() -> Any:
     for lg in quiet:
         lg.setLevel(logging.ERROR)
     try:
+        # lazy: a heavy optional back end (3-4 s to import on top of torch); only its methods need it
         import bitsandbytes as bnb
     finally:
         for lg, lvl in zip(quiet, levels, strict=True):
@@ -234,8 +236,6 @@ def load_linear(
 
 def hf_quantization_config(weights: str, compute_dtype: torch.dtype, skip: list[str]) -> dict[str, Any]:
     """transformers' `quantization_config` describing these weights, so stock `from_pretrained` reads them."""
-    from transformers import BitsAndBytesConfig
-
     if weights == "int8":
         cfg = BitsAndBytesConfig(
             load_in_8bit=True, llm_int8_threshold=INT8_THRESHOLD, llm_int8_skip_modules=skip
@@ -255,7 +255,7 @@ def check(dev: str) -> str | None:
     """Why bitsandbytes cannot run on device type `dev` here (None: it can); ImportError when not installed."""
     bnb = import_bnb()
     if dev == "cuda":
-        from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary
+        from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary  # lazy, as in import_bnb
 
         if isinstance(bnb.cextension.lib, ErrorHandlerMockBNBNativeLibrary):
             return "bitsandbytes has no CUDA library for this CUDA/torch build"

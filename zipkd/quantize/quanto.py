@@ -23,6 +23,7 @@ def import_quanto() -> Any:
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
+        # lazy: a heavy optional back end (3-4 s to import on top of torch); only its methods need it
         import optimum.quanto as quanto
     finally:
         quiet.setLevel(level)

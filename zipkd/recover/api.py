@@ -17,9 +17,23 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from zipkd.data.assets import calib_text_path, finetune_path
+from zipkd.data.text import load_texts
 from zipkd.errors import ZipkdError
-from zipkd.recover.data import RewriteSettings
-from zipkd.recover.train import TrainConfig, config_dict, resolve_precision
+from zipkd.manifest import content_hash, read_manifest
+from zipkd.models.io import LoadedModel, load_model, resolve_model, save_model
+from zipkd.outputs import check_output
+from zipkd.recover.data import (
+    RewriteSettings,
+    check_same_tokenizer,
+    encode_examples,
+    examples_hash,
+    load_examples,
+    select_examples,
+    self_distill,
+    text_windows,
+)
+from zipkd.recover.train import TrainConfig, config_dict, resolve_precision, train
 
 # Stages whose output derives from a model that is not the user's original: followed back to find the teacher.
 DERIVED_STAGES = ("prune", "recover", "merge", "quantize")
@@ -55,16 +69,12 @@ class RecoverConfig:
 
 
 def _resolve(path: str | os.PathLike) -> Path:
-    from zipkd.models.io import resolve_model
-
     return resolve_model(str(path))
 
 
 def find_teacher(student: str | os.PathLike) -> Path:
     """Follow the `model` inputs of the manifests back from the student to the first ancestor that was not
     produced by pruning (or recovery/merging/quantization of a pruned model)."""
-    from zipkd.manifest import read_manifest
-
     path = Path(student)
     first = read_manifest(path)
     if first is None:
@@ -89,8 +99,6 @@ def find_teacher(student: str | os.PathLike) -> Path:
             raise ZipkdError(f"the manifests from {student} form a cycle; pass --teacher")
         seen.add(parent.resolve())
         if entry.get("sha256") and parent.is_dir():
-            from zipkd.manifest import content_hash
-
             if content_hash(parent) != entry["sha256"]:
                 raise ZipkdError(
                     f"{parent} has changed since {path} was made from it (hash mismatch); "
@@ -118,22 +126,6 @@ def recover(
 ) -> Path:
     """Recover a pruned model (a path/name or a `LoadedModel` with a `.path`) into the folder `out`."""
     from accelerate import PartialState
-
-    from zipkd.data.assets import calib_text_path, finetune_path
-    from zipkd.data.text import load_texts
-    from zipkd.manifest import content_hash
-    from zipkd.models.io import LoadedModel, load_model, save_model
-    from zipkd.outputs import check_output
-    from zipkd.recover.data import (
-        check_same_tokenizer,
-        encode_examples,
-        examples_hash,
-        load_examples,
-        select_examples,
-        self_distill,
-        text_windows,
-    )
-    from zipkd.recover.train import train
 
     config = config or RecoverConfig()
     if out is None:

@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zipkd.data.text import jsonl_rows
+import torch
+
+from zipkd.data.text import jsonl_rows, token_stream
 from zipkd.errors import ZipkdError
 from zipkd.outputs import atomic_write_text
 from zipkd.paths import cache_dir
@@ -64,8 +66,6 @@ def load_examples(path: str | os.PathLike) -> list[Example]:
 
 def select_examples(examples: Sequence[Example], n: int | None, seed: int) -> list[Example]:
     """A seeded random subset of `n` examples (all when n is None or larger), in file order."""
-    import torch
-
     if n is None or n >= len(examples):
         return list(examples)
     idx = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:n].sort().values
@@ -224,8 +224,6 @@ def _generate_batch(
     model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
 ) -> list[tuple[str, bool]]:
     """Greedy batched generation with left padding; (text, finished-with-EOS) per prompt."""
-    import torch
-
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -418,8 +416,6 @@ def text_windows(
 ) -> list[TrainSeq]:
     """Non-overlapping windows of plain text (every token a target): language-model data that keeps the
     student close to the teacher on prose. Use calibration-role text, never evaluation text."""
-    from zipkd.data.text import token_stream
-
     stream = token_stream(tokenizer, list(texts)).tolist()
     n = len(stream) // max_len
     if limit is not None:

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 from zipkd.errors import ZipkdError
+from zipkd.models.io import load_model, save_model
+from zipkd.recover.data import check_same_tokenizer
 
 COLINEAR = 0.9995  # |cos| above this: the arc is a line, interpolate linearly (sin θ ≈ 0)
 
@@ -79,9 +81,6 @@ def merge(
     a: str | os.PathLike, b: str | os.PathLike, t: float, out: str | os.PathLike, force: bool = False
 ) -> Path:
     """Load two models, check they have the same shapes and tokenizer, SLERP-merge, save with a manifest."""
-    from zipkd.models.io import load_model, save_model
-    from zipkd.recover.data import check_same_tokenizer
-
     if not 0.0 <= t <= 1.0:
         raise ZipkdError(f"SLERP fraction must be in [0, 1] (got {t})")
     lm_a, lm_b = load_model(a), load_model(b)

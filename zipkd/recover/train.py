@@ -21,7 +21,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from zipkd.errors import ZipkdError
+from zipkd.manifest import set_seed
+from zipkd.models.adapters import adapter_for
 from zipkd.recover.data import TrainSeq
 from zipkd.recover.losses import KD_MODES, combined_loss
 
@@ -126,8 +131,6 @@ def batch_indices(
 ) -> list[int]:
     """Item indices of the batch at `step` in one data stream (0 = instructions, 1 = text): the stream's k-th
     batch covers positions k·B … k·B+B−1 of its epoch-wise seeded permutations. Pure, hence resumable."""
-    import torch
-
     text_before = math.floor(step * ratio + 1e-9) if ratio > 0 else 0
     k = text_before if stream == 1 else step - text_before
     out, cache = [], {}
@@ -143,8 +146,6 @@ def batch_indices(
 def collate(items: Sequence[TrainSeq], pad_id: int):
     """Right-padded (input_ids, attention_mask, target_mask) tensors; target_mask[b, t] says token t is a
     trained target (predicted from position t−1)."""
-    import torch
-
     length = max(len(s.ids) for s in items)
     ids = torch.full((len(items), length), pad_id, dtype=torch.long)
     attn = torch.zeros((len(items), length), dtype=torch.long)
@@ -157,29 +158,20 @@ def collate(items: Sequence[TrainSeq], pad_id: int):
 
 
 # ------------------------------------------------------------------------------------------- the model
-def _selected_logits_module():
-    import torch
+class SelectedLogits(torch.nn.Module):
+    """Runs the decoder on the whole sequence but the (large) LM head only at the trained positions; one module
+    so DDP/FSDP see every parameter used in `forward`."""
 
-    class SelectedLogits(torch.nn.Module):
-        """Runs the decoder on the whole sequence but the (large) LM head only at the trained positions;
-        one module so DDP/FSDP see every parameter used in `forward`."""
+    def __init__(self, lm: Any):
+        super().__init__()
+        self.lm = lm
 
-        def __init__(self, lm: Any):
-            super().__init__()
-            self.lm = lm
-
-        def forward(self, input_ids, attention_mask, select):  # noqa: D401
-            hidden = self.lm.get_decoder()(
-                input_ids=input_ids, attention_mask=attention_mask
-            ).last_hidden_state
-            return self.lm.get_output_embeddings()(hidden[select])
-
-    return SelectedLogits
+    def forward(self, input_ids, attention_mask, select):  # noqa: D401
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.lm.get_output_embeddings()(hidden[select])
 
 
 def lora_targets(model: Any) -> list[str]:
-    from zipkd.models.adapters import adapter_for
-
     ad = adapter_for(model.config)
     return [ad.q, ad.k, ad.v, ad.o, ad.gate, ad.up, ad.down]
 
@@ -230,9 +222,6 @@ def prepare_work_dir(work: Path, run_key: str) -> None:
 
 
 def _rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
-    import numpy as np
-    import torch
-
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -247,9 +236,6 @@ def _rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _set_rng_state(tensors: dict[str, Any], meta: dict[str, Any]) -> None:
-    import numpy as np
-    import torch
-
     torch.set_rng_state(tensors["torch_cpu"])
     if torch.cuda.is_available():
         states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
@@ -263,7 +249,6 @@ def _set_rng_state(tensors: dict[str, Any], meta: dict[str, Any]) -> None:
 
 def save_checkpoint(work: Path, step: int, model: Any, optimizer: Any, state: dict[str, Any]) -> Path:
     """Atomically write checkpoint `step` (weights, optimizer, RNG, loop state); keep the last two."""
-    import torch
     from safetensors.torch import save_file
 
     tmp = Path(tempfile.mkdtemp(prefix=".ckpt-tmp-", dir=work))
@@ -288,7 +273,6 @@ def save_checkpoint(work: Path, step: int, model: Any, optimizer: Any, state: di
 
 def load_checkpoint(path: Path, model: Any, optimizer: Any) -> dict[str, Any]:
     """Restore weights, optimizer and RNG from a checkpoint folder; return its loop state."""
-    import torch
     from safetensors.torch import load_file
 
     weights = load_file(str(path / "trainable.safetensors"))
@@ -307,8 +291,6 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any) -> dict[str, Any]:
 def fast_bf16(device: str) -> bool:
     """Does `device` run bf16 matrix products faster than fp32? CUDA GPUs with bf16 support, and CPUs with
     AMX tiles (Intel Sapphire Rapids and later: bf16 autocast trained 1.75x faster than fp32 on 2 cores here)."""
-    import torch
-
     if str(device).startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     try:
@@ -347,10 +329,6 @@ def train(
 ) -> TrainResult:
     """Fine-tune `student` for `cfg.steps` steps; resume from the last checkpoint in `work_dir` when it holds
     one of the same run (`run_key`). `callback(step, metrics)` is called after every step (and checkpoint)."""
-    import torch
-
-    from zipkd.manifest import set_seed
-
     if not qa:
         raise ZipkdError("no instruction examples to train on")
     if cfg.mix_ratio > 0 and not text:
@@ -381,12 +359,12 @@ def train(
         lr=cfg.learning_rate,
         foreach=False,
     )
-    wrapped, optimizer = acc.prepare(_selected_logits_module()(model), optimizer)
+    wrapped, optimizer = acc.prepare(SelectedLogits(model), optimizer)
     if teacher is not None and cfg.uses_teacher:
         teacher = teacher.to(acc.device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        teacher_head = _selected_logits_module()(teacher)
+        teacher_head = SelectedLogits(teacher)
     else:
         teacher_head = None
 
