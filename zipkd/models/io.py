@@ -28,6 +28,7 @@ from zipkd.manifest import build_manifest, write_manifest
 from zipkd.models.adapters import ADAPTERS
 from zipkd.models.embedded import DEFAULT_MODEL, EMBEDDED, embedded_gguf
 from zipkd.models.formats import folder_loader
+from zipkd.models.gguf_file import gguf_header
 from zipkd.models.surgery import apply_layer_shapes, is_heterogeneous, sync_config
 from zipkd.outputs import atomic_dir, check_output
 from zipkd.paths import cache_dir, offline_env
@@ -155,6 +156,7 @@ def load_model(
     dt = torch_dtype(dtype)
     path = resolve_model(spec)
     if path.suffix == ".gguf":
+        check_gguf_input(path)
         model, tok = load_gguf(path, dt)
         return LoadedModel(model.to(device), tok, path, str(spec))
 
@@ -250,6 +252,27 @@ def embedded_folder(name: str = DEFAULT_MODEL) -> Path:
     if not (folder / "config.json").is_file():
         convert_gguf(embedded_gguf(name), folder)
     return folder
+
+
+# llama.cpp architectures of GGUF files whose weights transformers reads into a family zipkd supports.
+GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def check_gguf_input(path: Path) -> dict[str, Any]:
+    """Before dequantizing anything: the file parses and holds an architecture zipkd can load (about 0.1 s)."""
+    header = gguf_header(path)
+    arch = header["fields"].get("general.architecture")
+    if arch == "deci":
+        raise ZipkdError(
+            f"{path} is a per-layer (deci) GGUF that only llama.cpp runs; give zipkd the model folder it was "
+            "exported from (its zipkd.manifest metadata names it), or evaluate it with `zipkd eval`"
+        )
+    if arch not in GGUF_ARCHS:
+        raise ZipkdError(
+            f"unsupported architecture {arch!r} in {path.name}; zipkd loads GGUF files of "
+            f"{', '.join(sorted(GGUF_ARCHS))}"
+        )
+    return header
 
 
 def load_gguf(path: Path, dtype: Any = None) -> tuple[Any, Any]:
