@@ -171,3 +171,17 @@ def regime_from_options(**fields: Any):
     elif RUNTIMES[runtime].torch and (fields.get("threads") is not None):
         raise typer.BadParameter("--threads applies to --runtime llama.cpp only", param_hint="--threads")
     return Regime(**fields)
+
+
+def quiet_lm_eval() -> None:
+    """lm-eval logs a warning per model object and per task; our progress bar says what runs."""
+    import logging
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-document bars (read when tqdm is imported)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    for name in ("lm_eval", "lm-eval", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as tlog
+
+    tlog.disable_progress_bar()

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from zipkd.cli.app import app
-from zipkd.cli.common import ForceOpt, JsonOpt, cli_errors, console, err_console, progress
+from zipkd.cli.common import ForceOpt, JsonOpt, cli_errors, console, err_console, progress, quiet_lm_eval
 
 _QUALITY = "Quality"
 _RUNTIME = "Runtime"
@@ -245,7 +245,7 @@ def evaluate(
         raise typer.BadParameter(
             f"unknown regime {regime!r}; choose prefill or decode", param_hint="--regime"
         )
-    _quiet_lm_eval()
+    quiet_lm_eval()
 
     from zipkd.evaluate.api import AUTO, DEFAULT_LIMIT, DEFAULT_TASKS, EvalConfig
     from zipkd.evaluate.api import evaluate as run_eval
@@ -351,17 +351,3 @@ def _speedup(value: str | None) -> float | None:
     if not 0 < s < float("inf"):
         raise typer.BadParameter(f"speedup {value!r} must be a positive number", param_hint="--min-speedup")
     return s
-
-
-def _quiet_lm_eval() -> None:
-    """lm-eval logs a warning per model object and per task; our progress bar says what runs."""
-    import logging
-    import os
-
-    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-document bars (read when tqdm is imported)
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    for name in ("lm_eval", "lm-eval", "datasets"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    from transformers.utils import logging as tlog
-
-    tlog.disable_progress_bar()

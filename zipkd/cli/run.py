@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from zipkd.cli.app import app
-from zipkd.cli.common import cli_errors, console, err_console, progress
+from zipkd.cli.common import cli_errors, console, err_console, progress, quiet_lm_eval
 
 
 def summary_table(report) -> Table:
@@ -125,6 +125,7 @@ def run(
     if check:
         console.print(f"recipe {recipe} is valid; output {r.output}")
         return
+    quiet_lm_eval()  # before lm-eval and tqdm are imported by the eval stage
     from zipkd.pipeline import run_recipe
 
     def on_stage(stage: str, status: str) -> None:
