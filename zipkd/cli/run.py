@@ -117,6 +117,7 @@ def run(
     manifest; rerunning skips unchanged stages and resumes an interrupted recovery. With `hardware: {runtime:
     llama.cpp}` the latency table, the search and the measured speed are llama.cpp's; an export stage writes the
     GGUF that the eval stage then also scores in llama.cpp."""
+    quiet_lm_eval()  # before the stages import lm-eval and tqdm (tqdm reads TQDM_DISABLE on import)
     from zipkd.recipe import load_recipe
 
     r = load_recipe(recipe)
@@ -125,7 +126,6 @@ def run(
     if check:
         console.print(f"recipe {recipe} is valid; output {r.output}")
         return
-    quiet_lm_eval()  # before lm-eval and tqdm are imported by the eval stage
     from zipkd.pipeline import run_recipe
 
     def on_stage(stage: str, status: str) -> None:
