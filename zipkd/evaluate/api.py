@@ -24,6 +24,7 @@ from zipkd.errors import ZipkdError
 from zipkd.evaluate.harness import available_tasks, resolve_tasks
 from zipkd.evaluate.report import ModelEval, Report
 from zipkd.latency.table import Regime
+from zipkd.manifest import hardware_fingerprint, package_versions
 
 DEFAULT_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "lambada", "mmlu")
 # Quick default: the first 50 documents of each task after the tasks' fixed shuffle (a random sample); the
@@ -432,7 +433,6 @@ def evaluate(
 
     `reuse_base`: an earlier report (e.g. the CI baseline); if it holds the base model's scores under the same
     settings, they are reused instead of scoring the base again (its speed is always measured in this run)."""
-    from zipkd.manifest import hardware_fingerprint, package_versions
     from zipkd.paths import offline_env
 
     offline_env()
@@ -468,21 +468,7 @@ def evaluate(
     if config.speed:
         all_specs = ([base_spec] if base else []) + specs
         _speed(([base] if base else []) + evals, all_specs, regime, config, progress)
-    _unique_names(([base] if base else []) + evals)
-    report = Report(
-        tasks=list(config.tasks),
-        limit=config.limit,
-        models=evals,
-        base=base,
-        regime=dataclasses.asdict(regime) if regime else None,
-        regime_source=regime_source,
-        config=_config_json(config),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        versions=package_versions(),
-        hardware=hardware_fingerprint(),
-    )
-    _retention(report)
-    return report
+    return _report(evals, base, regime, regime_source, config)
 
 
 # ---------------------------------------------------------------- llama.cpp
@@ -704,7 +690,6 @@ def _evaluate_llamacpp(
     import shutil
     import tempfile
 
-    from zipkd.manifest import hardware_fingerprint, package_versions
     from zipkd.runtimes.llamacpp import default_threads, llama_cpp_module
 
     if config.device != "cpu":
@@ -757,12 +742,23 @@ def _evaluate_llamacpp(
         for m in [*models, *([base] if base else [])]:
             m.tokenizer = None
         shutil.rmtree(tmp, ignore_errors=True)
-    _unique_names(([base_eval] if base_eval else []) + evals)
+    return _report(evals, base_eval, regime, regime_source, config)
+
+
+def _report(
+    evals: list[ModelEval],
+    base: ModelEval | None,
+    regime: Regime | None,
+    regime_source: str | None,
+    config: EvalConfig,
+) -> Report:
+    """The report of one evaluation run (either runtime): unique names, provenance, retention against the base."""
+    _unique_names(([base] if base else []) + evals)
     report = Report(
         tasks=list(config.tasks),
         limit=config.limit,
         models=evals,
-        base=base_eval,
+        base=base,
         regime=dataclasses.asdict(regime) if regime else None,
         regime_source=regime_source,
         config=_config_json(config),

@@ -32,7 +32,7 @@ from zipkd.errors import ZipkdError
 from zipkd.export.gguf import choose_arch, hparams, plan_layers, random_tensors, read_vocab, write_gguf
 from zipkd.latency.profile import block_entries, mlp_grid, model_fingerprint
 from zipkd.latency.table import LatencyTable, Regime
-from zipkd.latency.validate import ValidationReport, VariantResult, random_shapes
+from zipkd.latency.validate import ValidationReport, VariantResult, random_shapes, spread_targets
 from zipkd.manifest import cpu_model
 from zipkd.models.adapters import adapter_for
 from zipkd.models.surgery import base_geometry, layer_shapes
@@ -296,30 +296,16 @@ def validate_llamacpp(
     zipkd's export makes and timed round-robin with the dense GGUF in llama.cpp: predicted vs measured."""
     regime = table.regime
     check_regime(regime)
-    if n < 1:
-        raise ZipkdError("validate needs at least one variant")
-    lo, hi = speedup_range
+    targets = spread_targets(n, speedup_range)
     model = lm.model if hasattr(lm, "model") else lm
     geo = base_geometry(model.config)
     rng = random.Random(seed)
-    targets = [lo + (hi - lo) * i / max(1, n - 1) for i in range(n)]
     shapes_list = [random_shapes(table, t, rng, geo.num_kv_heads, geo.intermediate_size) for t in targets]
     times, dense = time_layouts(lm, shapes_list, regime, warmup, repeats, progress, "validating in llama.cpp")
     report = ValidationReport()
     for t, shapes, ms in zip(targets, shapes_list, times, strict=True):
         kept = [{"kv_heads": k, "intermediate": w} for k, w in shapes if k or w]
-        pred = table.predict(kept)
-        report.variants.append(
-            VariantResult(
-                shapes=kept,
-                target_speedup=t,
-                predicted_ms=pred,
-                measured_ms=ms,
-                dense_measured_ms=dense,
-                predicted_speedup=table.dense_ms() / pred,
-                measured_speedup=dense / ms,
-            )
-        )
+        report.variants.append(VariantResult.of(table, kept, t, ms, dense))
     return report
 
 

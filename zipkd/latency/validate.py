@@ -55,6 +55,37 @@ class VariantResult:
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "speedup_error": self.speedup_error, "latency_error": self.latency_error}
 
+    @classmethod
+    def of(
+        cls,
+        table: LatencyTable,
+        shapes: list[dict[str, int]],
+        target: float,
+        measured_ms: float,
+        dense_ms: float,
+    ) -> VariantResult:
+        """A variant's predicted latency (from the table) beside what was measured with the dense model."""
+        pred = table.predict(shapes)
+        return cls(
+            shapes=shapes,
+            target_speedup=target,
+            predicted_ms=pred,
+            measured_ms=measured_ms,
+            dense_measured_ms=dense_ms,
+            predicted_speedup=table.dense_ms() / pred,
+            measured_speedup=dense_ms / measured_ms,
+        )
+
+
+def spread_targets(n: int, speedup_range: tuple[float, float]) -> list[float]:
+    """`n` variant targets spread evenly over `speedup_range`; one clear error for a bad count or range."""
+    if n < 1:
+        raise ZipkdError("validate needs at least one variant")
+    lo, hi = speedup_range
+    if not 1.0 <= lo <= hi:
+        raise ZipkdError(f"bad speedup range {speedup_range}")
+    return [lo + (hi - lo) * i / max(1, n - 1) for i in range(n)]
+
 
 @dataclass
 class ValidationReport:
@@ -161,11 +192,7 @@ def validate_table(
 ) -> ValidationReport:
     """Measure `n` random pruned variants (targets spread evenly over `speedup_range`) against the dense model,
     `group` variants at a time, each group timed alternately with the dense model."""
-    if n < 1:
-        raise ZipkdError("validate needs at least one variant")
-    lo, hi = speedup_range
-    if not 1.0 <= lo <= hi:
-        raise ZipkdError(f"bad speedup range {speedup_range}")
+    targets = spread_targets(n, speedup_range)
     model = _module(lm).eval()
     regime = table.regime
     device = _check_model(model, regime)
@@ -173,7 +200,6 @@ def validate_table(
     if len(layer_shapes(model)) != geo.num_layers:
         raise ZipkdError("validate the table with the unpruned base model")
     rng = random.Random(seed)
-    targets = [lo + (hi - lo) * i / max(1, n - 1) for i in range(n)]
     quantize = module_quantizer(regime.quantization)
     dense = quantize(copy.deepcopy(model), regime.quantization, str(device)) if quantize else model
     task = progress.add_task("validating", total=n) if progress is not None else None
@@ -188,18 +214,7 @@ def validate_table(
         d = stats[0]["median_ms"]
         for t, v, st in zip(chunk, variants, stats[1:], strict=True):
             kept = [asdict(s) for s in layer_shapes(v)]
-            pred = table.predict(kept)
-            report.variants.append(
-                VariantResult(
-                    shapes=kept,
-                    target_speedup=t,
-                    predicted_ms=pred,
-                    measured_ms=st["median_ms"],
-                    dense_measured_ms=d,
-                    predicted_speedup=table.dense_ms() / pred,
-                    measured_speedup=d / st["median_ms"],
-                )
-            )
+            report.variants.append(VariantResult.of(table, kept, t, st["median_ms"], d))
             if progress is not None:
                 progress.advance(task)
         del variants
