@@ -280,7 +280,7 @@ def main() -> int:
     out["speed"] = {}
     for name, reg in regimes.items():
         t0 = time.perf_counter()
-        table = load_or_profile(lm, reg, force=args.fresh, repeats=args.repeats)
+        table = load_or_profile(lm, reg, remeasure=args.fresh, repeats=args.repeats)
         build_s = time.perf_counter() - t0
         rep = validate_llamacpp(lm, table, n=args.variants, repeats=args.repeats)
         results = run_prune(lm, PruneConfig(target_speedup=targets, regime=reg))

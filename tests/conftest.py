@@ -55,10 +55,10 @@ def ids(n: int = 2, t: int = 12, vocab: int = 128, seed: int = 1):
     return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
 
 
-def kill_at_first_checkpoint(cmd, env, work, log, timeout: float):
-    """Start `cmd`, SIGKILL it as soon as a `ckpt-*` folder appears in `work` (or after `timeout` seconds, or when
-    it ends by itself); returns its exit status (−SIGKILL when it was killed mid-run). Output goes to `log`: a
-    file, not a pipe, since a full pipe would stall the child."""
+def kill_at_first_checkpoint(cmd, env, work, log, timeout: float, sig: int | None = None):
+    """Start `cmd`, send it `sig` (default SIGKILL) as soon as a `ckpt-*` folder appears in `work` (or after
+    `timeout` seconds, or when it ends by itself); returns its exit status (−SIGKILL when it was killed mid-run).
+    Output goes to `log`: a file, not a pipe, since a full pipe would stall the child."""
     import signal
     import subprocess
     import time
@@ -68,5 +68,5 @@ def kill_at_first_checkpoint(cmd, env, work, log, timeout: float):
         deadline = time.monotonic() + timeout
         while not list(work.glob("ckpt-*")) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(signal.SIGKILL if sig is None else sig)
         return proc.wait()

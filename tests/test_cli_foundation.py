@@ -39,7 +39,7 @@ def test_info_tiny_model(tmp_path):
 
 
 def _one_clean_line(res) -> str:
-    assert res.exit_code == 1
+    assert res.exit_code == 2
     err = res.stderr.strip()
     assert "Traceback" not in res.output and "Traceback" not in err
     assert len(err.splitlines()) <= 2 and err.startswith("error:")
@@ -72,7 +72,7 @@ def test_console_script_error_has_no_traceback(tmp_path):
         text=True,
     ).stdout.strip()
     res = subprocess.run([zipkd_bin, "info", str(tmp_path / "nope")], capture_output=True, text=True)
-    assert res.returncode == 1 and "Traceback" not in res.stderr and "not found" in res.stderr
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "not found" in res.stderr
 
 
 @pytest.mark.slow

@@ -70,3 +70,144 @@ def test_calibration_batch_seeded():
     assert a.shape == (4, 16) and torch.equal(a, b) and not torch.equal(a, c)
     with pytest.raises(ZipkdError, match="too short"):
         calibration_batch(_Tok(), ["hi"], 4, 16, seed=0)
+
+
+# --- calibration mix, development domains, held-out domains (issue #17) ---------------------------------------
+
+
+def _docs(path):
+    return [d.strip() for d in path.read_text().split("\n\n") if d.strip()]
+
+
+def _norm(text):
+    return " ".join(text.split())
+
+
+def _grams(texts, n=13):
+    """Word 13-grams, the usual contamination unit: a shared one means a shared passage, not a shared idiom."""
+    out = set()
+    for t in texts:
+        w = t.split()
+        out.update(tuple(w[i : i + n]) for i in range(len(w) - n + 1))
+    return out
+
+
+def _strings(obj):
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _strings(v)]
+    if isinstance(obj, list):
+        return [s for v in obj for s in _strings(v)]
+    return []
+
+
+def test_mix_and_domain_api():
+    from zipkd.data import assets
+
+    folder = ensure_data()
+    mix = assets.calib_mix()
+    assert list(mix) == ["prose", "code", "chat", "math"]
+    assert mix["prose"][0] == assets.calib_text_path() == folder / "calib.txt"
+    assert (
+        {n: w for n, (_, w) in mix.items()}
+        == assets.CALIB_WEIGHTS
+        == {
+            "prose": 0.4,
+            "code": 0.2,
+            "chat": 0.2,
+            "math": 0.2,
+        }
+    )
+    assert sum(w for _, w in mix.values()) == pytest.approx(1.0)
+    held = assets.heldout_domains()
+    assert set(held) >= {"lambada", "code", "science", "math", "medicine"}
+    assert held["lambada"] == assets.heldout_text_path() == folder / "heldout.txt"
+    dev = assets.dev_domains()
+    assert set(dev) == set(mix) and dev["prose"] == assets.dev_text_path() == folder / "dev.txt"
+    info = json.loads((folder / "datasets.json").read_text())
+    assert info["export_version"] == assets.EXPORT_VERSION == 3
+    # The calibration code is never Python (Python is the held-out code domain).
+    assert "python" not in info["calib_code_languages"] and "python" not in assets.CALIB_CODE_LANGS
+    # The old accessors still work and heldout.txt is still the first 1500 LAMBADA passages.
+    lambada = [json.loads(line)["text"] for line in (folder / "eval" / "lambada.jsonl").open()]
+    assert _docs(held["lambada"]) == [t.strip() for t in lambada[:1500]]
+    assert assets.finetune_path().is_file() and assets.eval_data_path("boolq").is_file()
+
+
+def test_domain_files_sizes():
+    from zipkd.data.assets import calib_mix, dev_domains, heldout_domains
+
+    for name, path in heldout_domains().items():
+        docs = _docs(path)
+        assert len(docs) >= 150 and 30_000 <= len(path.read_text()) <= 500_000, name
+        assert len(set(map(_norm, docs))) == len(docs), name  # no document twice
+    for name, path in dev_domains().items():
+        assert len(_docs(path)) >= 50 and len(path.read_text()) >= 30_000, name
+    for name, (path, _) in calib_mix().items():
+        assert len(_docs(path)) >= 300 and len(path.read_text()) >= 100_000, name
+    # The development fifth is held back from each calibration source (by a stable hash, about 1/5).
+    info = json.loads((ensure_data() / "datasets.json").read_text())["counts"]
+    assert 0.15 < info["dev_code"] / (info["dev_code"] + info["calib_code"]) < 0.25
+
+
+def test_no_document_in_two_roles():
+    from zipkd.data.assets import calib_mix, dev_domains, heldout_domains
+
+    folder = ensure_data()
+    files = {f"calib:{n}": p for n, (p, _) in calib_mix().items()}
+    files |= {f"dev:{n}": p for n, p in dev_domains().items()}
+    files |= {f"heldout:{n}": p for n, p in heldout_domains().items()}
+    docs = {name: {_norm(d) for d in _docs(p)} for name, p in files.items()}
+    names = sorted(docs)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not docs[a] & docs[b], (a, b)
+    # Nothing of the mix or the new held-out domains is an evaluation row's text.
+    evals = {
+        _norm(s)
+        for p in (folder / "eval").glob("*.jsonl")
+        for line in p.open()
+        for s in _strings(json.loads(line))
+    }
+    for name in names:
+        if name != "heldout:lambada":  # heldout.txt is LAMBADA, an evaluation role itself
+            assert not docs[name] & evals, name
+    # Held-out domains share no passage (13 words in a row) with calibration, development, fine-tuning text
+    # or another held-out domain.
+    ft = [s for line in (folder / "finetune.jsonl").open() for s in _strings(json.loads(line))]
+    other = {name: _grams(_docs(p)) for name, p in files.items()} | {"finetune": _grams(ft)}
+    for name in heldout_domains():
+        mine = other[f"heldout:{name}"]
+        for o, grams in other.items():
+            if o != f"heldout:{name}":
+                assert not mine & grams, (name, o)
+
+
+def test_code_domains():
+    import ast
+    import re
+
+    from zipkd.data.assets import calib_mix, dev_domains, heldout_domains
+
+    # Held-out code is Python: every document parses.
+    for doc in _docs(heldout_domains()["code"]):
+        ast.parse(doc)
+    # Calibration/dev code is not: fenced in a non-Python language, no Python `def f(...):` line.
+    py_def = re.compile(r"^\s*def \w+\s*\(.*\)\s*(->[^:]*)?:\s*$", re.M)
+    for path in (calib_mix()["code"][0], dev_domains()["code"]):
+        for doc in _docs(path):
+            fence = re.search(r"^```(\w+)$", doc, re.M)
+            assert fence and fence.group(1) != "python" and "```python" not in doc
+            assert not py_def.search(doc), doc[:200]
+
+
+def test_roles_doc_is_generated():
+    from pathlib import Path
+
+    from zipkd.data.assets import roles_table
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "data-roles.md"
+    assert roles_table() in doc.read_text(), (
+        "docs/data-roles.md is stale: python -m zipkd.data.assets docs/data-roles.md"
+    )

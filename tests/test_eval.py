@@ -160,8 +160,10 @@ def test_unknown_task_lists_available():
 
 
 def _naive_arc(model, tokenizer, docs):
-    """Reference scorer: sum of log-probabilities of each choice's tokens after the prompt, one at a time."""
+    """Reference scorer: sum of log-probabilities of each choice's tokens after the prompt, one at a time.
+    Returns acc, acc_norm and "1"/"0" per document by acc."""
     acc = acc_norm = 0
+    right = ""
     for doc in docs:
         ctx = f"Question: {doc['question']}\nAnswer:"
         choices = doc["choices"]["text"]
@@ -174,9 +176,11 @@ def _naive_arc(model, tokenizer, docs):
             with torch.no_grad():
                 logp = torch.log_softmax(model(ids).logits[0].double(), -1)
             lls.append(sum(logp[p - 1, whole[p]].item() for p in range(n_ctx, len(whole))))
-        acc += int(max(range(len(lls)), key=lambda i: lls[i]) == gold)
+        hit = int(max(range(len(lls)), key=lambda i: lls[i]) == gold)
+        acc += hit
         acc_norm += int(max(range(len(lls)), key=lambda i: lls[i] / len(choices[i])) == gold)
-    return acc / len(docs), acc_norm / len(docs)
+        right += str(hit)
+    return acc / len(docs), acc_norm / len(docs), right
 
 
 def test_run_tasks_matches_naive_scorer(tokenizer, tmp_path):
@@ -190,10 +194,27 @@ def test_run_tasks_matches_naive_scorer(tokenizer, tmp_path):
         "zipkd_arc_easy"
     ]
     docs = list(task.eval_docs)[:6]  # --limit takes the first documents after the fixed shuffle
-    acc, acc_norm = _naive_arc(model, tokenizer, docs)
+    acc, acc_norm, right = _naive_arc(model, tokenizer, docs)
+    assert res.correct == right and res.doc_ids == list(range(6))  # per document, by the primary metric
     assert res.metrics["acc"] == pytest.approx(acc, abs=1e-12)
     assert res.metrics["acc_norm"] == pytest.approx(acc_norm, abs=1e-12)
     assert res.stderr["acc"] == pytest.approx(math.sqrt(acc * (1 - acc) / 5), abs=1e-9)
+
+
+def test_llamacpp_scores_the_same_documents_per_document(family, tokenizer, tmp_path):
+    """The llama.cpp LM keeps the per-document results too (the gate's paired test), on torch's documents."""
+    from zipkd.evaluate.llamacpp_lm import run_tasks_llamacpp
+    from zipkd.export.api import ExportConfig, export
+    from zipkd.models.io import load_model
+
+    lm = load_model(str(family["base"]))
+    export(lm, ExportConfig(quantization="f32", threads=1), tmp_path / "base.gguf")
+    engine = run_tasks_llamacpp(tmp_path / "base.gguf", tokenizer, ["arc_easy"], limit=3, threads=1)[
+        "arc_easy"
+    ]
+    torch_res = harness.run_tasks(lm.model, tokenizer, ["arc_easy"], limit=3)["arc_easy"]
+    assert engine.doc_ids == torch_res.doc_ids == [0, 1, 2] and engine.docs_sha256 == torch_res.docs_sha256
+    assert engine.score == pytest.approx(engine.correct.count("1") / 3) and len(engine.correct) == 3
 
 
 # ---------------------------------------------------------------- speed, lineage
@@ -284,6 +305,9 @@ def test_evaluate_family_report(tiny_report, family, tmp_path):
     for t in ("arc_easy", "boolq"):
         q, b = m.quality[t], r.base.quality[t]
         assert q["n"] == 4 and 0 <= q["score"] <= 1
+        # per document, for the paired gate: the ids scored and right/wrong by the primary metric
+        assert q["doc_ids"] == b["doc_ids"] == [0, 1, 2, 3] and q["docs_sha256"] == b["docs_sha256"]
+        assert q["score"] == pytest.approx(q["correct"].count("1") / 4) and set(q["correct"]) <= {"0", "1"}
         assert m.retention[t] == (q["score"] / b["score"] if b["score"] > 0 else None)
     assert m.memory["params"] < r.base.memory["params"]
     assert m.memory["disk_bytes"] < r.base.memory["disk_bytes"]
@@ -349,6 +373,15 @@ def test_report_refuses_other_schema_and_non_reports(tmp_path):
         Report.from_json({**d, "schema_version": 99})
     with pytest.raises(ZipkdError, match="not a zipkd eval report"):
         Report.from_json({"results": {}})
+    header = {k: d[k] for k in ("kind", "schema_version", "tasks")}
+    with pytest.raises(
+        ZipkdError, match="baseline b.json is not a zipkd eval report: it has no 'models' list"
+    ):
+        Report.from_json(header, "baseline b.json")
+    with pytest.raises(ZipkdError, match="model 1 has no 'quality' mapping"):
+        Report.from_json({**header, "models": [{"name": "m"}]})
+    with pytest.raises(ZipkdError, match="'models' is a dict, not a list"):
+        Report.from_json({**header, "models": {}})
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ZipkdError, match="cannot read"):
         Report.load(tmp_path / "bad.json")
@@ -417,7 +450,14 @@ def test_gate_passes_same_and_names_each_regression():
     no_speed = _report({"arc_easy": 0.60, "boolq": 0.70}, speedup=None)
     res = gate(no_speed, base, GateConfig(min_speedup=1.2))
     assert [c.metric for c in res.failures] == ["measured speedup vs base"]
-    assert "--base" in res.failures[0].describe()
+    assert "not measured" in res.failures[0].describe()
+    # these reports have no per-document results (as an older zipkd wrote): compared as numbers, with a warning
+    assert "without the paired test" in res.warnings[0]
+    # the speedup floor gates with no baseline too
+    assert not gate(worse, None, GateConfig(min_speedup=1.8)).passed
+    assert [c.metric for c in gate(worse, None, GateConfig(min_speedup=1.2)).checks] == [
+        "measured speedup vs base"
+    ]
 
 
 def test_gate_refuses_other_task_set_or_sample():
@@ -433,26 +473,16 @@ def test_gate_refuses_other_task_set_or_sample():
 # ---------------------------------------------------------------- CLI
 
 
+SMALL = ["--batch-size", "4", "--ppl-max-length", "64", "--ppl-tokens", "256", "--repeats", "2"]
+
+
 def test_cli_eval_report_and_gate(family, tmp_path):
     from typer.testing import CliRunner
 
     from zipkd.cli import app
 
     runner = CliRunner()
-    common = [
-        "--tasks",
-        "arc_easy",
-        "--limit",
-        "4",
-        "--batch-size",
-        "4",
-        "--ppl-max-length",
-        "64",
-        "--ppl-tokens",
-        "256",
-        "--repeats",
-        "2",
-    ]
+    common = ["--tasks", "arc_easy", "--limit", "20", *SMALL]
     res = runner.invoke(app, ["eval", str(family["child"]), *common, "-o", str(tmp_path / "rep")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "rep" / "pareto.png").is_file() and "measured speedup" in res.output
@@ -470,10 +500,10 @@ def test_cli_eval_report_and_gate(family, tmp_path):
         ],
     )
     assert res.exit_code == 0, res.output
-    assert "gate passed" in res.output
+    assert "gate passed" in res.output and "(0 lost, 0 gained of 20)" in res.output
     assert "Scores of base reused" in res.output  # the base's scores come from the baseline report
     better = json.loads((tmp_path / "rep" / "report.json").read_text())
-    better["models"][0]["quality"]["arc_easy"]["score"] = 1.0
+    better["models"][0]["quality"]["arc_easy"].update(score=1.0, correct="1" * 20)  # every answer right
     (tmp_path / "better.json").write_text(json.dumps(better))
     res = runner.invoke(
         app,
@@ -490,17 +520,104 @@ def test_cli_eval_report_and_gate(family, tmp_path):
     )
     assert res.exit_code == 1
     assert "arc_easy acc" in res.output and "measured speedup" in res.output and "gate failed" in res.output
+    assert (
+        "95% lower bound" in res.output
+        and "McNemar p" in res.output
+        and "fails 80% of the time" in res.output
+    )
     # bad input: unknown task (lists them), another task set than the baseline, another schema version
     assert runner.invoke(app, ["eval"]).exit_code == 2
     if not torch.cuda.is_available():
         res = runner.invoke(app, ["eval", str(family["child"]), "--device", "cuda"])
-        assert res.exit_code == 1 and "no CUDA device" in res.output
+        assert res.exit_code == 2 and "no CUDA device" in res.output
     res = runner.invoke(app, ["eval", str(family["child"]), "--tasks", "arc_esay"])
     assert res.exit_code == 2 and "arc_easy" in res.output
     res = runner.invoke(
         app, ["eval", str(family["child"]), "--tasks", "boolq", "--baseline", str(tmp_path / "rep")]
     )
-    assert res.exit_code == 1 and "scores tasks" in res.output
+    assert res.exit_code == 2 and "scores tasks" in res.output
     (tmp_path / "v0.json").write_text(json.dumps({**better, "schema_version": 0}))
     res = runner.invoke(app, ["eval", str(family["child"]), "--baseline", str(tmp_path / "v0.json")])
-    assert res.exit_code == 1 and "schema version 0" in res.output
+    assert res.exit_code == 2 and "schema version 0" in res.output
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Refusals must come before any work: evaluating fails the test."""
+
+    def evaluate(*args, **kwargs):
+        raise AssertionError("the command started evaluating")
+
+    monkeypatch.setattr("zipkd.evaluate.api.evaluate", evaluate)
+
+
+def _one_line(res) -> str:
+    """The output as one line, without the usage panel's frame (it wraps long messages)."""
+    return " ".join(res.output.replace("│", " ").split())
+
+
+def test_cli_min_speedup_gates_without_a_baseline(family):
+    """`--min-speedup` alone gates: it fails a model slower than the floor against its base, timed in this run."""
+    from typer.testing import CliRunner
+
+    from zipkd.cli import app
+
+    args = ["--tasks", "boolq", "--limit", "2", "--no-perplexity", *SMALL]
+    res = CliRunner().invoke(app, ["eval", str(family["child"]), *args, "--min-speedup", "100"])
+    assert res.exit_code == 1, res.output
+    assert "measured speedup vs base" in res.output and "gate failed" in res.output
+
+
+def test_cli_gate_options_that_cannot_gate_are_refused(family, no_work):
+    from typer.testing import CliRunner
+
+    from zipkd.cli import app
+
+    runner = CliRunner()
+    child, base = str(family["child"]), str(family["base"])
+    for args, says in (
+        ([child, "--min-speedup", "1.5", "--no-base"], "--no-base leaves none"),
+        ([base, "--min-speedup", "1.5"], "pass --base MODEL"),  # the base itself: nothing to time against
+        ([child, "--max-drop", "0.05"], "--max-drop: it needs --baseline"),
+        ([child, "--max-ppl-increase", "0.1"], "--max-ppl-increase: it needs --baseline"),
+        ([child, "--confidence", "0.9"], "--confidence: it needs --baseline"),
+    ):
+        res = runner.invoke(app, ["eval", *args])
+        assert res.exit_code == 2 and says in _one_line(res), (args, res.output)
+    res = runner.invoke(app, ["eval", child, "--min-speedup", "1.5", "--no-speed", "--no-base"])
+    assert res.exit_code == 2
+
+
+def test_cli_limit_zero_is_refused(family, no_work):
+    from typer.testing import CliRunner
+
+    from zipkd.cli import app
+
+    res = CliRunner().invoke(app, ["eval", str(family["child"]), "--limit", "0"])
+    assert res.exit_code == 2 and "a limit of 0 scores no documents" in _one_line(res)
+
+
+def test_cli_baseline_that_is_not_a_report_says_what_is_missing(family, tmp_path, no_work):
+    from typer.testing import CliRunner
+
+    from zipkd.cli import app
+
+    path = tmp_path / "baseline.json"
+    path.write_text(json.dumps({"kind": "zipkd-eval-report", "schema_version": SCHEMA_VERSION, "tasks": []}))
+    res = CliRunner().invoke(app, ["eval", str(family["child"]), "--baseline", str(path)])
+    assert res.exit_code == 2
+    assert f"baseline {path} is not a zipkd eval report: it has no 'models' list" in _one_line(res)
+    assert "malformed" not in res.output
+
+
+def test_cli_eval_prints_no_git_errors(family, tmp_path, monkeypatch, capfd):
+    """lm-eval asks git for a commit hash; outside a repository git's "fatal:" line must not reach stderr."""
+    from typer.testing import CliRunner
+
+    from zipkd.cli import app
+
+    monkeypatch.chdir(tmp_path)  # not a git repository
+    args = ["--tasks", "boolq", "--limit", "2", "--no-perplexity", "--no-speed", "--no-base", *SMALL]
+    res = CliRunner().invoke(app, ["eval", str(family["child"]), *args])
+    assert res.exit_code == 0, res.output
+    assert "fatal:" not in capfd.readouterr().err + res.output

@@ -102,5 +102,7 @@ def test_gate_passes_same_model_and_fails_worse_one(dense, tmp_path):
         ["eval", str(worse), "--baseline", str(baseline), "--no-speed", "--no-base", "--max-drop", "0.02"],
     )
     assert res.exit_code == 1, res.output
-    assert "regressed: worse: arc_easy acc" in res.output
-    assert "held-out perplexity" in res.output and "gate failed" in res.output
+    out = " ".join(res.output.split())
+    # 20 questions cannot prove a task drop (the paired test says so); the perplexity rise is unmistakable.
+    assert "arc_easy acc" in out and "a true drop of" in out
+    assert "regressed: worse: held-out perplexity" in out and "gate failed" in out

@@ -326,7 +326,7 @@ def test_load_or_profile_caches_and_checks(tiny_llama, cache_env, monkeypatch, t
     other = tiny_model(hidden_size=32, head_dim=8)
     with pytest.raises(ZipkdError, match="hidden_size: table has 64, here 32"):
         load_or_profile(other, PREFILL, table=tab.save(tmp_path / "t.json"))
-    assert load_or_profile(other, PREFILL, table=tmp_path / "t.json", force=True).num_layers == 3
+    assert load_or_profile(other, PREFILL, table=tmp_path / "t.json", accept_mismatch=True).num_layers == 3
     # Same model, other device fingerprint (threads) -> refused too.
     tab.fingerprint["threads"] = 999
     with pytest.raises(ZipkdError, match="threads"):
@@ -443,7 +443,7 @@ def test_cli_profile_json(tmp_path, cache_env):
     assert LatencyTable.load(out).num_layers == 3
     # Writing over an existing table needs --force.
     res = runner.invoke(app, ["profile", m, "--seq-len", "8", "--repeats", "1", "-o", str(out)])
-    assert res.exit_code == 1 and "--force" in res.stderr
+    assert res.exit_code == 2 and "--force" in res.stderr
     res = runner.invoke(
         app, ["profile", m, "--seq-len", "8", "--repeats", "1", "--method", "anchored", "--json"]
     )
@@ -456,10 +456,10 @@ def test_cli_profile_bad_input(tmp_path, cache_env):
 
     m = _saved(tmp_path)
     res = runner.invoke(app, ["profile", m, "--device", "tpu"])
-    assert res.exit_code == 1 and "unknown device 'tpu'" in res.stderr
+    assert res.exit_code == 2 and "unknown device 'tpu'" in res.stderr
     if not torch.cuda.is_available():
         res = runner.invoke(app, ["profile", m, "--device", "cuda"])
-        assert res.exit_code == 1 and "no GPU" in res.stderr
+        assert res.exit_code == 2 and "no GPU" in res.stderr
     res = runner.invoke(app, ["profile", m, "--batch", "0"])
     assert res.exit_code == 2 and "batch" in res.stderr
     res = runner.invoke(app, ["profile", m, "--runtime", "compile"])
@@ -469,7 +469,7 @@ def test_cli_profile_bad_input(tmp_path, cache_env):
     tab = profile_model(tiny_model(hidden_size=32, head_dim=8), Regime(seq_len=8), **FAST)
     tab.save(tmp_path / "other.json")
     res = runner.invoke(app, ["profile", m, "--table", str(tmp_path / "other.json")])
-    assert res.exit_code == 1 and "does not match" in res.stderr and "hidden_size" in res.stderr
+    assert res.exit_code == 2 and "does not match" in res.stderr and "hidden_size" in res.stderr
     assert "Traceback" not in res.output
 
 

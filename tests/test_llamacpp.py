@@ -290,7 +290,7 @@ def _run(args: list[str]):
     return CliRunner().invoke(app, args)
 
 
-def _one_line_error(result, code: int = 1) -> str:
+def _one_line_error(result, code: int = 2) -> str:
     assert result.exit_code == code, result.output
     assert "Traceback" not in result.output
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
@@ -338,7 +338,7 @@ def test_llama_cpp_missing_names_make_install(tmp_path):
         "main()\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 2, proc.stderr
     assert "make install" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "m.gguf").exists()
 

@@ -39,7 +39,7 @@ def _runner():
 
 
 def _one_line_error(res) -> str:
-    assert res.exit_code == 1, res.output
+    assert res.exit_code == 2, res.output
     err = res.stderr.strip()
     assert "Traceback" not in res.output and "Traceback" not in err
     assert len(err.splitlines()) == 1 and err.startswith("error:"), err

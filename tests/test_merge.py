@@ -72,6 +72,6 @@ def test_cli_merge(tmp_path):
     assert manifest["stage"] == "merge" and {i["role"] for i in manifest["inputs"]} == {"model", "model_b"}
     _, pruned = make_chain(tmp_path / "chain")
     res = runner.invoke(app, ["merge", str(a), str(pruned), "-o", str(tmp_path / "bad")])
-    assert res.exit_code == 1 and "different" in res.stderr and not (tmp_path / "bad").exists()
+    assert res.exit_code == 2 and "different" in res.stderr and not (tmp_path / "bad").exists()
     res = runner.invoke(app, ["merge", str(a), str(b), "--slerp", "1.5", "-o", str(tmp_path / "bad")])
     assert res.exit_code == 2

@@ -119,9 +119,20 @@ def _scores(report_path):
     return [(m.get("stage"), m["quality"], m.get("perplexity")) for m in [report["base"], *report["models"]]]
 
 
+def _temporaries(*folders):
+    """Hidden temporaries (`.NAME.tmp-*`, `.NAME.old-*`, `.NAME.lock`) left anywhere under these folders."""
+    return [
+        p
+        for f in folders
+        for p in f.rglob(".*")
+        if ".tmp-" in p.name or ".old-" in p.name or p.suffix == ".lock"
+    ]
+
+
 def test_run_killed_mid_recovery_resumes_and_matches_an_uninterrupted_run(tmp_path):
-    """SIGKILL `zipkd run` once recovery has a checkpoint; the same command again skips profile and prune, resumes
-    recovery, and ends with the weights and scores of an uninterrupted run of the same recipe and seed."""
+    """SIGKILL `zipkd run` once recovery has a checkpoint, and SIGTERM another run of it at the same point; the
+    same command again skips profile and prune, resumes recovery, leaves no temporary behind, and ends with the
+    weights and scores of an uninterrupted run of the same recipe and seed."""
     import os
     import signal
     import subprocess
@@ -130,30 +141,35 @@ def test_run_killed_mid_recovery_resumes_and_matches_an_uninterrupted_run(tmp_pa
     import torch
 
     path = recipe(tmp_path, steps=8)
-    out, ref = tmp_path / "run", tmp_path / "ref"
+    ref = tmp_path / "ref"
     cmd = [sys.executable, "-m", "zipkd.cli", "run", str(path)]
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
-    work = out / ".3-recover.recover-work"  # beside the stage folder
-    log = tmp_path / "killed.log"
-    returncode = kill_at_first_checkpoint(cmd, env, work, log, timeout=900)
-    assert returncode == -signal.SIGKILL, f"run ended before it could be killed: {log.read_text()[-2000:]}"
-    state = json.loads((out / "pipeline.json").read_text())
-    assert state["prune"]["done"] and not state["recover"]["done"] and not (out / "3-recover").exists()
-
-    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert "profile: skipped (unchanged)" in rerun.stderr and "prune: skipped (unchanged)" in rerun.stderr
-    assert "recover: running" in rerun.stderr
-    manifest = json.loads((out / "3-recover" / "zipkd.json").read_text())
-    assert manifest["metrics"]["resumed_from_step"] >= 2 and manifest["metrics"]["steps"] == 8
-    assert not work.exists()
-
     uninterrupted = subprocess.run(
         [*cmd, "-o", str(ref)], env=env, capture_output=True, text=True, timeout=900
     )
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
-    for stage in ("2-prune", "3-recover"):
-        a, b = _weights(out / stage), _weights(ref / stage)
-        assert a.keys() == b.keys(), stage
-        assert all(torch.equal(a[k], b[k]) for k in a), f"{stage} weights differ"
-    assert _scores(out / "6-eval" / "report.json") == _scores(ref / "6-eval" / "report.json")
+    for sig, name, code in ((signal.SIGKILL, "killed", -signal.SIGKILL), (signal.SIGTERM, "terminated", 143)):
+        out = tmp_path / name
+        run = [*cmd, "-o", str(out)]
+        work = out / ".3-recover.recover-work"  # beside the stage folder
+        log = tmp_path / f"{name}.log"
+        returncode = kill_at_first_checkpoint(run, env, work, log, timeout=900, sig=sig)
+        assert returncode == code, f"run ended before it could be stopped: {log.read_text()[-2000:]}"
+        state = json.loads((out / "pipeline.json").read_text())
+        assert state["prune"]["done"] and not state["recover"]["done"] and not (out / "3-recover").exists()
+        if sig == signal.SIGTERM:
+            assert "terminated" in log.read_text() and "Traceback" not in log.read_text()
+
+        rerun = subprocess.run(run, env=env, capture_output=True, text=True, timeout=900)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        assert "profile: skipped (unchanged)" in rerun.stderr and "prune: skipped (unchanged)" in rerun.stderr
+        assert "recover: running" in rerun.stderr
+        manifest = json.loads((out / "3-recover" / "zipkd.json").read_text())
+        assert manifest["metrics"]["resumed_from_step"] >= 2 and manifest["metrics"]["steps"] == 8
+        assert not work.exists() and not _temporaries(out), _temporaries(out)
+        for stage in ("2-prune", "3-recover"):
+            a, b = _weights(out / stage), _weights(ref / stage)
+            assert a.keys() == b.keys(), stage
+            assert all(torch.equal(a[k], b[k]) for k in a), f"{name}: {stage} weights differ"
+        assert _scores(out / "6-eval" / "report.json") == _scores(ref / "6-eval" / "report.json")
+    assert not _temporaries(tmp_path), _temporaries(tmp_path)

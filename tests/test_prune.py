@@ -305,12 +305,12 @@ def test_cli(tmp_path):
     assert [r["target"] for r in out["results"]] == [1.5, 2.0]
     assert (tmp_path / "fam" / "2x" / "zipkd.json").is_file()
     res = runner.invoke(app, ["prune", *base, "-t", "2x", "-o", str(tmp_path / "fam")])
-    assert res.exit_code == 1 and "already exists" in res.stderr
+    assert res.exit_code == 2 and "already exists" in res.stderr
     for bad in ("0.5", "abc"):
         res = runner.invoke(app, ["prune", *base, "-t", bad, "-o", str(tmp_path / "x")])
         assert res.exit_code == 2, res.output
     res = runner.invoke(app, ["prune", *base, "-t", "40x", "-o", str(tmp_path / "x")])
-    assert res.exit_code == 1 and "largest reachable speedup" in res.stderr
+    assert res.exit_code == 2 and "largest reachable speedup" in res.stderr
     res = runner.invoke(app, ["prune", *base, "--method", "nope", "-o", str(tmp_path / "x")])
     assert res.exit_code == 2
     res = runner.invoke(app, ["prune", "--help"], env={"COLUMNS": "400"})
@@ -319,7 +319,7 @@ def test_cli(tmp_path):
     res = runner.invoke(
         app, ["prune", *base[:-6], "--calib", str(tmp_path / "empty.txt"), "-o", str(tmp_path / "x")]
     )
-    assert res.exit_code == 1 and "empty" in res.stderr
+    assert res.exit_code == 2 and "empty" in res.stderr
     assert not (tmp_path / "x").exists()
 
 

@@ -415,7 +415,7 @@ def test_cli_quantize(tmp_path):
     res = runner.invoke(app, ["quantize", str(src), "-m", "int8", "-o", str(tmp_path / "x")])
     assert res.exit_code == 2 and "ambiguous" in res.output
     res = runner.invoke(app, ["quantize", str(src), "-m", "nf4", "-o", str(tmp_path / "q")])
-    assert res.exit_code == 1 and "already exists" in res.output
+    assert res.exit_code == 2 and "already exists" in res.output
     res = runner.invoke(app, ["quantize", "--list", "--json"])
     assert res.exit_code == 0 and [m["method"] for m in json.loads(res.stdout)["methods"]] == ALL
 

@@ -59,7 +59,7 @@ def test_cli_reports_all_problems_before_running(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("output: out\nhardware:\n  batch: 0\n  device: tpu\nseed: x\n")
     res = CliRunner().invoke(app, ["run", str(bad)])
-    assert res.exit_code == 1
+    assert res.exit_code == 2
     assert "3 problem(s)" in res.stderr and "bad.yaml:3" in res.stderr and "bad.yaml:4" in res.stderr
     assert "Traceback" not in res.output
     assert not (tmp_path / "out").exists()  # nothing ran

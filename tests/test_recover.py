@@ -477,7 +477,7 @@ def test_cli_recover(tmp_path):
     summary = json.loads(res.stdout[res.stdout.index("{") :])
     assert summary["steps"] == 2 and summary["examples"] == 6 and (tmp_path / "rec" / "zipkd.json").is_file()
     res = runner.invoke(app, args)  # exists, no --force
-    assert res.exit_code == 1 and "already exists" in res.stderr
+    assert res.exit_code == 2 and "already exists" in res.stderr
     res = runner.invoke(app, [*args[:-3], "--kd", "js"])
     assert res.exit_code == 2 and "js" in res.stderr
 

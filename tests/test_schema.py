@@ -172,7 +172,7 @@ def test_empty_recover_section_recovers_like_the_cli_default(monkeypatch, tmp_pa
 
     monkeypatch.setattr(api, "recover", fake_recover)
     res = CliRunner().invoke(app, ["recover", str(tmp_path / "pruned"), "-o", str(tmp_path / "out")])
-    assert res.exit_code == 1 and "stop here" in res.stderr
+    assert res.exit_code == 2 and "stop here" in res.stderr
     r = parse_recipe("output: o\nrecover: {}\n")
     assert r.config("recover", device=r.hardware["device"], **{"train.seed": r.seed}) == seen["config"]
 

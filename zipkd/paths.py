@@ -1,9 +1,12 @@
-"""Where zipkd keeps its cache (converted embedded model, exported data, latency tables)."""
+"""Where zipkd keeps its cache (converted embedded model, exported data, latency tables), and reading user
+text files safely."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from zipkd.errors import ZipkdError
 
 
 def cache_dir() -> Path:
@@ -20,3 +23,14 @@ def offline_env() -> None:
         os.environ.setdefault(key, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file's content; a binary or undecodable file is one clear error."""
+    data = path.read_bytes()
+    if b"\0" in data[:65536]:
+        raise ZipkdError(f"{what} {path} is a binary file, not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ZipkdError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None

@@ -22,7 +22,15 @@ from zipkd.latency.runtimes import runtime_for
 from zipkd.latency.table import Regime
 from zipkd.manifest import build_manifest, content_hash, set_seed, write_manifest
 from zipkd.models.io import load_model, resolve_model
-from zipkd.outputs import atomic_dir, atomic_write_text
+from zipkd.outputs import (
+    atomic_dir,
+    atomic_write_text,
+    check_apart,
+    check_writable,
+    is_zipkd_output,
+    output_lock,
+    resolve_path,
+)
 from zipkd.prune.api import prune_model, save_pruned
 from zipkd.quantize.api import quantize
 from zipkd.recipe import STAGES, Recipe
@@ -181,23 +189,64 @@ RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
 }
 
 
+def check_run_folder(recipe: Recipe, force: bool = False) -> Path:
+    """The recipe's output is a zipkd run folder, an empty or new folder, or (`force`) a folder the user gives
+    up; never the model, a folder inside it, or one that cannot be written. Returns the resolved folder."""
+    out = resolve_path(recipe.output, "output")
+    model_path = resolve_model(recipe.model)
+    if out.exists():
+        if not out.is_dir():
+            raise ZipkdError(f"output {out} exists and is not a folder")
+        source = resolve_path(recipe.source, "recipe") if recipe.source is not None else None
+        foreign = [p for p in out.iterdir() if not p.name.startswith(".") and p.resolve() != source]
+        if foreign and not (out / STATE).is_file() and not force:
+            raise ZipkdError(
+                f"output {out} holds files that zipkd did not write ({', '.join(sorted(p.name for p in foreign)[:3])}"
+                f"{', …' if len(foreign) > 3 else ''}); choose an empty or new folder, or pass --force to let "
+                "zipkd write into it (it replaces recipe.yaml)"
+            )
+        for name in FOLDERS.values():
+            if (out / name).is_dir() and not is_zipkd_output(out / name):
+                raise ZipkdError(
+                    f"{out / name} is a folder that zipkd did not write, where the run writes a stage; zipkd never "
+                    "replaces it: move it away or choose another output"
+                )
+    check_apart(out, (model_path,))
+    check_writable(out)
+    return out
+
+
 def run_recipe(
     recipe: Recipe,
     from_stage: str | None = None,
     progress: Any = None,
     on_stage: Callable[[str, str], None] | None = None,
+    force: bool = False,
 ) -> RunSummary:
     """Run every enabled stage of `recipe` in order; skip stages whose key (config + upstream keys) matches
-    the recorded one and whose folder exists, unless at or after `from_stage`."""
+    the recorded one and whose folder exists, unless at or after `from_stage`. The output folder is locked for
+    the whole run (a second run of it is refused) and must be zipkd's, new or empty unless `force`."""
     if from_stage is not None and from_stage not in STAGES:
         raise ZipkdError(f"unknown stage {from_stage!r}; stages are {', '.join(STAGES)}")
     if from_stage is not None and not recipe.enabled(from_stage):
         raise ZipkdError(f"stage {from_stage!r} is disabled in this recipe")
-    out = recipe.output
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_run_folder(recipe, force)
+    with output_lock(out):
+        out.mkdir(parents=True, exist_ok=True)
+        return _run_stages(recipe, out, from_stage, progress, on_stage)
+
+
+def _run_stages(
+    recipe: Recipe,
+    out: Path,
+    from_stage: str | None,
+    progress: Any,
+    on_stage: Callable[[str, str], None] | None,
+) -> RunSummary:
     model_path = resolve_model(recipe.model)
-    if recipe.source is not None:
-        atomic_write_text(out / "recipe.yaml", recipe.source.read_text())
+    copy = out / "recipe.yaml"
+    if recipe.source is not None and resolve_path(recipe.source) != copy:
+        atomic_write_text(copy, recipe.source.read_text())
     state = _load_state(out)
     upstream = _key("model", content_hash(model_path), recipe.hardware, recipe.seed)
     inputs: dict[str, Any] = {"model": str(model_path)}

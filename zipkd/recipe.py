@@ -26,6 +26,7 @@ from zipkd.evaluate.api import EvalConfig
 from zipkd.export.api import ExportConfig
 from zipkd.latency.profile import METHODS as PROFILE_METHODS
 from zipkd.latency.table import Regime
+from zipkd.paths import read_text_file
 from zipkd.prune.api import PruneConfig
 from zipkd.quantize.api import QuantizeConfig
 from zipkd.recover.api import RecoverConfig
@@ -378,5 +379,5 @@ def parse_recipe(text: str, source: Path | None = None, base_dir: Path | None = 
 def load_recipe(path: str | os.PathLike) -> Recipe:
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ZipkdError(f"recipe {path} not found")
-    return parse_recipe(path.read_text(), source=path, base_dir=Path.cwd())
+        raise ZipkdError(f"recipe {path} not found" if not path.exists() else f"recipe {path} is not a file")
+    return parse_recipe(read_text_file(path, "recipe"), source=path, base_dir=Path.cwd())

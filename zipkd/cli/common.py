@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -11,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from zipkd.errors import ZipkdError
+from zipkd.errors import INTERRUPTED, TERMINATED, USER_ERROR, Terminated, ZipkdError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -36,7 +38,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 
 
 def cli_errors(func: F) -> F:
-    """Turn user errors into one line on stderr and exit code 1 (no traceback)."""
+    """Turn user errors into one line on stderr and exit code 2, the code of a usage error (no traceback);
+    SIGTERM unwinds like Ctrl-C, so temporary outputs are removed and locks released (see zipkd.errors)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -44,16 +47,36 @@ def cli_errors(func: F) -> F:
 
         offline_env()
         _quiet_libraries()
+        previous = _terminate_on_sigterm()
         try:
             return func(*args, **kwargs)
         except ZipkdError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(USER_ERROR) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]")
-            raise typer.Exit(130) from None
+            raise typer.Exit(INTERRUPTED) from None
+        except Terminated:
+            err_console.print("[bold red]terminated[/]")
+            raise typer.Exit(TERMINATED) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _terminate_on_sigterm() -> Any:
+    """Raise `Terminated` in the main thread on SIGTERM; returns the previous handler (None off the main
+    thread, where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one unwind, even if the signal repeats
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _quiet_libraries() -> None:
@@ -111,11 +134,6 @@ def parse_speedup(value: str) -> float:
 
 def parse_speedups(value: str) -> list[float]:
     return [parse_speedup(v) for v in value.split(",") if v.strip()]
-
-
-def not_built(name: str) -> None:
-    err_console.print(f"[bold red]error:[/] `zipkd {name}` is not built yet")
-    raise typer.Exit(1)
 
 
 RuntimeOpt = Annotated[

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from zipkd.cli.app import app
 from zipkd.cli.common import ForceOpt, JsonOpt, cli_errors, console, err_console, progress, quiet_lm_eval
+
+if TYPE_CHECKING:
+    from zipkd.evaluate.api import EvalConfig
+    from zipkd.evaluate.gate import GateConfig, GateResult
 
 _QUALITY = "Quality"
 _RUNTIME = "Runtime"
@@ -23,7 +27,7 @@ def parse_limit(value: str | None) -> int | float | None:
     if value is None:
         return None
     text = value.strip().lower()
-    if text in ("all", "none", "0"):
+    if text in ("all", "none"):
         return None
     try:
         x = float(text)
@@ -31,6 +35,11 @@ def parse_limit(value: str | None) -> int | float | None:
         raise typer.BadParameter(
             f"{value!r} is not a limit; write a count (50), a fraction (0.1) or all"
         ) from None
+    if x == 0:
+        raise typer.BadParameter(
+            "a limit of 0 scores no documents; write a count (50), a fraction (0.1) or all",
+            param_hint="--limit",
+        )
     if not x > 0 or (x >= 1 and x != int(x)):
         raise typer.BadParameter(f"limit {value!r} must be a whole count, a fraction below 1, or all")
     return int(x) if x >= 1 else x
@@ -182,31 +191,50 @@ def evaluate(
     baseline: Annotated[
         Path | None,
         typer.Option(
-            help="Baseline report (report.json or its folder): exit 1 naming every metric that regressed.",
+            help="Baseline report (report.json or its folder): exit 1 naming every metric that regressed. "
+            "Task scores are compared document by document with a paired test (docs/gate.md).",
             rich_help_panel=_GATE,
             show_default=False,
         ),
     ] = None,
     max_drop: Annotated[
-        float,
+        float | None,
         typer.Option(
-            min=0.0, max=1.0, help="Largest allowed drop of a task score (absolute).", rich_help_panel=_GATE
+            min=0.0,
+            max=1.0,
+            help="The drop of a task score that matters (absolute; default 0.02): a task fails when the paired "
+            "test shows, at --confidence, a drop larger than this. Needs --baseline.",
+            rich_help_panel=_GATE,
+            show_default=False,
         ),
-    ] = 0.02,
+    ] = None,
+    confidence: Annotated[
+        float | None,
+        typer.Option(
+            help="Confidence of the paired test (default 0.95): a true drop of --max-drop fails at most "
+            "1 − confidence of the time. Needs --baseline.",
+            rich_help_panel=_GATE,
+            show_default=False,
+        ),
+    ] = None,
     min_speedup: Annotated[
         str | None,
         typer.Option(
-            help="Smallest allowed measured speedup vs the base (e.g. 1.8 or 1.8x).",
+            help="Smallest allowed measured speedup vs the base model timed in this run (e.g. 1.8 or 1.8x); "
+            "gates with or without --baseline.",
             rich_help_panel=_GATE,
             show_default=False,
         ),
     ] = None,
     max_ppl_increase: Annotated[
-        float,
+        float | None,
         typer.Option(
-            min=0.0, help="Largest allowed relative rise of held-out perplexity.", rich_help_panel=_GATE
+            min=0.0,
+            help="Largest allowed relative rise of held-out perplexity (default 0.05). Needs --baseline.",
+            rich_help_panel=_GATE,
+            show_default=False,
         ),
-    ] = 0.05,
+    ] = None,
     output: Annotated[
         Path | None,
         typer.Option(
@@ -240,19 +268,25 @@ def evaluate(
             f"unknown runtime {runtime!r}; choose torch or llama.cpp", param_hint="--runtime"
         )
     _check_gguf_inputs([*models, *([base] if base else [])])
-    speedup_floor = _speedup(min_speedup)
     if regime is not None and regime not in ("prefill", "decode"):
         raise typer.BadParameter(
             f"unknown regime {regime!r}; choose prefill or decode", param_hint="--regime"
         )
+    gate_config = _gate_config(
+        baseline,
+        max_drop=max_drop,
+        confidence=confidence,
+        max_ppl_increase=max_ppl_increase,
+        min_speedup=_speedup(min_speedup),
+    )
     quiet_lm_eval()
 
     from zipkd.evaluate.api import AUTO, DEFAULT_LIMIT, DEFAULT_TASKS, EvalConfig
     from zipkd.evaluate.api import evaluate as run_eval
-    from zipkd.evaluate.gate import GateConfig, check_comparable, gate
+    from zipkd.evaluate.gate import check_comparable, gate
     from zipkd.evaluate.report import Report, markdown, write_report
 
-    ref = Report.load(baseline) if baseline is not None else None
+    ref = Report.load(baseline, role="baseline") if baseline is not None else None
     task_list = _tasks(tasks) or (list(ref.tasks) if ref else list(DEFAULT_TASKS))
     try:
         task_list = resolve_tasks(task_list)
@@ -293,14 +327,20 @@ def evaluate(
     )
     if ref is not None and set(config.tasks) != set(ref.tasks):
         check_comparable(Report(tasks=list(config.tasks), limit=lim, models=[]), ref)  # raises, naming both
-    if output is not None:
-        from zipkd.outputs import check_output
+    if gate_config.min_speedup is not None:
+        _require_base(models, config)
+    import contextlib
 
-        check_output(output, force)
-    with progress() as bar:
-        report = run_eval(models, config, progress=bar, reuse_base=ref)
-    if output is not None:
-        write_report(report, output, force=force)
+    from zipkd.outputs import check_output, output_lock
+
+    given = [Path(m).expanduser() for m in [*models, *([base] if base else [])]]
+    inputs = tuple(p for p in given if p.exists())  # model folders, families of them, .gguf files
+    out = check_output(output, force, inputs) if output is not None else None
+    with output_lock(out) if out is not None else contextlib.nullcontext():
+        with progress() as bar:
+            report = run_eval(models, config, progress=bar, reuse_base=ref)
+        if out is not None:
+            write_report(report, out, force=force)
     if json_out:
         console.print_json(json.dumps(report.to_json()))
     else:
@@ -309,24 +349,60 @@ def evaluate(
         console.print(Markdown(markdown(report)))
         if output is not None:
             console.print(f"report written to {output}")
-    if ref is not None:
-        result = gate(
-            report,
-            ref,
-            GateConfig(max_drop=max_drop, min_speedup=speedup_floor, max_ppl_increase=max_ppl_increase),
+    if ref is not None or gate_config.min_speedup is not None:
+        _print_gate(gate(report, ref, gate_config), baseline, json_out)
+
+
+def _gate_config(baseline: Path | None, **given: float | None) -> GateConfig:
+    """The gate's settings from the options given (None: not given, the default). Those that compare with a
+    baseline are refused without one, before any work: a gate option never goes unchecked."""
+    from zipkd.evaluate.gate import GateConfig
+
+    if baseline is None:
+        for name, value in given.items():
+            if value is not None and name != "min_speedup":
+                option = "--" + name.replace("_", "-")
+                raise typer.BadParameter(
+                    "it needs --baseline (the report to compare with)", param_hint=option
+                )
+    return GateConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def _require_base(models: list[str], config: EvalConfig) -> None:
+    """--min-speedup compares with the base model timed in the same run: refuse, before any work, a run that
+    would time none."""
+    from zipkd.evaluate.api import base_for
+
+    if base_for(models, config) is None:
+        why = (
+            "--no-base leaves none; drop --no-base"
+            if config.base is None
+            else "no model other than these is given or named by their manifests; pass --base MODEL"
         )
-        out = err_console if json_out else console  # keep stdout pure JSON with --json
-        for check in result.checks:
-            if check.passed:
-                out.print(f"[green]ok[/] {check.describe()}", highlight=False)
-        if not result.passed:
-            for check in result.failures:
-                err_console.print(f"[bold red]regressed:[/] {check.describe()}", highlight=False)
-            err_console.print(
-                f"[bold red]gate failed:[/] {len(result.failures)} metric(s) regressed against {baseline}"
-            )
-            raise typer.Exit(1)
-        out.print(f"[green]gate passed[/] ({len(result.checks)} checks against {baseline})")
+        raise typer.BadParameter(
+            f"it gates the speedup measured against a base model timed in this run, and {why}",
+            param_hint="--min-speedup",
+        )
+
+
+def _print_gate(result: GateResult, baseline: Path | None, json_out: bool) -> None:
+    """Every check (ok lines on stdout, or stderr with --json; regressions on stderr), then the verdict; exit 1
+    when a check failed."""
+    out = err_console if json_out else console  # keep stdout pure JSON with --json
+    against = f" against {baseline}" if baseline is not None else ""
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    for check in result.checks:
+        if check.passed:
+            out.print(f"[green]ok[/] {check.describe()}", highlight=False, soft_wrap=True)
+    if not result.passed:
+        for check in result.failures:
+            err_console.print(f"[bold red]regressed:[/] {check.describe()}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[bold red]gate failed:[/] {len(result.failures)} check(s) failed{against}", soft_wrap=True
+        )
+        raise typer.Exit(1)
+    out.print(f"[green]gate passed[/] ({len(result.checks)} checks{against})", soft_wrap=True)
 
 
 def _check_gguf_inputs(specs: list[str]) -> None:

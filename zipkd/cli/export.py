@@ -50,8 +50,10 @@ def export(
     src = resolve_model(model)
     out = check_file_output(output, force, (src,))  # before loading anything
     precheck(src)
-    lm = load_model(model, dtype="float32", device="cpu")
-    with progress(transient=True) as bar:
+    from zipkd.outputs import output_lock
+
+    with output_lock(out), progress(transient=True) as bar:
+        lm = load_model(model, dtype="float32", device="cpu")
         bar.add_task(f"exporting {config.quantization} GGUF", total=None)
         result = run_export(lm, config, out, force=force)
     if as_json:

@@ -17,7 +17,6 @@ from zipkd.cli.common import (
     DecodeTokensOpt,
     DeviceOpt,
     DtypeOpt,
-    ForceOpt,
     JsonOpt,
     ModelArg,
     QuantizationOpt,
@@ -95,12 +94,27 @@ def profile(
     seed: Annotated[
         int, typer.Option(help="Seed of the random variants for --validate.", rich_help_panel=_RUN)
     ] = 0,
-    force: ForceOpt = False,
+    remeasure: Annotated[
+        bool,
+        typer.Option(
+            "--remeasure",
+            help="Measure again even when a cached table exists (it is replaced).",
+            rich_help_panel=_RUN,
+        ),
+    ] = False,
+    force_table: Annotated[
+        bool,
+        typer.Option(
+            "--force-table",
+            help="Accept a --table measured for another device, or another model of the same shape.",
+            rich_help_panel=_RUN,
+        ),
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --output file.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure a latency table: every attention KV-head count and a grid of MLP widths (0 = block removed),
-    plus the rest, on the target device and regime. Cached and reused; --force re-measures (and accepts a
-    mismatching --table)."""
+    plus the rest, on the target device and regime. Cached and reused (--remeasure measures again)."""
     from zipkd.cli.common import regime_from_options
     from zipkd.latency.profile import METHODS, load_or_profile, parse_device
     from zipkd.latency.runtimes import runtime_for
@@ -111,10 +125,10 @@ def profile(
             f"unknown method {method!r}; choose auto, {', '.join(METHODS)}", param_hint="--method"
         )
     how = None if method == "auto" else method
-    if output is not None and output.exists() and not force:
-        from zipkd.errors import ZipkdError
+    if output is not None:
+        from zipkd.outputs import check_output
 
-        raise ZipkdError(f"{output} exists; pass --force to replace it")
+        output = check_output(output, force, (table,) if table else (), kind="file")
     reg = regime_from_options(
         device=device,
         regime=regime,
@@ -129,9 +143,30 @@ def profile(
     )
     engine = not runtime_for(reg.runtime).torch
     dev = parse_device(device) if (table is None or validate) and not engine else None
+    if table is not None:  # checked against config.json before any weights load
+        from types import SimpleNamespace
+
+        from zipkd.latency.profile import check_table_config
+        from zipkd.latency.table import LatencyTable
+        from zipkd.models.io import read_config, resolve_model
+
+        src = resolve_model(model)
+        if src.is_dir():
+            check_table_config(
+                LatencyTable.load(table), SimpleNamespace(**read_config(src)), reg, force_table
+            )
     lm = load_model(model, dtype=dtype, device=str(dev or "cpu"), tokenizer=engine)
     with progress(transient=True) as bar:
-        tab = load_or_profile(lm, reg, table=table, force=force, progress=bar, method=how, repeats=repeats)
+        tab = load_or_profile(
+            lm,
+            reg,
+            table=table,
+            accept_mismatch=force_table,
+            progress=bar,
+            method=how,
+            repeats=repeats,
+            remeasure=remeasure,
+        )
         report = None
         if validate and engine:
             report = (
@@ -144,7 +179,10 @@ def profile(
 
             report = validate_table(lm, tab, n=variants, seed=seed, repeats=max(3, repeats - 2), progress=bar)
     if output is not None:
-        tab.save(output)
+        from zipkd.outputs import output_lock
+
+        with output_lock(output):
+            tab.save(output)
     if as_json:
         out = {"table": tab.to_json()}
         if report is not None:

@@ -54,6 +54,11 @@ def _targets(value: str) -> list[float]:
     targets = parse_speedups(value)
     if not targets:
         raise typer.BadParameter("give at least one target speedup, e.g. 2x or 1.5x,2x,3x")
+    if min(targets) == 1.0:
+        raise typer.BadParameter(
+            "1x is the dense model itself: nothing to prune (give a target above 1x, e.g. 1.5x)",
+            param_hint="--target-speedup",
+        )
     return targets
 
 
@@ -174,14 +179,20 @@ def prune(
         fisher_samples=fisher_samples,
         device=device,
     )
-    from zipkd.outputs import check_output
+    from zipkd.models.io import resolve_model
+    from zipkd.outputs import check_output, output_lock
 
-    check_output(output, force)  # fail before the expensive part
+    src = resolve_model(model)
+    out = check_output(output, force, (src, *((calib,) if calib else ())))  # before the expensive part
+    from zipkd.prune.api import precheck
+
+    precheck(src, config)  # config.json and the table alone: no weights loaded yet
     texts = load_texts(calib) if calib is not None and config.needs_calibration else None
-    lm = load_model(model, dtype=dtype, device="cpu")
-    with progress(transient=True) as bar:
-        results = run_prune(lm, config, calib_texts=texts, progress=bar)
-        folders = save_pruned(results, lm, output, config, force=force, calib_path=calib)
+    with output_lock(out):
+        lm = load_model(model, dtype=dtype, device="cpu")
+        with progress(transient=True) as bar:
+            results = run_prune(lm, config, calib_texts=texts, progress=bar)
+            folders = save_pruned(results, lm, out, config, force=force, calib_path=calib)
     rows = [
         {
             "target": r.target,

@@ -141,8 +141,12 @@ def quantize(
         if measure
         else None
     )
-    with progress(transient=True) as bar:
-        res = run_quantize(model, cfg, output, force=force, measure=regime, progress=bar, repeats=repeats)
+    from zipkd.models.io import resolve_model
+    from zipkd.outputs import check_output, output_lock
+
+    out = check_output(output, force, (resolve_model(model),))  # before loading anything
+    with output_lock(out), progress(transient=True) as bar:
+        res = run_quantize(model, cfg, out, force=force, measure=regime, progress=bar, repeats=repeats)
     summary = {
         "output": str(res.out),
         "method": res.method,

@@ -108,7 +108,8 @@ def run(
         bool,
         typer.Option(
             "--force",
-            help="Accepted for symmetry; reruns are incremental anyway (stages whose inputs and config match are skipped).",
+            help="Write into an existing folder that zipkd did not create (its recipe.yaml is replaced; a stage "
+            "folder zipkd did not write is never replaced). Reruns of a zipkd run folder need no --force.",
         ),
     ] = False,
     check: Annotated[bool, typer.Option("--check", help="Only validate the recipe and exit.")] = False,
@@ -132,7 +133,7 @@ def run(
         err_console.print(f"[bold]{stage}[/]: {status}")
 
     with progress() as bar:
-        summary = run_recipe(r, from_stage=from_stage, progress=bar, on_stage=on_stage)
+        summary = run_recipe(r, from_stage=from_stage, progress=bar, on_stage=on_stage, force=force)
     if summary.report is not None:
         console.print(summary_table(summary.report))
     if summary.engine_report is not None:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from zipkd.errors import ZipkdError
+from zipkd.paths import read_text_file
 
 TEXT_FIELDS = ("text", "content", "passage", "document")
 
@@ -29,13 +30,29 @@ def jsonl_rows(path: Path):
             yield n, row
 
 
+def _parquet_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a Parquet file read with pyarrow (no datasets cache, no lock files); a file that is not Parquet
+    is one clear error."""
+    with path.open("rb") as f:
+        head = f.read(4)
+        f.seek(max(0, path.stat().st_size - 4))
+        tail = f.read(4)
+    if head != b"PAR1" or tail != b"PAR1":
+        raise ZipkdError(f"data file {path} is not a Parquet file (no PAR1 header and footer)")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        raise ZipkdError(f"cannot read the Parquet file {path}: {exc}") from None
+
+
 def _records(path: Path) -> list[dict[str, Any]]:
     if path.suffix == ".jsonl":
         return [row for _, row in jsonl_rows(path)]
     if path.suffix == ".parquet":
-        import datasets
-
-        return list(datasets.Dataset.from_parquet(str(path)))
+        return _parquet_rows(path)
     raise ZipkdError(f"{path}: unsupported data format {path.suffix!r} (use .txt, .jsonl or .parquet)")
 
 
@@ -46,7 +63,7 @@ def load_texts(path: str | os.PathLike) -> list[str]:
     if not path.is_file():
         raise ZipkdError(f"data file {path} not found")
     if path.suffix == ".txt":
-        docs = [p.strip() for p in path.read_text(errors="replace").split("\n\n")]
+        docs = [p.strip() for p in read_text_file(path, "data file").split("\n\n")]
         docs = [d for d in docs if d]
     else:
         docs = []

@@ -222,16 +222,20 @@ def _stage(path: Path) -> str | None:
 
 
 def _quality_dict(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {
-        t: {
+    """A report's `quality`: per task the primary score and lm-eval's metrics, and (for the paired gate) the
+    documents scored and "1"/"0" per document, right or wrong by the primary metric."""
+    out = {}
+    for t, r in results.items():
+        out[t] = {
             "metric": r.primary,
             "score": r.score,
             "stderr": r.stderr.get(r.primary),
             "n": r.n,
             "metrics": r.metrics,
         }
-        for t, r in results.items()
-    }
+        if r.doc_ids is not None:
+            out[t].update(doc_ids=r.doc_ids, correct=r.correct, docs_sha256=r.docs_sha256)
+    return out
 
 
 def _heldout_texts() -> list[str]:
@@ -423,6 +427,37 @@ def _reuse(found: ModelEval, spec: str, path: Path, source: str) -> ModelEval:
     )
 
 
+def _specs(model_spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    specs = expand_specs([model_spec] if isinstance(model_spec, (str, os.PathLike)) else list(model_spec))
+    if not specs:
+        raise ZipkdError("no model to evaluate")
+    return specs
+
+
+def _torch_base(specs: list[str], config: EvalConfig) -> str | None:
+    """The base model in torch: `resolve_base`, unless it is one of the models (nothing to compare with)."""
+    base_spec = resolve_base(specs, config)
+    if base_spec is not None and any(
+        _model_path(base_spec).resolve() == _model_path(s).resolve() for s in specs
+    ):
+        return None
+    return base_spec
+
+
+def base_for(
+    model_spec: str | os.PathLike | Sequence[str | os.PathLike], config: EvalConfig | None = None
+) -> str | None:
+    """The base model `evaluate` would compare the models with (retention, measured speedup), or None; found
+    from the arguments, manifests and GGUF headers only, so a caller can refuse what needs a base before any
+    work."""
+    config = config or EvalConfig()
+    specs = _specs(model_spec)
+    if resolve_runtime(specs, config) == "llama.cpp":
+        base = _llamacpp_base([_engine_model(s) for s in specs], config)
+        return None if base is None else base.spec
+    return _torch_base(specs, config)
+
+
 def evaluate(
     model_spec: str | os.PathLike | Sequence[str | os.PathLike],
     config: EvalConfig | None = None,
@@ -437,9 +472,7 @@ def evaluate(
 
     offline_env()
     config = config or EvalConfig()
-    specs = expand_specs([model_spec] if isinstance(model_spec, (str, os.PathLike)) else list(model_spec))
-    if not specs:
-        raise ZipkdError("no model to evaluate")
+    specs = _specs(model_spec)
     if resolve_runtime(specs, config) == "llama.cpp":
         return _evaluate_llamacpp(specs, config, progress, reuse_base)
     if config.quantization is not None or config.threads is not None:
@@ -449,11 +482,7 @@ def evaluate(
         )
     config = dataclasses.replace(config, runtime="torch")
     _check_device(config.device)
-    base_spec = resolve_base(specs, config)
-    if base_spec is not None and any(
-        _model_path(base_spec).resolve() == _model_path(s).resolve() for s in specs
-    ):
-        base_spec = None  # evaluating the base itself: nothing to compare with
+    base_spec = _torch_base(specs, config)
     regime, regime_source = resolve_regime(specs, config) if config.speed else (None, None)
     evals = [_quality(s, config, progress) for s in specs]
     base = None
@@ -793,6 +822,7 @@ __all__ = [
     "EvalConfig",
     "Report",
     "available_tasks",
+    "base_for",
     "evaluate",
     "gguf_type",
 ]

@@ -2,10 +2,14 @@
 
 The YAMLs in `zipkd/evaluate/tasks/` name their data file by a placeholder; `materialize_tasks` writes a copy
 with this machine's paths (from `zipkd.data.assets.eval_data_path`), which both `run_tasks` (Python API) and
-the `lm_eval` command line (`--include_path`) read, so the two score the same documents the same way."""
+the `lm_eval` command line (`--include_path`) read, so the two score the same documents the same way.
+
+Scoring keeps, per task, which documents were scored and whether each was answered right by the primary metric:
+the CI gate (`zipkd.evaluate.gate`) compares two reports document by document."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -37,13 +41,19 @@ PRIMARY_METRIC = {
 
 @dataclass
 class TaskResult:
-    """Scores of one task: every lm-eval metric (and its stderr), the primary one, and how many documents."""
+    """Scores of one task: every lm-eval metric (and its stderr), the primary one, and how many documents.
+    With lm-eval's per-document samples: the documents' ids (in order), `correct` ("1"/"0" per document: right or
+    wrong by the primary metric) and `docs_sha256` (a digest of lm-eval's document hashes, so that the same ids
+    are known to hold the same documents); None without them (lm-eval's command line writes samples apart)."""
 
     task: str
     metrics: dict[str, float]
     stderr: dict[str, float]
     primary: str
     n: int
+    doc_ids: list[int] | None = None
+    correct: str | None = None
+    docs_sha256: str | None = None
 
     @property
     def score(self) -> float:
@@ -117,8 +127,36 @@ def parse_results(results: dict[str, Any], tasks: Sequence[str]) -> dict[str, Ta
                 metrics[metric] = float(v)
         n_samples = results.get("n-samples", {}).get(key, {})
         n = int(n_samples.get("effective", n_samples.get("original", 0)))
-        out[name] = TaskResult(name, metrics, stderr, PRIMARY_METRIC.get(name, "acc"), n)
+        primary = PRIMARY_METRIC.get(name, "acc")
+        samples = results.get("samples", {}).get(key)
+        docs = per_document(samples, primary, name) if samples is not None else (None, None, None)
+        out[name] = TaskResult(name, metrics, stderr, primary, n, *docs)
     return out
+
+
+def per_document(samples: Sequence[dict[str, Any]], metric: str, task: str) -> tuple[list[int], str, str]:
+    """lm-eval's logged samples of one task -> (doc ids in order, "1"/"0" per document by `metric`, digest of
+    the documents' hashes)."""
+    rows = sorted(samples, key=lambda s: int(s["doc_id"]))
+    values = [float(s[metric]) for s in rows]
+    if any(v not in (0.0, 1.0) for v in values):
+        raise ZipkdError(f"{task}: lm-eval scored {metric} per document with values other than 0 and 1")
+    digest = hashlib.sha256("\n".join(str(s["doc_hash"]) for s in rows).encode()).hexdigest()
+    return [int(s["doc_id"]) for s in rows], "".join("1" if v else "0" for v in values), digest
+
+
+@contextmanager
+def _no_git_probe() -> Iterator[None]:
+    """lm-eval records `git describe` of the working directory in its results; outside a git repository git
+    prints "fatal: not a git repository" on stderr. zipkd never reads that hash: skip the probe for the call."""
+    import lm_eval.evaluator as evaluator
+
+    probe = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = probe
 
 
 def _lm_class() -> Any:
@@ -203,14 +241,14 @@ def evaluate_lm(
             progress.advance(bar, rows)  # a forward's rows; shared contexts make it end below the total
 
         lm.on_start, lm.on_rows = on_start, on_rows
-    with task_folder(names) as folder:
+    with task_folder(names) as folder, _no_git_probe():
         manager = TaskManager(include_path=str(folder), include_defaults=False)
         results = simple_evaluate(
             model=lm,
             tasks=[TASK_PREFIX + n for n in names],
             task_manager=manager,
             limit=limit,
-            log_samples=False,
+            log_samples=True,  # per-document correctness, for the paired gate
         )
     if progress is not None:
         progress.update(bar, total=seen["total"] or 1, completed=seen["total"] or 1)

@@ -87,35 +87,59 @@ class Report:
                 f"{source} has report schema version {d.get('schema_version')}, this zipkd reads version "
                 f"{SCHEMA_VERSION}; re-run `zipkd eval` on the baseline model with this zipkd"
             )
-        try:
-            models = [_model(m) for m in d["models"]]
-            base = _model(d["base"]) if d.get("base") else None
-            fields = {
-                k: d[k]
-                for k in ("regime", "regime_source", "config", "created", "versions", "hardware")
-                if k in d
-            }
-            return cls(tasks=list(d["tasks"]), limit=d.get("limit"), models=models, base=base, **fields)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ZipkdError(f"{source} is a malformed eval report: {exc}") from exc
+        tasks = _field(d, "tasks", list, source, "it")
+        models = [
+            _model(m, source, f"model {i + 1}") for i, m in enumerate(_field(d, "models", list, source, "it"))
+        ]
+        base = _model(d["base"], source, "its base") if d.get("base") else None
+        fields = {
+            k: d[k]
+            for k in ("regime", "regime_source", "config", "created", "versions", "hardware")
+            if k in d
+        }
+        return cls(tasks=list(tasks), limit=d.get("limit"), models=models, base=base, **fields)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Report:
+    def load(cls, path: str | os.PathLike, role: str = "report") -> Report:
+        """Read `report.json` (or the folder holding it); `role` names the file in messages ("baseline")."""
         path = Path(path)
         if path.is_dir():
             path = path / REPORT_JSON
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ZipkdError(f"report {path} not found") from None
+            raise ZipkdError(f"{role} {path} not found") from None
         except (OSError, json.JSONDecodeError) as exc:
-            raise ZipkdError(f"cannot read report {path}: {exc}") from exc
-        return cls.from_json(data, str(path))
+            raise ZipkdError(f"cannot read {role} {path}: {exc}") from exc
+        return cls.from_json(data, f"{role} {path}")
 
 
-def _model(d: dict[str, Any]) -> ModelEval:
+def _field(d: dict[str, Any], key: str, kind: type, source: str, what: str) -> Any:
+    """`d[key]` when it is a `kind`; else one line naming the file, the entry and what was expected."""
+    noun = {list: "list", dict: "mapping", str: "string"}[kind]
+    if key not in d:
+        raise ZipkdError(f"{source} is not a zipkd eval report: {what} has no {key!r} {noun}")
+    if not isinstance(d[key], kind):
+        raise ZipkdError(
+            f"{source} is not a zipkd eval report: {what}'s {key!r} is a {type(d[key]).__name__}, not a {noun}"
+        )
+    return d[key]
+
+
+def _model(d: Any, source: str, what: str) -> ModelEval:
+    """One model entry of a report (the fields this zipkd knows; a name and a quality mapping are required)."""
+    if not isinstance(d, dict):
+        raise ZipkdError(
+            f"{source} is not a zipkd eval report: {what} is a {type(d).__name__}, not a mapping"
+        )
+    _field(d, "name", str, source, what)
+    for task, q in _field(d, "quality", dict, source, what).items():
+        if not isinstance(q, dict) or "score" not in q or "metric" not in q:
+            raise ZipkdError(
+                f"{source} is not a zipkd eval report: {what}'s quality of {task!r} has no metric and score"
+            )
     known = ModelEval.__dataclass_fields__
-    return ModelEval(**{k: v for k, v in d.items() if k in known})
+    return ModelEval(**{"path": None, **{k: v for k, v in d.items() if k in known}})
 
 
 def _finite(obj: Any) -> Any:

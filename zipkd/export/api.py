@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from zipkd.manifest import build_manifest
 from zipkd.models.adapters import adapter_for
 from zipkd.models.io import read_config, resolve_model
 from zipkd.models.surgery import base_geometry, layer_shapes
+from zipkd.outputs import check_output, scratch_beside
 from zipkd.runtimes.llamacpp import gguf_metadata, llama_cpp_module, open_model, parse_ftype, quantize_gguf
 
 MANIFEST_KEY = "zipkd.manifest"  # the export's manifest, as a JSON string inside the GGUF
@@ -60,22 +59,8 @@ class ExportResult:
 
 def check_file_output(out: str | os.PathLike, force: bool, inputs: tuple[Path, ...] = ()) -> Path:
     """Refuse an existing output file without force, a folder in its place, an output inside an input, and an
-    unwritable parent — before any work."""
-    out = Path(out).expanduser().resolve()
-    for src in inputs:
-        src = Path(src).expanduser().resolve()
-        if out == src or (src.is_dir() and out.is_relative_to(src)):
-            raise ZipkdError(f"output {out} would be written inside the input {src}; choose another path")
-    if out.is_dir():
-        raise ZipkdError(f"output {out} is a folder; give a file name such as model.gguf")
-    if out.exists() and not force:
-        raise ZipkdError(f"output {out} already exists; pass --force to replace it")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ZipkdError(f"cannot write {out}: {parent} is not writable")
-    return out
+    unwritable folder — before any work."""
+    return check_output(out, force, inputs, kind="file")
 
 
 def export_gguf(lm: Any, config: ExportConfig, out: str | os.PathLike, force: bool = False) -> ExportResult:
@@ -95,8 +80,7 @@ def export_gguf(lm: Any, config: ExportConfig, out: str | os.PathLike, force: bo
         "export", {"model": src}, config, None, {"gguf_layers": len(layers)}, {"export": {"format": "gguf"}}
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with scratch_beside(out) as tmpdir:
         tok_dir = tmpdir / "tokenizer"
         if lm.tokenizer is not None:
             lm.tokenizer.save_pretrained(tok_dir)
@@ -114,8 +98,6 @@ def export_gguf(lm: Any, config: ExportConfig, out: str | os.PathLike, force: bo
         if config.check:
             check_export(final, lm.tokenizer)
         os.replace(final, out)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
     return ExportResult(out, arch, config.quantization, out.stat().st_size, [asdict(lay) for lay in layers])
 
 

@@ -561,7 +561,7 @@ def profile_model(
         if load > 1.5 * cores:
             warnings.append(
                 f"the CPU was busy while profiling (load average {load:.1f} on {cores} cores): other jobs shift "
-                "the blocks' relative costs; re-measure on a quiet machine with `zipkd profile --force`"
+                "the blocks' relative costs; re-measure on a quiet machine with `zipkd profile --remeasure`"
             )
     if negative:
         warnings.append(f"negative entries clamped to 0 ({', '.join(negative)}): timings were very noisy")
@@ -612,14 +612,37 @@ def table_cache_path(config: Any, regime: Regime, method: str | None = None) -> 
     return cache_dir() / "tables" / name
 
 
-def check_table(table: LatencyTable, lm: Any, regime: Regime, force: bool = False) -> LatencyTable:
-    """Refuse a table measured for another model or device (unless forced), naming the differences."""
-    problems = table_mismatch(table, _module(lm).config, regime)
-    if problems and not force:
+def check_table(table: LatencyTable, lm: Any, regime: Regime, accept_mismatch: bool = False) -> LatencyTable:
+    """Refuse a table measured for another model or device (unless `accept_mismatch`), naming the
+    differences; a table whose grid cannot describe this model (other layer count, other dense KV heads or MLP
+    width) is refused even then."""
+    return check_table_config(table, _module(lm).config, regime, accept_mismatch)
+
+
+def check_table_config(
+    table: LatencyTable, config: Any, regime: Regime, accept_mismatch: bool = False
+) -> LatencyTable:
+    """`check_table` from the model's config alone (an object with the config.json fields), so a table can be
+    refused before any weights load."""
+    geo = base_geometry(config)
+    shape = []
+    if table.num_layers != geo.num_layers:
+        shape.append(f"{table.num_layers} layers, the model has {geo.num_layers}")
+    if max(table.attention_ms) != geo.num_kv_heads:
+        shape.append(f"up to {max(table.attention_ms)} KV heads, the model has {geo.num_kv_heads}")
+    if max(table.mlp_ms) != geo.intermediate_size:
+        shape.append(f"MLP width up to {max(table.mlp_ms)}, the model has {geo.intermediate_size}")
+    if shape:
+        raise ZipkdError(
+            f"the latency table describes another model ({'; '.join(shape)}), even with --force-table; "
+            "profile this model with `zipkd profile`"
+        )
+    problems = table_mismatch(table, config, regime)
+    if problems and not accept_mismatch:
         raise ZipkdError(
             "latency table does not match this model/device ("
             + "; ".join(problems)
-            + "); profile again or pass --force"
+            + "); profile again, or pass --force-table to use it anyway"
         )
     return table
 
@@ -628,20 +651,22 @@ def load_or_profile(
     lm: Any,
     regime: Regime,
     table: LatencyTable | str | Path | None = None,
-    force: bool = False,
+    accept_mismatch: bool = False,
     progress: Any = None,
     method: str | None = None,
     repeats: int = 9,
+    remeasure: bool = False,
 ) -> LatencyTable:
-    """A given table (checked against the model/device; `force` accepts a mismatch), else the cached table for
-    this model+device+regime(+method), else a freshly measured one (cached). `force` also re-measures a cached
-    table. `method`, `repeats`: see `profile_model` (default method: the device's, `default_method`)."""
+    """A given table (checked against the model/device; `accept_mismatch` takes one measured for another
+    device or model of the same shape), else the cached table for this model+device+regime(+method) unless
+    `remeasure`, else a freshly measured one (cached). `method`, `repeats`: see `profile_model` (default
+    method: the device's, `default_method`)."""
     if table is not None:
         tab = table if isinstance(table, LatencyTable) else LatencyTable.load(table)
-        return check_table(tab, lm, regime, force)
+        return check_table(tab, lm, regime, accept_mismatch)
     model = _module(lm)
     path = table_cache_path(model.config, regime, method)
-    if path.is_file() and not force:
+    if path.is_file() and not remeasure:
         try:
             tab = LatencyTable.load(path)
             if not table_mismatch(tab, model.config, regime):

@@ -6,6 +6,7 @@ non-prunable part (embeddings, final norm, lm_head) and entries at 0 are the cos
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -144,15 +145,20 @@ class LatencyTable:
         return Path(path)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> LatencyTable:
+    def from_json(cls, d: dict[str, Any], source: str = "latency table") -> LatencyTable:
+        """A table from its JSON; `source` names it in errors (a missing field, a negative or non-finite time,
+        a table that makes no model faster than another)."""
+        if not isinstance(d, dict):
+            raise ZipkdError(f"{source} is not a zipkd latency table (expected a JSON object)")
         if d.get("schema_version") != SCHEMA_VERSION:
             raise ZipkdError(
-                f"latency table schema {d.get('schema_version')} is not supported (need {SCHEMA_VERSION})"
+                f"{source}: latency table schema {d.get('schema_version')} is not supported (need "
+                f"{SCHEMA_VERSION}); re-measure it with `zipkd profile`"
             )
         try:
-            return cls(
+            tab = cls(
                 regime=Regime(**d["regime"]),
-                fingerprint=d["fingerprint"],
+                fingerprint=dict(d["fingerprint"]),
                 rest_ms=float(d["rest_ms"]),
                 attention_ms={int(k): float(v) for k, v in d["attention_ms"].items()},
                 mlp_ms={int(k): float(v) for k, v in d["mlp_ms"].items()},
@@ -161,16 +167,45 @@ class LatencyTable:
                 meta=d.get("meta", {}),
                 layer_overhead_ms=float(d.get("layer_overhead_ms", 0.0)),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ZipkdError(f"malformed latency table: {exc}") from exc
+        except KeyError as exc:
+            raise ZipkdError(
+                f"{source} is not a zipkd latency table: it has no {exc.args[0]!r} field"
+            ) from None
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ZipkdError(f"{source} is a malformed latency table ({exc})") from None
+        tab.check_sane(source)
+        return tab
+
+    def check_sane(self, source: str = "latency table") -> None:
+        """Every time finite and ≥ 0 (the layer overhead, a difference of timings, only finite), a grid, and a
+        positive dense latency: a table that breaks these would make the search promise impossible speedups."""
+        if not math.isfinite(self.layer_overhead_ms):
+            raise ZipkdError(f"{source} is not a usable latency table: its layer overhead is not finite")
+        entries = [("rest", self.rest_ms)]
+        entries += [(f"attention {k} KV heads", v) for k, v in self.attention_ms.items()]
+        entries += [(f"MLP width {k}", v) for k, v in self.mlp_ms.items()]
+        bad = [f"{name} = {v:g} ms" for name, v in entries if not (math.isfinite(v) and v >= 0)]
+        if bad:
+            raise ZipkdError(
+                f"{source} is not a usable latency table: times must be finite and ≥ 0 ({', '.join(bad[:3])})"
+            )
+        if self.num_layers < 1 or not self.attention_ms or not self.mlp_ms:
+            raise ZipkdError(f"{source} is not a usable latency table: it has no layers or no grid")
+        if not self.dense_ms() > 0:
+            raise ZipkdError(f"{source} is not a usable latency table: its dense model takes 0 ms")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LatencyTable:
         path = Path(path)
         try:
-            return cls.from_json(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ZipkdError(f"cannot read latency table {path}: {exc}") from exc
+            data = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise ZipkdError(f"latency table {path} not found") from None
+        except IsADirectoryError:
+            raise ZipkdError(f"latency table {path} is a folder; give the table's .json file") from None
+        except (OSError, ValueError) as exc:
+            raise ZipkdError(f"cannot read latency table {path}: not JSON ({exc})") from None
+        return cls.from_json(data, f"latency table {path}")
 
     def mismatch(
         self, other_fingerprint: dict[str, Any], keys: Sequence[str] = MODEL_KEYS + DEVICE_KEYS

@@ -22,3 +22,8 @@ def register_format(config_key: str, loader: FolderLoader) -> None:
 def folder_loader(config: dict[str, Any]) -> FolderLoader | None:
     """The registered loader of a folder with this config.json, or None for a plain model folder."""
     return next((loader for key, loader in FORMATS.items() if config.get(key)), None)
+
+
+def folder_format(config: dict[str, Any]) -> str | None:
+    """The config.json key of the registered format this folder is in (e.g. `zipkd_quantization`), or None."""
+    return next((key for key in FORMATS if config.get(key)), None)

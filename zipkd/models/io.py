@@ -30,7 +30,7 @@ from zipkd.models.embedded import DEFAULT_MODEL, EMBEDDED, embedded_gguf
 from zipkd.models.formats import folder_loader
 from zipkd.models.gguf_file import gguf_header
 from zipkd.models.surgery import apply_layer_shapes, is_heterogeneous, sync_config
-from zipkd.outputs import atomic_dir, check_output
+from zipkd.outputs import atomic_dir, check_output, resolve_path
 from zipkd.paths import cache_dir, offline_env
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -63,6 +63,7 @@ def resolve_model(spec: str | os.PathLike | None) -> Path:
         return embedded_folder(spec)
     path = Path(spec).expanduser()
     if not path.exists():
+        resolve_path(path, "model")  # a symlink loop is named as one
         raise ZipkdError(
             f"model {spec!r} not found: give a model folder, a .gguf file, or one of {', '.join(EMBEDDED)}"
         )
@@ -86,6 +87,22 @@ def read_config(folder: Path) -> dict:
             f"unsupported architecture {mt!r} in {folder}; zipkd supports: {', '.join(sorted(ADAPTERS))}"
         )
     return cfg
+
+
+def tensor_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape from the safetensors headers of a model folder (no weights read, no torch)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in _weight_files(resolve_model(folder)):
+        try:
+            with f.open("rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                if not 0 < size < 100_000_000:
+                    raise ValueError("bad header length")
+                header = json.loads(fh.read(size))
+        except (OSError, ValueError) as exc:
+            raise ZipkdError(f"{f} is not a readable safetensors file ({exc})") from None
+        shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+    return shapes
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -140,6 +140,18 @@ def base_geometry(config: Any):
     return geo
 
 
+def pruned_in_config(config: dict[str, Any]) -> bool:
+    """From a saved config.json alone: does the model keep fewer layers, KV heads or MLP channels than its base?"""
+    base, layers = config.get("zipkd_base"), config.get("zipkd_layers")
+    if not base or not layers:
+        return False
+    return len(layers) != base.get("num_layers", len(layers)) or any(
+        lay.get("kv_heads") != base.get("num_kv_heads")
+        or lay.get("intermediate") != base.get("intermediate_size")
+        for lay in layers
+    )
+
+
 def layer_shapes(model: nn.Module) -> list[LayerShape]:
     ad = adapter_for(model.config)
     geo = base_geometry(model.config)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -24,16 +25,17 @@ import torch
 from zipkd.data.assets import calib_text_path
 from zipkd.data.text import calibration_batch, load_texts
 from zipkd.errors import ZipkdError
-from zipkd.latency.profile import load_or_profile, parse_device, table_cache_path
+from zipkd.latency.profile import check_table_config, load_or_profile, parse_device, table_cache_path
 from zipkd.latency.table import LatencyTable, Regime
 from zipkd.manifest import set_seed
-from zipkd.models.io import save_model
-from zipkd.models.surgery import LayerShape, base_geometry
+from zipkd.models.formats import folder_format
+from zipkd.models.io import read_config, save_model
+from zipkd.models.surgery import LayerShape, base_geometry, pruned_in_config
 from zipkd.outputs import atomic_dir, check_output
 from zipkd.prune.database import ModelDatabase
 from zipkd.prune.driver import apply_choice, build_database, capture_inputs, check_unpruned, collect_fisher
 from zipkd.prune.methods import METHODS, PruneMethod, get_method
-from zipkd.prune.search import select, select_uniform
+from zipkd.prune.search import check_reachable, select, select_uniform
 from zipkd.prune.speedup import parse_speedups
 
 
@@ -128,6 +130,30 @@ def target_label(target: float) -> str:
     return f"{target:g}x"
 
 
+def precheck(src: str | os.PathLike, config: PruneConfig) -> None:
+    """Refusals from the model's config.json and the given latency table alone, before any weights load: a
+    quantized or already pruned model, a table for another model, an unreachable target."""
+    src = Path(src)
+    if src.suffix == ".gguf" or not src.is_dir():
+        return
+    cfg = read_config(src)
+    fmt = folder_format(cfg)
+    if fmt is not None:
+        raise ZipkdError(f"{src} is quantized; prune the unquantized model (then quantize the result)")
+    if pruned_in_config(cfg):
+        raise ZipkdError(
+            "this model is already pruned; prune its unpruned base model instead (one database "
+            "serves every target, e.g. --target-speedup 1.5x,2x,3x)"
+        )
+    if config.table is None:
+        return
+    tab = check_table_config(
+        LatencyTable.load(config.table), SimpleNamespace(**cfg), config.regime, config.force_table
+    )
+    method = config.pruning_method
+    check_reachable(tab, config.targets, method.uniform, method.whole_layers)
+
+
 def _module(lm: Any) -> Any:
     return lm.model if hasattr(lm, "tokenizer") and hasattr(lm, "model") else lm
 
@@ -160,12 +186,14 @@ def latency_table(
         if home != dev and not (home.type == dev.type == "cuda" and dev.index is None):
             try:
                 model.to(dev)
-                return load_or_profile(lm, config.regime, force=config.force_table, progress=progress)
+                return load_or_profile(lm, config.regime, progress=progress)
             finally:
                 model.to(home)
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-    return load_or_profile(lm, config.regime, table=given, force=config.force_table, progress=progress)
+    return load_or_profile(
+        lm, config.regime, table=given, accept_mismatch=config.force_table, progress=progress
+    )
 
 
 def build(
@@ -229,6 +257,7 @@ def prune_model(
     modified. One calibration pass and one database serve all targets."""
     method = config.pruning_method
     tab = table if isinstance(table, LatencyTable) else latency_table(lm, config, table, progress)
+    check_reachable(tab, config.targets, method.uniform, method.whole_layers)  # before any calibration
     t0 = time.perf_counter()
     db, first = build(lm, config, tab, calib_texts, progress)
     # Every target is checked before any surgery, so an unreachable one fails fast.

@@ -11,11 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from zipkd.errors import ZipkdError
 from zipkd.latency.table import LatencyTable
 from zipkd.models.surgery import LayerShape
-from zipkd.prune.database import ModelDatabase
+from zipkd.prune.database import BlockDatabase, LayerDatabase, ModelDatabase
+from zipkd.prune.obs import Level
 
 _TOL = 1e-9
 
@@ -94,6 +96,34 @@ def max_speedup(db: ModelDatabase, table: LatencyTable) -> float:
         gaps.append(min(nonempty) - min(costs) if nonempty else math.inf)
     fastest = table.rest_ms + sum(mins) + max(0.0, min(gaps))
     return table.dense_ms() / fastest if fastest > 0 else math.inf
+
+
+def check_reachable(
+    table: LatencyTable, targets: Sequence[float], uniform: bool = False, whole_layers: bool = False
+) -> None:
+    """Refuse, from the latency table alone (before any calibration), a target that no structure on the
+    table's grid reaches; the error names the largest reachable speedup."""
+    full_kv, full_w = max(table.attention_ms), max(table.mlp_ms)
+
+    def block(kind: str, full: int, sizes: Sequence[int]) -> BlockDatabase:
+        return BlockDatabase(kind, full, {s: Level(s, torch.arange(s), 0.0) for s in sizes})
+
+    if whole_layers:
+        sizes_a, sizes_m = [0], [0]
+    else:
+        sizes_a, sizes_m = list(table.attention_ms), list(table.mlp_ms)
+    skeleton = ModelDatabase(
+        "reachability",
+        [
+            LayerDatabase(block("attention", full_kv, sizes_a), block("mlp", full_w, sizes_m), whole_layers)
+            for _ in range(table.num_layers)
+        ],
+    )
+    for target in targets:
+        if uniform:
+            select_uniform(skeleton, table, target)
+        elif target > max_speedup(skeleton, table) * (1 + 1e-9):
+            raise _unreachable(target, skeleton, table)
 
 
 def _unreachable(target: float, db: ModelDatabase, table: LatencyTable) -> ZipkdError:

@@ -19,7 +19,9 @@ def parse_speedup(value: str | float) -> float:
             s = float(str(value).strip().lower().removesuffix("x"))
         except ValueError:
             raise ZipkdError(f"{value!r} is not a speedup; write e.g. 2x, 2 or 1.5") from None
-    if not s >= 1.0 or s == float("inf"):
+    if s != s or s == float("inf"):
+        raise ZipkdError(f"speedup {value!r} is not a finite number; write e.g. 2x, 2 or 1.5")
+    if not s >= 1.0:
         raise ZipkdError(f"speedup {value!r} must be at least 1x (a slowdown is not a target)")
     return s
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from zipkd.models.io import (
     LoadedModel,
     fix_meta_buffers,
     load_model,
+    read_config,
     read_state_dict,
     resolve_model,
     save_model,
@@ -281,20 +281,18 @@ def quantize(
     With `measure` (a prefill or decode Regime), the original and the quantized model are timed alternately
     on `device` and the ratio is recorded in the manifest, whichever way it goes."""
     cfg = method if isinstance(method, QuantizeConfig) else QuantizeConfig(method=method, device=device)
+    src = Path(lm_or_path.path) if isinstance(lm_or_path, LoadedModel) else resolve_model(lm_or_path)
+    check_output(out, force, (src,))
+    if not isinstance(lm_or_path, LoadedModel) and src.is_dir():
+        recipe = read_config(src).get(RECIPE_KEY)
+        if recipe:
+            raise ZipkdError(
+                f"{src} is already quantized ({recipe.get('method')}); quantize the unquantized model instead"
+            )
     resolve_method(cfg.method, cfg.device)  # fail before loading anything
     if isinstance(lm_or_path, LoadedModel):
         lm = lm_or_path
-        check_output(out, force, (Path(lm.path),))
     else:
-        src = resolve_model(lm_or_path)
-        check_output(out, force, (src,))
-        if src.is_dir():
-            recipe = json.loads((src / "config.json").read_text()).get(RECIPE_KEY)
-            if recipe:
-                raise ZipkdError(
-                    f"{src} is already quantized ({recipe.get('method')}); "
-                    "quantize the unquantized model instead"
-                )
         has_tok = not src.is_dir() or any(
             (src / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")
         )

@@ -21,8 +21,9 @@ from zipkd.data.assets import calib_text_path, finetune_path
 from zipkd.data.text import load_texts
 from zipkd.errors import ZipkdError
 from zipkd.manifest import content_hash, read_manifest
-from zipkd.models.io import LoadedModel, load_model, resolve_model, save_model
-from zipkd.outputs import check_output
+from zipkd.models.formats import folder_format
+from zipkd.models.io import LoadedModel, load_model, read_config, resolve_model, save_model
+from zipkd.outputs import check_output, output_lock
 from zipkd.recover.data import (
     RewriteSettings,
     check_same_tokenizer,
@@ -124,14 +125,54 @@ def recover(
     progress: Any = None,
     callback: Any = None,
 ) -> Path:
-    """Recover a pruned model (a path/name or a `LoadedModel` with a `.path`) into the folder `out`."""
-    from accelerate import PartialState
-
+    """Recover a pruned model (a path/name or a `LoadedModel` with a `.path`) into the folder `out`. The
+    output is checked (and locked) before anything loads; a quantized model is refused."""
     config = config or RecoverConfig()
     if out is None:
         raise ZipkdError("recover needs an output folder")
+    src = Path(model.path) if isinstance(model, LoadedModel) else resolve_model(model)
+    if isinstance(model, LoadedModel):
+        check_trainable(model.model.config.to_dict(), src)
+    elif src.is_dir():
+        check_trainable(read_config(src), src)
+    data = [Path(p).expanduser() for p in (config.data, config.mix_text) if p]
+    out = check_output(out, force, (src, *data))
+    data_path = Path(config.data).expanduser() if config.data else finetune_path()
+    examples = select_examples(
+        load_examples(data_path), config.max_examples, config.train.seed
+    )  # before weights
+    with output_lock(out):
+        return _recover(model, config, out, force, progress, callback, data_path, examples)
+
+
+def check_trainable(model_config: dict[str, Any], src: Path) -> None:
+    """Recovery trains float weights: a model saved in a quantized format is refused (recover, then quantize)."""
+    fmt = folder_format(model_config)
+    if fmt is not None:
+        method = (
+            (model_config.get(fmt) or {}).get("method", fmt)
+            if isinstance(model_config.get(fmt), dict)
+            else fmt
+        )
+        raise ZipkdError(
+            f"{src} is quantized ({method}); recovery trains float weights: recover the unquantized model, then "
+            "quantize the result"
+        )
+
+
+def _recover(
+    model: Any,
+    config: RecoverConfig,
+    out: Path,
+    force: bool,
+    progress: Any,
+    callback: Any,
+    data_path: Path,
+    examples: list[Any],
+) -> Path:
+    from accelerate import PartialState
+
     lm = model if isinstance(model, LoadedModel) else load_model(model)
-    out = check_output(out, force, (lm.path,))
     cfg = config.train
     dist = PartialState(cpu=config.device == "cpu")
     device = str(dist.device) if config.device.startswith("cuda") else "cpu"
@@ -140,8 +181,6 @@ def recover(
 
     # `auto` precision is settled here, once, so the run key, the manifest and the loop agree on it.
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))
-    data_path = Path(config.data).expanduser() if config.data else finetune_path()
-    examples = select_examples(load_examples(data_path), config.max_examples, cfg.seed)
 
     teacher_path = teacher = None
     teacher_hash = ""

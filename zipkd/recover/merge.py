@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from zipkd.errors import ZipkdError
-from zipkd.models.io import load_model, save_model
+from zipkd.models.io import load_model, resolve_model, save_model, tensor_shapes
+from zipkd.outputs import check_output
 from zipkd.recover.data import check_same_tokenizer
 
 COLINEAR = 0.9995  # |cos| above this: the arc is a line, interpolate linearly (sin θ ≈ 0)
@@ -36,10 +37,8 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torc
     return (wa * a32 + wb * b32).to(a.dtype)
 
 
-def check_same_shapes(
-    sd_a: dict[str, torch.Tensor], sd_b: dict[str, torch.Tensor], names: tuple[str, str]
-) -> None:
-    """One clear error naming the first difference between two state dicts."""
+def check_same_shapes(sd_a: dict[str, Any], sd_b: dict[str, Any], names: tuple[str, str]) -> None:
+    """One clear error naming the first difference between two state dicts (tensors, or shapes as tuples)."""
     only_a, only_b = sorted(set(sd_a) - set(sd_b)), sorted(set(sd_b) - set(sd_a))
     if only_a or only_b:
         first = (only_a or only_b)[0]
@@ -49,10 +48,14 @@ def check_same_shapes(
             f"({len(only_a) + len(only_b)} tensors differ)"
         )
     for k in sd_a:
-        if sd_a[k].shape != sd_b[k].shape:
+        shape_a, shape_b = (
+            tuple(getattr(sd_a[k], "shape", sd_a[k])),
+            tuple(getattr(sd_b[k], "shape", sd_b[k])),
+        )
+        if shape_a != shape_b:
             raise ZipkdError(
-                f"cannot merge models with different shapes: {k} is {tuple(sd_a[k].shape)} in "
-                f"{names[0]} and {tuple(sd_b[k].shape)} in {names[1]}"
+                f"cannot merge models with different shapes: {k} is {shape_a} in {names[0]} and {shape_b} in "
+                f"{names[1]}"
             )
 
 
@@ -83,6 +86,10 @@ def merge(
     """Load two models, check they have the same shapes and tokenizer, SLERP-merge, save with a manifest."""
     if not 0.0 <= t <= 1.0:
         raise ZipkdError(f"SLERP fraction must be in [0, 1] (got {t})")
+    src_a, src_b = resolve_model(a), resolve_model(b)
+    out = check_output(out, force, (src_a, src_b))
+    if src_a.is_dir() and src_b.is_dir():  # shapes from the file headers, before any weights load
+        check_same_shapes(tensor_shapes(src_a), tensor_shapes(src_b), (str(src_a), str(src_b)))
     lm_a, lm_b = load_model(a), load_model(b)
     check_same_tokenizer(lm_a.tokenizer, lm_b.tokenizer, str(lm_a.path), str(lm_b.path))
     merged = merge_models(lm_a.model, lm_b.model, t, (str(lm_a.path), str(lm_b.path)))

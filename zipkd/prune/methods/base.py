@@ -60,6 +60,7 @@ class PruneMethod:
     needs_hessians: ClassVar[bool] = False  # float32 Hessians of the o_proj / down_proj inputs
     uses_fisher: ClassVar[bool] = False  # loss-gradient Fisher weighting of the errors (`fisher_samples`)
     uniform: ClassVar[bool] = False  # every layer gets one structure (uniform search) instead of the DP
+    whole_layers: ClassVar[bool] = False  # a layer is kept whole or dropped whole (joint layer databases)
 
     def refit(self, sequential: bool) -> str:
         """How surgery updates the kept weights: "sequential" (least squares on inputs through the already

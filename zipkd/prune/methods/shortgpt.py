@@ -14,6 +14,7 @@ from zipkd.prune.obs import Level
 class ShortGPT(PruneMethod):
     name = "shortgpt"
     summary = "drop layers by block influence"
+    whole_layers = True
 
     def layer_database(self, stats: LayerStats) -> LayerDatabase:
         geo = stats.geometry

@@ -1,0 +1,5 @@
+"""`python -m zipkd …`, the same as the `zipkd` command."""
+
+from zipkd.cli import main
+
+main()
