@@ -372,3 +372,36 @@ def test_real_model_beats_magnitude(real_model, tmp_path):
     back = load_model(out, tokenizer=False)
     x = held_out_ids(2, 32) + 100
     torch.testing.assert_close(logits(back.model, x), logits(z.model, x), rtol=0, atol=1e-4)
+
+
+def test_weighted_calibration_sources(tmp_path):
+    """`--calib A:0.75 --calib B:0.25`: each source gets its share of the samples, cut from its own text; one
+    source gives exactly the single-file windows; the default is the offline four-domain mix."""
+    from zipkd.prune.api import allocate, calibration_tokens, parse_calib
+
+    assert allocate(8, [0.75, 0.25]) == [6, 2] and allocate(4, [0.4, 0.2, 0.2, 0.2]) == [1, 1, 1, 1]
+    assert allocate(3, [0.98, 0.01, 0.01]) == [1, 1, 1] and sum(allocate(32, [0.4, 0.2, 0.2, 0.2])) == 32
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("aaaa " * 400)
+    b.write_text("bbbb " * 400)
+    assert [(p.name, w) for p, w in parse_calib([f"{a}:3", f"{b}:1"])] == [("a.txt", 0.75), ("b.txt", 0.25)]
+    with pytest.raises(ZipkdError, match="positive"):
+        PruneConfig(calib=[f"{a}:-1"])
+    lm = LM(tiny(), char_tokenizer())
+    c = cfg(samples=8, calib=[f"{a}:0.75", f"{b}:0.25"])
+    tokens, _ = calibration_tokens(lm, c)
+    tok = char_tokenizer()
+    rows = [tok.decode(r) for r in tokens.tolist()]
+    assert sum("a" in r and "b" not in r for r in rows) == 6 and sum("b" in r and "a" not in r for r in rows) == 2
+    one, _ = calibration_tokens(lm, cfg(samples=8, calib=[str(a)]))
+    from zipkd.data.text import load_texts
+
+    single, _ = calibration_tokens(lm, cfg(samples=8), load_texts(a))
+    assert torch.equal(one, single)
+    default = PruneConfig()
+    assert [p.parent.name + "/" + p.name for p, _ in default.calib_sources][1:] == [
+        "calib/code.txt",
+        "calib/chat.txt",
+        "calib/math.txt",
+    ]
+    assert sum(w for _, w in default.calib_sources) == pytest.approx(1.0)

@@ -113,11 +113,13 @@ def prune(
     threads: ThreadsOpt = None,
     decode_tokens: DecodeTokensOpt = 64,
     calib: Annotated[
-        Path | None,
+        list[str] | None,
         typer.Option(
-            help="Calibration data (.txt, .jsonl, .parquet); default: zipkd's local calibration text (BoolQ "
-            "passages and CoQA stories, never used for evaluation).",
+            help="Calibration data (.txt, .jsonl, .parquet), repeatable, each FILE or FILE:WEIGHT (a share of "
+            "--samples), e.g. --calib docs.txt:0.7 --calib code.jsonl:0.3. Default: zipkd's offline mix of "
+            "prose, code, chat and math (40/20/20/20; never evaluation text).",
             rich_help_panel=_CALIB,
+            show_default=False,
         ),
     ] = None,
     samples: Annotated[int, typer.Option(min=1, help="Calibration sequences.", rich_help_panel=_CALIB)] = 32,
@@ -127,6 +129,16 @@ def prune(
     damp: Annotated[
         float, typer.Option(help="Hessian damping λ (× mean diagonal).", rich_help_panel=_SEARCH)
     ] = 0.01,
+    refit_damp: Annotated[
+        float | None,
+        typer.Option(
+            help="Damping of the re-fit of the kept weights (× mean Hessian diagonal): larger values keep the "
+            "update closer to the sliced weights, which generalises better beyond the calibration text "
+            "(default: --damp).",
+            rich_help_panel=_SEARCH,
+            show_default=False,
+        ),
+    ] = None,
     method: Annotated[
         str, typer.Option(help="Pruning method (listed in `zipkd prune --help`).", rich_help_panel=_SEARCH)
     ] = "zipkd",
@@ -145,7 +157,6 @@ def prune(
     """Prune MODEL to one or more measured speedup targets with structured OBS (ZipLM): per-layer databases of
     KV groups and MLP channels on the latency table's grid, a DP search per target, one output per target."""
     from zipkd.cli.common import regime_from_options
-    from zipkd.data.text import load_texts
     from zipkd.models.io import load_model
     from zipkd.prune import PruneConfig, save_pruned
     from zipkd.prune import prune as run_prune
@@ -172,9 +183,11 @@ def prune(
         samples=samples,
         calib_len=calib_len,
         damp=damp,
+        refit_damp=refit_damp,
         seed=seed,
         regime=reg,
         table=str(table) if table else None,
+        calib=tuple(calib) if calib else None,
         force_table=force_table,
         fisher_samples=fisher_samples,
         device=device,
@@ -183,16 +196,18 @@ def prune(
     from zipkd.outputs import check_output, output_lock
 
     src = resolve_model(model)
-    out = check_output(output, force, (src, *((calib,) if calib else ())))  # before the expensive part
-    from zipkd.prune.api import precheck
+    out = check_output(
+        output, force, (src, *(p for p, _ in config.calib_sources))
+    )  # before the expensive part
+    from zipkd.prune.api import load_calibration, precheck
 
     precheck(src, config)  # config.json and the table alone: no weights loaded yet
-    texts = load_texts(calib) if calib is not None and config.needs_calibration else None
+    texts = load_calibration(config) if config.needs_calibration else None
     with output_lock(out):
         lm = load_model(model, dtype=dtype, device="cpu")
         with progress(transient=True) as bar:
             results = run_prune(lm, config, calib_texts=texts, progress=bar)
-            folders = save_pruned(results, lm, out, config, force=force, calib_path=calib)
+            folders = save_pruned(results, lm, out, config, force=force)
     rows = [
         {
             "target": r.target,

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from zipkd.data.assets import calib_text_path
+from zipkd.data.assets import calib_mix
 from zipkd.data.text import calibration_batch, load_texts
 from zipkd.errors import ZipkdError
 from zipkd.latency.profile import check_table_config, load_or_profile, parse_device, table_cache_path
@@ -56,8 +56,11 @@ class PruneConfig:
     )
     samples: int = 32  # calibration sequences
     calib_len: int = 512  # tokens per calibration sequence
-    calib: str | None = None  # calibration text file (.txt, .jsonl, .parquet); None: zipkd's calibration text
-    damp: float = 0.01  # λ: H + λ·mean(diag H)·I
+    # calibration: files (.txt, .jsonl, .parquet), each `PATH` or `PATH:WEIGHT` (weights are shares of the
+    # samples); None: zipkd's offline mix of prose, code, chat and math (`zipkd.data.assets.calib_mix`)
+    calib: str | Sequence[str] | None = None
+    damp: float = 0.01  # λ: H + λ·mean(diag H)·I of the database (the OBS removal order and errors)
+    refit_damp: float | None = None  # λ of surgery's re-fit; it pulls the update toward the sliced weights
     seed: int = 0
     regime: Regime = field(default_factory=Regime)  # where the speedup is measured (latency table)
     table: str | None = None  # a latency table file (else cached or profiled for `regime`)
@@ -77,6 +80,11 @@ class PruneConfig:
             raise ZipkdError("calibration needs at least 1 sample of at least 2 tokens")
         if not 0 < self.damp < 10:
             raise ZipkdError(f"damp must lie in (0, 10) (got {self.damp})")
+        if self.refit_damp is not None and not 0 < self.refit_damp <= 1000:
+            raise ZipkdError(f"refit damp must lie in (0, 1000] (got {self.refit_damp})")
+        if self.calib is not None:
+            self.calib = tuple(str(c) for c in ([self.calib] if isinstance(self.calib, str) else self.calib))
+            parse_calib(self.calib)  # validates the weights
         if self.fisher_samples < 0:
             raise ZipkdError("fisher_samples must be at least 0")
         if self.batch_size < 1 or self.resolution < 10:
@@ -99,11 +107,59 @@ class PruneConfig:
         return self.pruning_method.needs_calibration
 
     @property
-    def calib_path(self) -> Path | None:
-        """The calibration file this config reads (None for methods without calibration)."""
+    def calib_sources(self) -> list[tuple[Path, float]]:
+        """(file, share of the samples) of every calibration source; [] for methods without calibration."""
         if not self.needs_calibration:
-            return None
-        return Path(self.calib).expanduser() if self.calib else calib_text_path()
+            return []
+        if self.calib is None:
+            return list(calib_mix().values())
+        return parse_calib(self.calib)
+
+    @property
+    def calib_path(self) -> Path | None:
+        """The one calibration file this config reads (None: several, or none for methods without
+        calibration)."""
+        sources = self.calib_sources
+        return sources[0][0] if len(sources) == 1 else None
+
+    @property
+    def update_damp(self) -> float:
+        return self.damp if self.refit_damp is None else self.refit_damp
+
+
+def parse_calib(items: Sequence[str]) -> list[tuple[Path, float]]:
+    """`PATH` or `PATH:WEIGHT` entries -> (path, weight), the weights normalised to sum to 1 (an entry without
+    a weight weighs 1)."""
+    out = []
+    for item in items:
+        path, _, weight = item.rpartition(":")
+        try:
+            w = float(weight) if path else 1.0
+        except ValueError:
+            path, w = item, 1.0  # a colon inside the path
+        if not path:
+            path = item
+        if not (w > 0 and w != float("inf")):
+            raise ZipkdError(f"calibration weight of {path} must be a positive number (got {weight})")
+        out.append((Path(path).expanduser(), w))
+    if not out:
+        raise ZipkdError("give at least one calibration file")
+    total = sum(w for _, w in out)
+    return [(p, w / total) for p, w in out]
+
+
+def allocate(samples: int, weights: Sequence[float]) -> list[int]:
+    """`samples` split by `weights` (largest remainders; every source with weight gets one when it can)."""
+    raw = [samples * w for w in weights]
+    counts = [int(r) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: raw[i] - counts[i], reverse=True)[: samples - sum(counts)]:
+        counts[i] += 1
+    for i, c in enumerate(counts):
+        if c == 0 and samples >= len(counts):
+            j = max(range(len(counts)), key=lambda j: counts[j])
+            counts[j] -= 1
+            counts[i] = 1
+    return counts
 
 
 @dataclass
@@ -158,17 +214,37 @@ def _module(lm: Any) -> Any:
     return lm.model if hasattr(lm, "tokenizer") and hasattr(lm, "model") else lm
 
 
-def calibration_tokens(lm: Any, config: PruneConfig, calib_texts: Sequence[str] | None = None):
-    """The seeded (samples × calib_len) calibration token windows and their sha256 (texts: `calib_texts`, else
-    the config's calibration file)."""
+def load_calibration(config: PruneConfig) -> list[tuple[list[str], float]]:
+    """The texts and weight of every calibration source (each file read and checked: a bad file fails here,
+    before any model work)."""
+    return [(load_texts(path), w) for path, w in config.calib_sources]
+
+
+def calibration_tokens(
+    lm: Any,
+    config: PruneConfig,
+    calib_texts: Sequence[str] | Sequence[tuple[Sequence[str], float]] | None = None,
+):
+    """The seeded (samples × calib_len) calibration token windows and their sha256. Texts: `calib_texts` (one
+    list of documents, or (documents, weight) per source), else the config's sources. Each source gets its
+    share of the samples, cut from its own token stream (one source: exactly the single-file windows)."""
     if calib_texts is None:
-        calib_texts = load_texts(Path(config.calib).expanduser() if config.calib else calib_text_path())
-    texts = [t for t in calib_texts if t and t.strip()]
-    if not texts:
-        raise ZipkdError("calibration data is empty")
+        sources = load_calibration(config)
+    elif calib_texts and not isinstance(calib_texts[0], str):
+        sources = [(list(t), float(w)) for t, w in calib_texts]  # type: ignore[misc]
+    else:
+        sources = [(list(calib_texts), 1.0)]  # type: ignore[arg-type]
     if getattr(lm, "tokenizer", None) is None:
         raise ZipkdError("calibration needs the model's tokenizer")
-    tokens = calibration_batch(lm.tokenizer, texts, config.samples, config.calib_len, config.seed)
+    counts = allocate(config.samples, [w for _, w in sources])
+    batches = []
+    for i, ((texts, _), n) in enumerate(zip(sources, counts, strict=True)):
+        texts = [t for t in texts if t and t.strip()]
+        if not texts:
+            raise ZipkdError("calibration data is empty")
+        if n:
+            batches.append(calibration_batch(lm.tokenizer, texts, n, config.calib_len, config.seed + i))
+    tokens = torch.cat(batches)
     digest = hashlib.sha256(tokens.to(torch.int64).numpy().tobytes()).hexdigest()
     return tokens, digest
 
@@ -278,7 +354,7 @@ def prune_model(
             choice.shapes,
             acts,
             refit,
-            config.damp,
+            config.update_damp,
             device,
             progress,
             label=target_label(choice.target),
@@ -334,9 +410,8 @@ def save_pruned(
         raise ZipkdError("nothing to save")
     model_path = getattr(lm, "path", None)
     tokenizer = getattr(lm, "tokenizer", None)
-    if calib_path is None:
-        calib_path = config.calib_path
-    inputs = {"model": model_path, "calib": calib_path}
+    sources = [p for p, _ in config.calib_sources] if calib_path is None else [Path(calib_path)]
+    inputs = {"model": model_path, **{f"calib_{i + 1}" if i else "calib": p for i, p in enumerate(sources)}}
 
     def write(r: PruneResult, dest: Path, force_: bool) -> Path:
         layers = [asdict(s) for s in r.shapes]
