@@ -252,7 +252,7 @@ def rank_check(args) -> int:
         db.meta,
     )
     cands = []
-    for t in (1.25, 1.5, 1.75, 2.0, 2.5):
+    for t in (1.5, 2.0, 2.5):
         cands.append((f"DP {t}x", t, select(db, table, t).shapes))
         cands.append((f"whole layers {t}x", t, select(whole, table, t).shapes))
         try:
@@ -320,7 +320,7 @@ def main() -> int:
     ap.add_argument("--omp-active", action="store_true", help="keep OpenMP's default (spinning) wait policy")
     ap.add_argument("--ablation", action="store_true", help="choose settings on the development text instead")
     ap.add_argument("--rank", action="store_true", help="rank correlation of the search objective instead")
-    ap.add_argument("--fisher-samples", type=int, default=4)
+    ap.add_argument("--fisher-samples", type=int, default=16)
     args = ap.parse_args()
     if args.ablation:
         return ablation(args)

@@ -392,7 +392,10 @@ def test_weighted_calibration_sources(tmp_path):
     tokens, _ = calibration_tokens(lm, c)
     tok = char_tokenizer()
     rows = [tok.decode(r) for r in tokens.tolist()]
-    assert sum("a" in r and "b" not in r for r in rows) == 6 and sum("b" in r and "a" not in r for r in rows) == 2
+    assert (
+        sum("a" in r and "b" not in r for r in rows) == 6
+        and sum("b" in r and "a" not in r for r in rows) == 2
+    )
     one, _ = calibration_tokens(lm, cfg(samples=8, calib=[str(a)]))
     from zipkd.data.text import load_texts
 

@@ -150,7 +150,7 @@ def prune(
             "squared output errors).",
             rich_help_panel=_SEARCH,
         ),
-    ] = 4,
+    ] = 16,
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
 ) -> None:
