@@ -42,7 +42,7 @@ from hashlib import sha256
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# `python -m zipkd` has no __main__; `python -m zipkd.cli` is what the `zipkd` console script runs
+# `python -m zipkd.cli` is what the `zipkd` console script runs
 ZIPKD = [sys.executable, "-m", "zipkd.cli"]
 NO_MODEL_WORK_S = 5.0
 TINY = dict(

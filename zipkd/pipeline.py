@@ -66,15 +66,6 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _resolved(recipe: Recipe, stage: str) -> Any:
-    """The stage's config with every default filled in: a stage reruns when zipkd's defaults change, not only
-    when its recipe section does."""
-    try:
-        return asdict(recipe.config(stage))
-    except (ZipkdError, TypeError):
-        return recipe.sections[stage]
-
-
 def _load_state(out: Path) -> dict[str, Any]:
     try:
         return json.loads((out / STATE).read_text())
@@ -265,7 +256,7 @@ def _run_stages(
         if not recipe.enabled(stage):
             continue
         rerun = rerun or stage == from_stage
-        key = _key(stage, _resolved(recipe, stage), upstream)
+        key = _key(stage, recipe.sections[stage], upstream)  # sections hold every default
         folder = out / FOLDERS[stage]
         prev = state.get(stage, {})
         if not rerun and prev.get("key") == key and folder.exists() and prev.get("done"):

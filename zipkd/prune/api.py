@@ -33,7 +33,14 @@ from zipkd.models.io import read_config, save_model
 from zipkd.models.surgery import LayerShape, base_geometry, pruned_in_config
 from zipkd.outputs import atomic_dir, check_output
 from zipkd.prune.database import ModelDatabase
-from zipkd.prune.driver import apply_choice, build_database, capture_inputs, check_unpruned, collect_fisher
+from zipkd.prune.driver import (
+    ALREADY_PRUNED,
+    apply_choice,
+    build_database,
+    capture_inputs,
+    check_unpruned,
+    collect_fisher,
+)
 from zipkd.prune.methods import METHODS, PruneMethod, get_method
 from zipkd.prune.search import check_reachable, select, select_uniform
 from zipkd.prune.speedup import parse_speedups
@@ -197,10 +204,7 @@ def precheck(src: str | os.PathLike, config: PruneConfig) -> None:
     if fmt is not None:
         raise ZipkdError(f"{src} is quantized; prune the unquantized model (then quantize the result)")
     if pruned_in_config(cfg):
-        raise ZipkdError(
-            "this model is already pruned; prune its unpruned base model instead (one database "
-            "serves every target, e.g. --target-speedup 1.5x,2x,3x)"
-        )
+        raise ZipkdError(ALREADY_PRUNED)
     if config.table is None:
         return
     tab = check_table_config(

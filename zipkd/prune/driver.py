@@ -148,6 +148,12 @@ def advance(
             acts.hidden[i] = out
 
 
+ALREADY_PRUNED = (
+    "this model is already pruned; prune its unpruned base model instead (one database serves every target, "
+    "e.g. --target-speedup 1.5x,2x,3x)"
+)
+
+
 def check_unpruned(model: nn.Module) -> None:
     ad = adapter_for(model.config)
     geo = base_geometry(model.config)
@@ -158,10 +164,7 @@ def check_unpruned(model: nn.Module) -> None:
         for layer in layers
     )
     if not full or len(layers) != geo.num_layers:
-        raise ZipkdError(
-            "this model is already pruned; prune its unpruned base model instead (one database "
-            "serves every target, e.g. --target-speedup 1.5x,2x,3x)"
-        )
+        raise ZipkdError(ALREADY_PRUNED)
 
 
 def collect_fisher(

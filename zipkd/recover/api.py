@@ -149,11 +149,8 @@ def check_trainable(model_config: dict[str, Any], src: Path) -> None:
     """Recovery trains float weights: a model saved in a quantized format is refused (recover, then quantize)."""
     fmt = folder_format(model_config)
     if fmt is not None:
-        method = (
-            (model_config.get(fmt) or {}).get("method", fmt)
-            if isinstance(model_config.get(fmt), dict)
-            else fmt
-        )
+        recipe = model_config[fmt]
+        method = recipe.get("method", fmt) if isinstance(recipe, dict) else fmt
         raise ZipkdError(
             f"{src} is quantized ({method}); recovery trains float weights: recover the unquantized model, then "
             "quantize the result"
