@@ -408,3 +408,97 @@ def test_weighted_calibration_sources(tmp_path):
         "calib/math.txt",
     ]
     assert sum(w for _, w in default.calib_sources) == pytest.approx(1.0)
+
+
+def test_uniform_layout_loads_with_stock_transformers(tmp_path):
+    """`layout="uniform"`: one shape in every kept layer plus dropped layers, so the standard config fields
+    describe the model: stock `from_pretrained` (no zipkd loader) loads it with the logits of zipkd's loader."""
+    from transformers import AutoModelForCausalLM
+
+    from zipkd.models.io import load_model
+
+    lm = LM(tiny(layers=4), char_tokenizer())
+    config = cfg(target_speedup=(1.5, 2.0), layout="uniform")
+    tab = table(layers=4)
+    results = prune(lm, config, calib_texts=TEXT, table=tab)
+    folders = save_pruned(results, lm, tmp_path / "u", config)
+    x = held_out_ids()
+    dropped_any = False
+    for r, f in zip(results, folders, strict=True):
+        kept = [s for s in r.shapes if not s.empty]
+        assert len({(s.kv_heads, s.intermediate) for s in kept}) == 1
+        assert kept[0].kv_heads >= 1 and kept[0].intermediate >= 1
+        assert tab.predict(r.shapes) <= tab.dense_ms() / r.target * (1 + 1e-9)
+        dropped_any |= len(kept) < 4
+        cfg_json = json.loads((f / "config.json").read_text())
+        assert cfg_json["num_hidden_layers"] == len(kept)
+        assert cfg_json["num_key_value_heads"] == kept[0].kv_heads
+        assert cfg_json["num_attention_heads"] == kept[0].kv_heads * (HEADS // KV)
+        assert cfg_json["intermediate_size"] == kept[0].intermediate
+        assert json.loads((f / "zipkd.json").read_text())["prune"]["layout"] == "uniform"
+        stock = AutoModelForCausalLM.from_pretrained(f)
+        ours = load_model(f, tokenizer=False).model
+        assert torch.equal(logits(stock, x), logits(ours, x))
+        torch.testing.assert_close(logits(stock, x), logits(r.model, x), rtol=0, atol=1e-5)
+    assert dropped_any  # the table makes dropping a layer worth it at 2x
+    # the heterogeneous default is never worse on the search objective at the same target
+    het = prune(lm, cfg(target_speedup=(1.5, 2.0)), calib_texts=TEXT, table=tab)
+    assert all(h.error <= u.error + 1e-9 for h, u in zip(het, results, strict=True))
+
+
+def test_cli_uniform_layout(tmp_path, monkeypatch):
+    """`--layout uniform` reaches the CLI; a target no uniform layout reaches is refused from the table alone
+    (calibration would fail the test), naming the largest reachable uniform speedup."""
+    from typer.testing import CliRunner
+
+    import zipkd.prune.api as api
+    from zipkd.cli import app
+    from zipkd.latency.profile import model_fingerprint
+    from zipkd.models.io import save_model
+    from zipkd.prune.search import max_uniform_speedup
+
+    src = save_model(tiny(), char_tokenizer(), tmp_path / "dense", stage="convert")
+    tab = table()
+    tab.fingerprint = model_fingerprint(tiny().config)
+    tab.save(tmp_path / "table.json")
+    (tmp_path / "calib.txt").write_text(TEXT[0])
+    base = [str(src), "--table", str(tmp_path / "table.json"), "--force-table"]
+    base += ["--calib", str(tmp_path / "calib.txt"), "--samples", "8", "--calib-len", "64"]
+    runner = CliRunner()
+    res = runner.invoke(
+        app, ["prune", *base, "--layout", "uniform", "-t", "2x", "-o", str(tmp_path / "u"), "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["results"][0]["layout"] == "uniform"
+    res = runner.invoke(app, ["info", str(tmp_path / "u"), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["layout"].startswith("uniform")
+    res = runner.invoke(app, ["info", str(src), "--json"])
+    assert json.loads(res.stdout)["layout"] == "dense"
+    top = max_uniform_speedup(tab)
+    assert top < max_speedup_of(tab)  # the heterogeneous layout reaches further on this table
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibrated before refusing")
+
+    monkeypatch.setattr(api, "calibration_tokens", no_calibration)
+    t = f"{(top + max_speedup_of(tab)) / 2:.3f}x"
+    res = runner.invoke(app, ["prune", *base, "--layout", "uniform", "-t", t, "-o", str(tmp_path / "x")])
+    assert res.exit_code == 2 and f"largest reachable uniform speedup is {top:.2f}x" in res.stderr
+    assert "Traceback" not in res.output
+    res = runner.invoke(app, ["prune", *base, "--layout", "diagonal", "-o", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "layout" in res.output
+    assert not (tmp_path / "x").exists()
+
+
+def max_speedup_of(tab: LatencyTable) -> float:
+    from zipkd.prune.search import check_reachable
+
+    lo, hi = 1.0, 1000.0
+    for _ in range(60):  # bisection on the table-only reachability check of the heterogeneous layout
+        mid = (lo + hi) / 2
+        try:
+            check_reachable(tab, [mid])
+            lo = mid
+        except ZipkdError:
+            hi = mid
+    return lo

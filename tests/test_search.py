@@ -10,9 +10,18 @@ import torch
 
 from zipkd.errors import ZipkdError
 from zipkd.latency.table import LatencyTable, Regime
+from zipkd.models.surgery import LayerShape
 from zipkd.prune.database import BlockDatabase, LayerDatabase, ModelDatabase
 from zipkd.prune.obs import Level
-from zipkd.prune.search import knapsack, max_speedup, select, select_uniform
+from zipkd.prune.search import (
+    check_reachable,
+    knapsack,
+    max_speedup,
+    max_uniform_speedup,
+    select,
+    select_layout_uniform,
+    select_uniform,
+)
 
 
 def _brute(costs, errors, budget):
@@ -146,3 +155,62 @@ def test_rounding_never_breaks_the_constraint():
         t = 1 + 2 * rng.random()
         ch = select(_db(layers=5), tab, t, resolution=50)  # coarse grid: rounding drift is large
         assert tab.predict(ch.shapes) <= tab.dense_ms() / t * (1 + 1e-9)
+
+
+def _brute_uniform(db, tab, target):
+    """Naive reference for `--layout uniform`: every (kv, width) and every subset of dropped layers."""
+    n = len(db.layers)
+    best = None
+    for kv in tab.attention_levels[1:]:
+        for w in tab.mlp_levels[1:]:
+            for mask in itertools.product((False, True), repeat=n):
+                if all(mask):
+                    continue
+                shapes = [LayerShape(0, 0) if m else LayerShape(kv, w) for m in mask]
+                if tab.predict(shapes) > tab.dense_ms() / target + 1e-9:
+                    continue
+                err = sum(
+                    (lay.attention.error(0) + lay.mlp.error(0))
+                    if m
+                    else (lay.attention.error(kv) + lay.mlp.error(w))
+                    for lay, m in zip(db.layers, mask, strict=True)
+                )
+                if best is None or err < best - 1e-12:
+                    best = err
+    return best
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("target", [1.2, 1.5, 2.0, 3.0])
+def test_uniform_layout_matches_brute_force(seed, target):
+    db, tab = _db(layers=5, seed=seed), _table(layers=5)
+    ref = _brute_uniform(db, tab, target)
+    if ref is None:
+        with pytest.raises(ZipkdError, match="largest reachable uniform speedup"):
+            select_layout_uniform(db, tab, target)
+        return
+    ch = select_layout_uniform(db, tab, target)
+    kept = {(s.kv_heads, s.intermediate) for s in ch.shapes if not s.empty}
+    assert len(kept) == 1 and min(next(iter(kept))) >= 1  # one shape, both blocks kept: standard fields
+    assert ch.predicted_ms <= tab.dense_ms() / target + 1e-9
+    assert ch.error == pytest.approx(ref)
+
+
+def test_uniform_layout_costs_at_least_the_heterogeneous_error():
+    db, tab = _db(layers=5, seed=2), _table(layers=5)
+    for t in (1.3, 1.6, 2.0):
+        assert select_layout_uniform(db, tab, t).error >= select(db, tab, t).error - 1e-9
+
+
+def test_uniform_layout_unreachable_names_the_largest_uniform_speedup():
+    tab = _table(layers=4)
+    top = max_uniform_speedup(tab)
+    # the fastest uniform model: one layer kept at the smallest nonzero shape
+    fastest = tab.predict([LayerShape(1, 16)] + [LayerShape(0, 0)] * 3)
+    assert top == pytest.approx(tab.dense_ms() / fastest)
+    check_reachable(tab, [top * 0.99], layout="uniform")
+    with pytest.raises(ZipkdError, match=f"largest reachable uniform speedup is {top:.2f}x"):
+        check_reachable(tab, [1.5, top * 1.01], layout="uniform")
+    # a table without an entry for a dropped layer: widths only
+    tab.attention_ms.pop(0)
+    assert max_uniform_speedup(tab) == pytest.approx(tab.dense_ms() / (tab.rest_ms + 4 * tab.layer_ms(1, 16)))

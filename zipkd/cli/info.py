@@ -16,7 +16,7 @@ from zipkd.cli.common import DtypeOpt, JsonOpt, ModelArg, cli_errors, console, p
 def describe(lm) -> dict:
     """Architecture summary of a loaded model (what `zipkd info` prints)."""
     from zipkd.models.adapters import adapter_for
-    from zipkd.models.surgery import base_geometry, layer_shapes
+    from zipkd.models.surgery import base_geometry, is_heterogeneous, layer_shapes
 
     cfg = lm.model.config
     adapter_for(cfg)
@@ -38,11 +38,20 @@ def describe(lm) -> dict:
         "intermediate_size": geo.intermediate_size,
         "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
+        "layout": _layout(cfg, is_heterogeneous(cfg)),
         "layer_shapes": [
             {"kv_heads": s.kv_heads, "heads": s.heads(geo.group_size), "intermediate": s.intermediate}
             for s in shapes
         ],
     }
+
+
+def _layout(cfg, heterogeneous: bool) -> str:
+    if heterogeneous:
+        return "heterogeneous (per-layer shapes: zipkd's loader, llama.cpp through `zipkd export`)"
+    if getattr(cfg, "zipkd_base", None):
+        return "uniform (standard config fields: stock transformers and every serving engine load it)"
+    return "dense"
 
 
 def _runs(shapes: list[dict]) -> list[tuple[int, int, dict]]:
@@ -108,6 +117,7 @@ def info(
         "intermediate_size",
         "vocab_size",
         "tie_word_embeddings",
+        "layout",
     ):
         val = summary[key]
         t.add_row(key, f"{val:,}" if isinstance(val, int) and not isinstance(val, bool) else str(val))

@@ -143,6 +143,16 @@ def prune(
     method: Annotated[
         str, typer.Option(help="Pruning method (listed in `zipkd prune --help`).", rich_help_panel=_SEARCH)
     ] = "zipkd",
+    layout: Annotated[
+        str,
+        typer.Option(
+            help="heterogeneous: each layer keeps its own KV heads and MLP width (fastest for a target; loads "
+            "with zipkd and, through `zipkd export`, in llama.cpp). uniform: every kept layer has one shape and "
+            "whole layers are dropped, so the standard config fields describe it and every engine loads it: "
+            "stock transformers, vLLM, TensorRT-LLM, SGLang, TGI, llama.cpp's own converter.",
+            rich_help_panel=_SEARCH,
+        ),
+    ] = "heterogeneous",
     fisher_samples: Annotated[
         int,
         typer.Option(
@@ -164,6 +174,10 @@ def prune(
 
     targets = _targets(target_speedup)
     method = _method(method)
+    if layout not in ("heterogeneous", "uniform"):
+        raise typer.BadParameter(
+            f"unknown layout {layout!r}; choose heterogeneous or uniform", param_hint="--layout"
+        )
     if not 0 < damp < 10:
         raise typer.BadParameter(f"damp must lie in (0, 10) (got {damp})", param_hint="--damp")
     reg = regime_from_options(
@@ -192,6 +206,7 @@ def prune(
         force_table=force_table,
         fisher_samples=fisher_samples,
         device=device,
+        layout=layout,
     )
     from zipkd.models.io import resolve_model
     from zipkd.outputs import check_output, output_lock
@@ -220,6 +235,7 @@ def prune(
             "layers": sum(1 for s in r.shapes if not s.empty),
             "kv_heads": [s.kv_heads for s in r.shapes],
             "mlp_widths": [s.intermediate for s in r.shapes],
+            "layout": r.info.get("layout"),
             "seconds": r.info.get("total_s"),
         }
         for r, f in zip(results, folders, strict=True)
@@ -232,7 +248,7 @@ def prune(
     geo = base_geometry(lm.model.config)
     where = f"llama.cpp {reg.quantization}" if reg.runtime == "llama.cpp" else reg.device
     t = Table(title=f"zipkd prune ({method}) on {where} {reg.regime}", header_style="bold")
-    for col in ("target", "predicted", "layers", "KV heads kept", "MLP channels kept", "output"):
+    for col in ("target", "predicted", "layout", "layers", "KV heads kept", "MLP channels kept", "output"):
         t.add_column(col, justify="left" if col == "output" else "right")
     for r, row in zip(results, rows, strict=True):
         kv = sum(s.kv_heads for s in r.shapes)
@@ -240,6 +256,7 @@ def prune(
         t.add_row(
             f"{r.target:g}x",
             f"{r.predicted_speedup:.2f}x",
+            str(row["layout"]),
             f"{row['layers']}/{geo.num_layers}",
             f"{kv}/{geo.num_kv_heads * geo.num_layers}",
             f"{width}/{geo.intermediate_size * geo.num_layers}",

@@ -42,7 +42,13 @@ from zipkd.prune.driver import (
     collect_fisher,
 )
 from zipkd.prune.methods import METHODS, PruneMethod, get_method
-from zipkd.prune.search import check_reachable, select, select_uniform
+from zipkd.prune.search import (
+    check_layout,
+    check_reachable,
+    select,
+    select_layout_uniform,
+    select_uniform,
+)
 from zipkd.prune.speedup import parse_speedups
 
 
@@ -78,9 +84,14 @@ class PruneConfig:
     mlp_chunk: int | None = None  # channels per OBS step (None: width // 64)
     batch_size: int = 4  # calibration sequences per forward
     resolution: int = 2000  # latency units of dense/resolution in the DP
+    # heterogeneous: each layer its own KV groups and MLP width (llama.cpp via zipkd's GGUF export, zipkd's
+    # loader); uniform: one (KV groups, width) in every kept layer plus dropped layers, described by the standard
+    # config fields alone, so every engine loads it (transformers, vLLM, TensorRT-LLM, SGLang, TGI, llama.cpp)
+    layout: str = "heterogeneous"
 
     def __post_init__(self) -> None:
         self.target_speedup = parse_speedups(self.target_speedup)
+        check_layout(self.layout)
         if self.method not in METHODS:
             raise ZipkdError(f"unknown pruning method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.samples < 1 or self.calib_len < 2:
@@ -211,7 +222,7 @@ def precheck(src: str | os.PathLike, config: PruneConfig) -> None:
         LatencyTable.load(config.table), SimpleNamespace(**cfg), config.regime, config.force_table
     )
     method = config.pruning_method
-    check_reachable(tab, config.targets, method.uniform, method.whole_layers)
+    check_reachable(tab, config.targets, method.uniform, method.whole_layers, config.layout)
 
 
 def _module(lm: Any) -> Any:
@@ -337,14 +348,13 @@ def prune_model(
     modified. One calibration pass and one database serve all targets."""
     method = config.pruning_method
     tab = table if isinstance(table, LatencyTable) else latency_table(lm, config, table, progress)
-    check_reachable(tab, config.targets, method.uniform, method.whole_layers)  # before any calibration
+    check_reachable(
+        tab, config.targets, method.uniform, method.whole_layers, config.layout
+    )  # before any calibration
     t0 = time.perf_counter()
     db, first = build(lm, config, tab, calib_texts, progress)
     # Every target is checked before any surgery, so an unreachable one fails fast.
-    choices = [
-        select_uniform(db, tab, t) if method.uniform else select(db, tab, t, config.resolution)
-        for t in config.targets
-    ]
+    choices = [_select(db, tab, t, config) for t in config.targets]
     model = _module(lm)
     device = torch.device(config.device or config.regime.device)
     refit = method.refit(config.sequential)
@@ -366,6 +376,7 @@ def prune_model(
         pruned.eval()
         info = {
             **db.meta,
+            "layout": layout_of(choice.shapes),
             "refit": refit,
             "surgery_s": round(time.perf_counter() - t1, 2),
             "table": {
@@ -392,6 +403,21 @@ def prune_model(
     for r in results:
         r.info["total_s"] = round(time.perf_counter() - t0, 2)
     return results
+
+
+def _select(db: ModelDatabase, tab: LatencyTable, target: float, config: PruneConfig):
+    method = config.pruning_method
+    if method.uniform:  # the method's own uniform width search (magnitude)
+        return select_uniform(db, tab, target)
+    if config.layout == "uniform" and not method.whole_layers:  # whole-layer drops are uniform already
+        return select_layout_uniform(db, tab, target)
+    return select(db, tab, target, config.resolution)
+
+
+def layout_of(shapes: Sequence[LayerShape]) -> str:
+    """ "uniform" when every kept layer keeps both blocks at one shape (standard config fields describe it)."""
+    kept = {(s.kv_heads, s.intermediate) for s in shapes if not s.empty}
+    return "uniform" if len(kept) == 1 and all(k and w for k, w in kept) else "heterogeneous"
 
 
 # `zipkd.prune` is the package, so `from zipkd import prune` cannot be this function: zipkd exports it as

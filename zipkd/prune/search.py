@@ -98,11 +98,95 @@ def max_speedup(db: ModelDatabase, table: LatencyTable) -> float:
     return table.dense_ms() / fastest if fastest > 0 else math.inf
 
 
+LAYOUTS = ("heterogeneous", "uniform")
+
+
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ZipkdError(f"unknown layout {layout!r}; choose {' or '.join(LAYOUTS)}")
+    return layout
+
+
+def uniform_layouts(table: LatencyTable) -> list[tuple[int, int, int, float]]:
+    """Every portable layout on the table's grid: (kv_heads, width, dropped layers, predicted ms). Kept layers
+    all have the same KV groups (≥ 1) and MLP width (≥ 1), so the standard config fields describe the model;
+    at least one layer is kept, and layers can be dropped only if the table has an entry for a dropped layer."""
+    n = table.num_layers
+    can_drop = 0 in table.attention_ms and 0 in table.mlp_ms
+    drop_ms = table.layer_ms(0, 0) if can_drop else 0.0
+    out = []
+    for kv in table.attention_levels:
+        for w in table.mlp_levels:
+            if kv < 1 or w < 1:
+                continue
+            per = table.layer_ms(kv, w)
+            for d in range(n if can_drop else 1):
+                out.append((kv, w, d, table.rest_ms + (n - d) * per + d * drop_ms))
+    return out
+
+
+def max_uniform_speedup(table: LatencyTable) -> float:
+    fastest = min(ms for *_, ms in uniform_layouts(table))
+    return table.dense_ms() / fastest if fastest > 0 else math.inf
+
+
+def select_layout_uniform(db: ModelDatabase, table: LatencyTable, target: float) -> Choice:
+    """Least-error *portable* structure (`--layout uniform`): one (KV groups, MLP width) in every kept layer
+    plus a set of dropped layers, predicted latency ≤ dense/target. For each (kv, width, d) the d layers to
+    drop are those whose drop costs the least extra error over keeping them at (kv, width); the search is
+    exhaustive over the grid (levels² × layers candidates), so it is exact for the summed-error objective."""
+    if not target >= 1.0:
+        raise ZipkdError(f"target speedup must be at least 1x (got {target})")
+    check_table(db, table)
+    opts = [layer.options() for layer in db.layers]
+    if any(math.isnan(e) for o in opts for _, _, e in o):
+        raise ValueError(f"the {db.method} database has no errors to search over; use select_uniform")
+    dense = table.dense_ms()
+    limit = dense / target
+    best: tuple[float, float, list[LayerShape]] | None = None
+    for kv, w, d, ms in uniform_layouts(table):
+        if ms > limit * (1 + _TOL) + _TOL:
+            continue
+        if any(kv not in lay.attention.levels or w not in lay.mlp.levels for lay in db.layers):
+            continue
+        keep_err = [lay.attention.error(kv) + lay.mlp.error(w) for lay in db.layers]
+        drop_err = [lay.attention.error(0) + lay.mlp.error(0) for lay in db.layers] if d else keep_err
+        # Ties in the extra error go to the later layer (kept layers are mostly the early ones).
+        order = sorted(range(len(db.layers)), key=lambda i: (drop_err[i] - keep_err[i], -i))
+        dropped = set(order[:d])
+        err = sum(drop_err[i] if i in dropped else keep_err[i] for i in range(len(db.layers)))
+        shapes = [LayerShape(0, 0) if i in dropped else LayerShape(kv, w) for i in range(len(db.layers))]
+        if best is None or (err, -ms) < (best[0], -best[1]):
+            best = (err, ms, shapes)
+    if best is None:
+        raise _unreachable_uniform(target, table)
+    err, ms, shapes = best
+    return Choice(target, shapes, table.predict(shapes), dense, float(err))
+
+
+def _unreachable_uniform(target: float, table: LatencyTable) -> ZipkdError:
+    return ZipkdError(
+        f"target speedup {target:g}x is unreachable with a uniform layout on this latency table; the largest "
+        f"reachable uniform speedup is {max_uniform_speedup(table):.2f}x (the heterogeneous layout reaches "
+        "further)"
+    )
+
+
 def check_reachable(
-    table: LatencyTable, targets: Sequence[float], uniform: bool = False, whole_layers: bool = False
+    table: LatencyTable,
+    targets: Sequence[float],
+    uniform: bool = False,
+    whole_layers: bool = False,
+    layout: str = "heterogeneous",
 ) -> None:
     """Refuse, from the latency table alone (before any calibration), a target that no structure on the
-    table's grid reaches; the error names the largest reachable speedup."""
+    table's grid reaches; the error names the largest reachable speedup. `uniform`: the method's own uniform
+    width search; `layout="uniform"`: portable layouts (uniform widths plus dropped layers)."""
+    if layout == "uniform" and not (uniform or whole_layers):
+        for target in targets:
+            if target > max_uniform_speedup(table) * (1 + 1e-9):
+                raise _unreachable_uniform(target, table)
+        return
     full_kv, full_w = max(table.attention_ms), max(table.mlp_ms)
 
     def block(kind: str, full: int, sizes: Sequence[int]) -> BlockDatabase:

@@ -1,0 +1,29 @@
+"""The prepared GPU scripts run end to end in their CPU smoke mode (tiny shapes), so a GPU session never spends
+its minutes on a script that cannot run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_layout_smoke(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_layout.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads((tmp_path / "gpu_layout.json").read_text())
+    assert res["ok"] and res["stage"] == "done"
+    assert {"a_decode_eager", "b_prune_prefill", "b_prune_decode_eager", "c_layouts_decode_eager"} <= set(
+        res["checks"]
+    )
+    uni = res["checks"]["c_layouts_decode_eager"]["uniform"]
+    assert uni["layers"] >= 1 and min(uni["shape"]) >= 1
