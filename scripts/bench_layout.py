@@ -92,7 +92,25 @@ def convert_with_llamacpp(folder: Path, out: Path) -> Path:
 
 
 def llamacpp_speed(files: dict[str, Path], threads: int, repeats: int) -> dict[str, dict[str, float]]:
-    """Decode ms/token and prefill ms of every file, round-robin (each round times every model once)."""
+    """Decode ms/token and prefill ms of every file, round-robin, in a child process with OpenMP's default wait
+    policy: llama.cpp's decode step is hundreds of tiny ops, and passive OpenMP threads (set here for torch)
+    would sleep and wake between each (decode ran at a third of its speed)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    cmd = [
+        sys.executable,
+        __file__,
+        "--omp-active",
+        "--time-gguf",
+        json.dumps({k: str(v) for k, v in files.items()}),
+    ]
+    cmd += ["--threads", str(threads), "--repeats", str(repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"llama.cpp timing failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _time_gguf(files: dict[str, str], threads: int, repeats: int) -> dict[str, dict[str, float]]:
     from zipkd.runtimes.llamacpp import compare, open_model, timer
 
     names = list(files)
@@ -122,7 +140,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     ap.add_argument("--json", default=None)
     ap.add_argument("--omp-active", action="store_true", help="keep OpenMP's default (spinning) wait policy")
+    ap.add_argument("--time-gguf", default=None, help=argparse.SUPPRESS)  # the llama.cpp timing child
     args = ap.parse_args()
+    if args.time_gguf:
+        print(json.dumps(_time_gguf(json.loads(args.time_gguf), args.threads, args.repeats)))
+        return 0
 
     import torch
 

@@ -10,7 +10,10 @@ What llama.cpp's `deci` graph does, and how the export keeps every layer zipkd's
   (and cannot allocate a KV cache when no layer has KV heads), so layer 0 gets a zero attention block of one KV
   group (all four projections zero: it adds exactly 0) instead of none.
 - both removed: the layer is not written at all (zipkd drops such layers already).
-Q and K rows are permuted into llama.cpp's rotary layout for the architectures that use it (llama, deci).
+Q and K rows are permuted into llama.cpp's rotary layout for the architectures that use it (llama, granite,
+deci). What else differs per family — fused projections, post-norms, q/k norms, norm weights stored as offsets
+from 1 (Gemma), soft-caps, sliding-window layers, Granite's multipliers — comes from the model's adapter and the
+family's `GGUFFamily` entry; a layout llama.cpp's graph for the family cannot hold is refused in one line.
 
 Weights are written as f32 with the `gguf` package; other types come from llama.cpp's quantizer."""
 
@@ -18,8 +21,8 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +31,106 @@ import numpy as np
 from zipkd.data.assets import heldout_text_path
 from zipkd.data.text import load_texts
 from zipkd.errors import ZipkdError
-from zipkd.models.adapters import adapter_for
-from zipkd.models.surgery import base_geometry, layer_shapes
+from zipkd.models.adapters import ADAPTERS, adapter_for
+from zipkd.models.surgery import base_geometry, is_heterogeneous, layer_shapes
 from zipkd.outputs import atomic_write_text
 from zipkd.paths import cache_dir
 from zipkd.runtimes.llamacpp import open_model
 
 STUB_FF = 32  # channels of the zero MLP that stands in for a removed MLP behind a kept attention block
-# Families and their llama.cpp architecture for uniform layouts; `permute`: Q/K rows need llama.cpp's rotary
-# layout (the NORM rope type); `deci`: a heterogeneous layout of the family maps onto `deci`.
-FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": {"arch": "llama", "permute": True, "deci": True},
-    "mistral": {"arch": "llama", "permute": True, "deci": True},
-    "qwen2": {"arch": "qwen2", "permute": False, "deci": True},
-    "qwen3": {"arch": "qwen3", "permute": False, "deci": False},
+
+
+@dataclass(frozen=True)
+class GGUFFamily:
+    """How a family maps onto llama.cpp: its architecture for uniform layouts and what that graph needs."""
+
+    arch: str  # llama.cpp architecture of a uniform layout
+    permute: bool = False  # Q/K rows need llama.cpp's rotary layout (the NORM rope type)
+    deci: str | None = None  # None: a heterogeneous layout maps onto `deci`; else what deci lacks (a phrase)
+    full_heads: bool = (
+        False  # the graph takes the head size from hidden / heads: query heads cannot be pruned
+    )
+    output: bool = False  # the graph reads output.weight even where the embeddings are tied
+    keys: Callable[[Any, Any, Sequence[GGUFLayer]], None] | None = (
+        None  # family header keys (writer, config, layers)
+    )
+    check: Callable[[Any], None] | None = None  # refuses configs the graph cannot reproduce (config)
+
+
+def _layer_types(config: Any, layers: Sequence[GGUFLayer]) -> list[str]:
+    types = list(getattr(config, "layer_types", None) or [])
+    return [types[lay.source] if lay.source < len(types) else "full_attention" for lay in layers]
+
+
+def _sliding_keys(writer: Any, config: Any, layers: Sequence[GGUFLayer]) -> None:
+    """Sliding-window size and the per-layer pattern (True = sliding), from the config's layer types."""
+    types = _layer_types(config, layers)
+    if "sliding_attention" in types and getattr(config, "sliding_window", None):
+        writer.add_sliding_window(int(config.sliding_window))
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+
+
+def _gemma2_keys(writer: Any, config: Any, layers: Sequence[GGUFLayer]) -> None:
+    _sliding_keys(writer, config, layers)
+    writer.add_rope_freq_base_swa(_rope(config)[1])
+    for key, add in (
+        ("attn_logit_softcapping", writer.add_attn_logit_softcapping),
+        ("final_logit_softcapping", writer.add_final_logit_softcapping),
+    ):
+        if getattr(config, key, None):
+            add(float(getattr(config, key)))
+
+
+def _gemma3_keys(writer: Any, config: Any, layers: Sequence[GGUFLayer]) -> None:
+    _sliding_keys(writer, config, layers)
+    writer.add_rope_freq_base_swa(_rope(config, "sliding_attention")[1])
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+
+
+def _granite_keys(writer: Any, config: Any, layers: Sequence[GGUFLayer]) -> None:
+    writer.add_logit_scale(float(config.logits_scaling))
+    writer.add_residual_scale(float(config.residual_multiplier))
+    writer.add_embedding_scale(float(config.embedding_multiplier))
+    writer.add_attention_scale(float(config.attention_multiplier))
+
+
+def _gemma_check(config: Any) -> None:
+    """llama.cpp's Gemma graphs scale queries by 1/sqrt(head_dim) (transformers: query_pre_attn_scalar^-1/2)."""
+    head_dim = base_geometry(config).head_dim
+    if float(getattr(config, "query_pre_attn_scalar", head_dim)) != float(head_dim):
+        raise ZipkdError(
+            f"this {config.model_type} scales queries by query_pre_attn_scalar={config.query_pre_attn_scalar}, "
+            f"llama.cpp's graph by head_dim={head_dim}; it has no GGUF export in zipkd"
+        )
+    if config.model_type == "gemma3_text" and getattr(config, "attn_logit_softcapping", None):
+        raise ZipkdError(
+            "llama.cpp's gemma3 graph has no attention soft-capping; this model has no GGUF export"
+        )
+    if not getattr(config, "tie_word_embeddings", True) and config.model_type == "gemma2":
+        raise ZipkdError(
+            "llama.cpp's gemma2 graph reads the output layer from the embeddings; untied has no export"
+        )
+
+
+# Families and their llama.cpp architecture (see `GGUFFamily`).
+FAMILIES: dict[str, GGUFFamily] = {
+    "llama": GGUFFamily("llama", permute=True),
+    "mistral": GGUFFamily("llama", permute=True),
+    "qwen2": GGUFFamily("qwen2"),
+    "qwen3": GGUFFamily("qwen3", deci="per-head q/k norms"),
+    "granite": GGUFFamily("granite", permute=True, deci="Granite's multipliers", keys=_granite_keys),
+    "gemma2": GGUFFamily(
+        "gemma2", deci="post-norms, soft-caps or sliding-window layers", keys=_gemma2_keys, check=_gemma_check
+    ),
+    "gemma3_text": GGUFFamily(
+        "gemma3", deci="post-norms, q/k norms or sliding-window layers", keys=_gemma3_keys, check=_gemma_check
+    ),
+    "phi3": GGUFFamily("phi3", deci="partial rotary or long-rope scaling", full_heads=True),
+    "olmo2": GGUFFamily("olmo2", deci="post-norms or q/k norms", full_heads=True, output=True),
 }
+
+
 # Pre-tokenizers llama.cpp knows, tried in this order until one tokenizes the probe corpus exactly as the
 # Hugging Face tokenizer does (see `detect_pre`).
 PRE_CANDIDATES = (
@@ -125,21 +213,34 @@ def is_uniform(layers: Sequence[GGUFLayer]) -> bool:
     )
 
 
-def choose_arch(family: str, layers: Sequence[GGUFLayer]) -> str:
-    """The llama.cpp architecture for this family and layout; one clear error where there is none."""
+def choose_arch(family: str, layers: Sequence[GGUFLayer], num_heads: int | None = None) -> str:
+    """The llama.cpp architecture for this family and layout; one clear error where there is none.
+    `num_heads`: the base model's query heads, for families whose graph cannot take pruned heads."""
     if family not in FAMILIES:
         raise ZipkdError(
             f"no GGUF mapping for architecture {family!r}; zipkd exports {', '.join(sorted(FAMILIES))}"
         )
     info = FAMILIES[family]
     if is_uniform(layers):
-        return info["arch"]
-    if not info["deci"]:
+        if num_heads is not None:
+            _check_heads(family, layers[0].n_head, num_heads)
+        return info.arch
+    if info.deci is not None:
         raise ZipkdError(
             f"a heterogeneous {family} model has no llama.cpp mapping (llama.cpp's per-layer `deci` graph has no "
-            "per-head q/k norms); prune with a uniform layout to export it"
+            f"{info.deci}); prune with a uniform layout (`--layout uniform`) to export it"
         )
     return "deci"
+
+
+def _check_heads(family: str, n_head: int, num_heads: int) -> None:
+    info = FAMILIES[family]
+    if info.full_heads and n_head != num_heads:
+        raise ZipkdError(
+            f"{family} models with pruned attention heads have no llama.cpp mapping (llama.cpp's {info.arch} "
+            "graph takes the head size from hidden / heads); prune keeping every head (MLP widths and layers "
+            "only) to export one"
+        )
 
 
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -156,12 +257,18 @@ def _np(t: Any) -> np.ndarray:
 
 
 def tensors(model: Any, layers: Sequence[GGUFLayer], arch: str) -> Iterator[tuple[str, np.ndarray]]:
-    """(GGUF name, float32 array) for every tensor of the model in llama.cpp's naming; zero stubs included."""
+    """(GGUF name, float32 array) for every tensor of the model in llama.cpp's naming; zero stubs included.
+    The adapter says where each tensor lives (fused projections, pre-/post-norms, q/k norms); norm weights
+    stored as offsets from 1 get the 1 added (llama.cpp multiplies by the weight)."""
     cfg = model.config
     ad = adapter_for(cfg)
     geo = base_geometry(cfg)
-    permute = arch in ("llama", "deci")
+    permute = arch == "deci" or FAMILIES[ad.family].permute
     hidden = geo.hidden_size
+
+    def norm(module: Any) -> np.ndarray:
+        return _np(module.weight) + np.float32(ad.norm_offset)
+
     yield "token_embd.weight", _np(model.get_input_embeddings().weight)
     hf_layers = ad.layers(model)
     for j, lay in enumerate(layers):
@@ -169,27 +276,33 @@ def tensors(model: Any, layers: Sequence[GGUFLayer], arch: str) -> Iterator[tupl
         p = f"blk.{j}"
         if lay.attn == "full":
             attn = ad.attention(layer)
-            q, k, v, o = (getattr(attn, n) for n in (ad.q, ad.k, ad.v, ad.o))
-            yield f"{p}.attn_norm.weight", _np(getattr(layer, ad.attn_norm).weight)
-            wq, wk = _np(q.weight), _np(k.weight)
-            yield f"{p}.attn_q.weight", permute_rows(wq, lay.n_head) if permute else wq
-            yield f"{p}.attn_k.weight", permute_rows(wk, lay.n_head_kv) if permute else wk
-            yield f"{p}.attn_v.weight", _np(v.weight)
+            if ad.attn_norm:
+                yield f"{p}.attn_norm.weight", norm(getattr(layer, ad.attn_norm))
+            o = getattr(attn, ad.o)
+            if ad.qkv:  # llama.cpp splits a fused attn_qkv the same way (q heads, k heads, v heads)
+                yield f"{p}.attn_qkv.weight", _np(getattr(attn, ad.qkv).weight)
+            else:
+                q, k, v = (getattr(attn, n) for n in (ad.q, ad.k, ad.v))
+                wq, wk = _np(q.weight), _np(k.weight)
+                yield f"{p}.attn_q.weight", permute_rows(wq, lay.n_head) if permute else wq
+                yield f"{p}.attn_k.weight", permute_rows(wk, lay.n_head_kv) if permute else wk
+                yield f"{p}.attn_v.weight", _np(v.weight)
+                for name, lin, heads in (
+                    ("attn_q", q, lay.n_head),
+                    ("attn_k", k, lay.n_head_kv),
+                    ("attn_v", v, 0),
+                ):
+                    if getattr(lin, "bias", None) is not None:
+                        b = _np(lin.bias)
+                        yield f"{p}.{name}.bias", permute_rows(b, heads) if permute and heads else b
             yield f"{p}.attn_output.weight", _np(o.weight)
-            for name, lin, heads in (
-                ("attn_q", q, lay.n_head),
-                ("attn_k", k, lay.n_head_kv),
-                ("attn_v", v, 0),
-            ):
-                if getattr(lin, "bias", None) is not None:
-                    b = _np(lin.bias)
-                    yield f"{p}.{name}.bias", permute_rows(b, heads) if permute and heads else b
             if getattr(o, "bias", None) is not None:
                 yield f"{p}.attn_output.bias", _np(o.bias)
-            for hf, gg in (("q_norm", "attn_q_norm"), ("k_norm", "attn_k_norm")):
-                norm = getattr(attn, hf, None)
-                if norm is not None and getattr(norm, "weight", None) is not None:
-                    yield f"{p}.{gg}.weight", _np(norm.weight)
+            if ad.qk_norm:
+                for hf, gg in ((ad.q_norm, "attn_q_norm"), (ad.k_norm, "attn_k_norm")):
+                    yield f"{p}.{gg}.weight", norm(getattr(attn, hf))
+            if ad.attn_post_norm:
+                yield f"{p}.post_attention_norm.weight", norm(getattr(layer, ad.attn_post_norm))
         elif lay.attn == "zero":
             d, zero = geo.head_dim, np.zeros
             yield f"{p}.attn_norm.weight", np.ones(hidden, dtype=np.float32)
@@ -199,17 +312,23 @@ def tensors(model: Any, layers: Sequence[GGUFLayer], arch: str) -> Iterator[tupl
             yield f"{p}.attn_output.weight", zero((hidden, lay.n_head * d), dtype=np.float32)
         if lay.mlp == "full":
             mlp = ad.mlp_block(layer)
-            yield f"{p}.ffn_norm.weight", _np(getattr(layer, ad.mlp_norm).weight)
-            yield f"{p}.ffn_gate.weight", _np(getattr(mlp, ad.gate).weight)
-            yield f"{p}.ffn_up.weight", _np(getattr(mlp, ad.up).weight)
+            if ad.mlp_norm:
+                yield f"{p}.ffn_norm.weight", norm(getattr(layer, ad.mlp_norm))
+            if ad.gate_up:  # llama.cpp's fused ffn_up: gate rows, then up rows (its SwiGLU splits it so)
+                yield f"{p}.ffn_up.weight", _np(getattr(mlp, ad.gate_up).weight)
+            else:
+                yield f"{p}.ffn_gate.weight", _np(getattr(mlp, ad.gate).weight)
+                yield f"{p}.ffn_up.weight", _np(getattr(mlp, ad.up).weight)
             yield f"{p}.ffn_down.weight", _np(getattr(mlp, ad.down).weight)
+            if ad.mlp_post_norm:
+                yield f"{p}.post_ffw_norm.weight", norm(getattr(layer, ad.mlp_post_norm))
         elif lay.mlp == "stub":
             yield f"{p}.ffn_norm.weight", np.ones(hidden, dtype=np.float32)
             yield f"{p}.ffn_gate.weight", np.zeros((STUB_FF, hidden), dtype=np.float32)
             yield f"{p}.ffn_up.weight", np.zeros((STUB_FF, hidden), dtype=np.float32)
             yield f"{p}.ffn_down.weight", np.zeros((hidden, STUB_FF), dtype=np.float32)
-    yield "output_norm.weight", _np(_final_norm(model, ad))
-    if not getattr(cfg, "tie_word_embeddings", False):
+    yield "output_norm.weight", _np(_final_norm(model, ad)) + np.float32(ad.norm_offset)
+    if not getattr(cfg, "tie_word_embeddings", False) or FAMILIES[ad.family].output:
         yield "output.weight", _np(model.get_output_embeddings().weight)
 
 
@@ -235,29 +354,53 @@ class Hparams:
     rope_theta: float
     vocab_size: int
     name: str
+    rope_dims: int | None = None  # rotary dimensions per head (partial rotary); None: head_dim
+    family: str | None = None  # the config's model_type: which tensors a layer has (`random_tensors`)
+    config: Any = field(default=None, compare=False, repr=False)  # for the family's own header keys
+
+
+def _rope(config: Any, layer_type: str = "full_attention") -> tuple[str, float, float]:
+    """(rope type, theta, partial rotary factor) of the config; per layer type where the config has one set of
+    rope parameters per type (Gemma 3: global and sliding layers)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if isinstance(rope, dict) and isinstance(rope.get(layer_type), dict):
+        rope = rope[layer_type]
+    if not isinstance(rope, dict):
+        rope = {}
+    scaling = getattr(config, "rope_scaling", None) or {}
+    kind = rope.get("rope_type") or scaling.get("rope_type") or "default"
+    theta = rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+    partial = rope.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0
+    return kind, float(theta), float(partial)
 
 
 def hparams(config: Any) -> Hparams:
+    """The header numbers of `config`; a config the family's llama.cpp graph cannot reproduce is refused here,
+    before any work (rope scaling other than the default, Gemma's query scaling, …)."""
     geo = base_geometry(config)
-    rope = getattr(config, "rope_parameters", None) or {}
-    scaling = getattr(config, "rope_scaling", None) or {}
-    kind = (
-        (rope.get("rope_type") if isinstance(rope, dict) else None) or scaling.get("rope_type") or "default"
-    )
-    if kind not in ("default", None):
-        raise ZipkdError(f"rope scaling {kind!r} has no GGUF export in zipkd yet")
-    theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or getattr(
-        config, "rope_theta", 10000.0
-    )
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    if family is not None and family.check is not None:
+        family.check(config)
+    if family is not None and not is_heterogeneous(config):
+        _check_heads(config.model_type, int(config.num_attention_heads), geo.num_heads)
+    types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    for layer_type in sorted(types):
+        kind = _rope(config, layer_type)[0]
+        if kind not in ("default", None):
+            raise ZipkdError(f"rope scaling {kind!r} has no GGUF export in zipkd yet")
+    _, theta, partial = _rope(config)
     return Hparams(
         hidden_size=geo.hidden_size,
         head_dim=geo.head_dim,
         num_heads=geo.num_heads,
         context_length=int(getattr(config, "max_position_embeddings", 2048)),
         rms_eps=float(getattr(config, "rms_norm_eps", 1e-6)),
-        rope_theta=float(theta),
+        rope_theta=theta,
         vocab_size=int(config.vocab_size),
         name=str(getattr(config, "_name_or_path", "") or config.model_type),
+        rope_dims=int(geo.head_dim * partial) if partial != 1.0 else None,
+        family=config.model_type,
+        config=config,
     )
 
 
@@ -265,8 +408,12 @@ def _per_layer(values: Sequence[int]) -> int | list[int]:
     return values[0] if len(set(values)) == 1 else list(values)
 
 
-def write_header(writer: Any, arch: str, hp: Hparams, layers: Sequence[GGUFLayer]) -> None:
-    """Architecture keys: per-layer arrays for deci, plain numbers for a uniform family."""
+def write_header(
+    writer: Any, arch: str, hp: Hparams, layers: Sequence[GGUFLayer], config: Any = None
+) -> None:
+    """Architecture keys: per-layer arrays for deci, plain numbers for a uniform family, then the family's own
+    keys (`GGUFFamily.keys`) from `config` (default: the config `hp` was read from)."""
+    config = config if config is not None else hp.config
     writer.add_name(Path(hp.name).name or arch)
     writer.add_context_length(hp.context_length)
     writer.add_embedding_length(hp.hidden_size)
@@ -284,10 +431,13 @@ def write_header(writer: Any, arch: str, hp: Hparams, layers: Sequence[GGUFLayer
         writer.add_head_count_kv(_per_layer(kv))
     writer.add_key_length(hp.head_dim)
     writer.add_value_length(hp.head_dim)
-    writer.add_rope_dimension_count(hp.head_dim)
+    writer.add_rope_dimension_count(hp.rope_dims or hp.head_dim)
     writer.add_rope_freq_base(hp.rope_theta)
     writer.add_layer_norm_rms_eps(hp.rms_eps)
     writer.add_vocab_size(hp.vocab_size)
+    family = FAMILIES.get(getattr(config, "model_type", None)) if config is not None else None
+    if family is not None and family.keys is not None and arch == family.arch:
+        family.keys(writer, config, layers)
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -467,13 +617,15 @@ def write_gguf(
     vocab: Vocab | None,
     extra: dict[str, str] | None = None,
     f16: bool = False,
+    config: Any = None,
 ) -> None:
     """Write a GGUF: header, tokenizer, extra string keys, then the (name, array) tensors, in f32 (or matrices
-    in f16 with `f16`: half the bytes, for timing models that llama.cpp quantizes anyway)."""
+    in f16 with `f16`: half the bytes, for timing models that llama.cpp quantizes anyway). `config`: the
+    model's config, for the family's own header keys."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch)
-    write_header(writer, arch, hp, layers)
+    write_header(writer, arch, hp, layers, config)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
     if vocab is not None:
         vocab.add_to(writer, hp.vocab_size)
@@ -506,10 +658,10 @@ def write_f32(
     ad = adapter_for(cfg)
     geo = base_geometry(cfg)
     layers = plan_layers(layer_shapes(model), geo.group_size, geo.num_heads)
-    arch = choose_arch(ad.family, layers)
+    arch = choose_arch(ad.family, layers, geo.num_heads)
     hp = hparams(cfg)
     vocab = model_vocab(tokenizer_folder, tokenizer, hp.vocab_size)
-    write_gguf(path, arch, hp, layers, tensors(model, layers, arch), vocab, extra)
+    write_gguf(path, arch, hp, layers, tensors(model, layers, arch), vocab, extra, config=cfg)
     return arch
 
 
@@ -522,9 +674,15 @@ def random_tensors(
     seed: int = 0,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Random tensors of the right shapes for timing a layout in llama.cpp (speed does not depend on the
-    values); views of one shared random pool, so writing a model costs no generation."""
+    values); views of one shared random pool, so writing a model costs no generation. The tensors a layer has
+    (fused projections, pre-/post-norms, q/k norms) follow the adapter of `hp.family`, as `tensors` does."""
+    ad = ADAPTERS.get(hp.family or "llama", ADAPTERS["llama"])
     h, d, v = hp.hidden_size, hp.head_dim, hp.vocab_size
-    biggest = max([v * h] + [3 * lay.n_ff * h for lay in layers] + [h * lay.n_head * d for lay in layers])
+    biggest = max(
+        [v * h]
+        + [3 * lay.n_ff * h for lay in layers]
+        + [h * (lay.n_head + 2 * lay.n_head_kv) * d for lay in layers]
+    )
     pool = (np.random.default_rng(seed).standard_normal(biggest, dtype=np.float32) * 0.02).astype(np.float16)
 
     def arr(*shape: int) -> np.ndarray:
@@ -535,23 +693,36 @@ def random_tensors(
     for j, lay in enumerate(layers):
         p = f"blk.{j}"
         if lay.attn in ("full", "zero"):
-            yield f"{p}.attn_norm.weight", ones
-            yield f"{p}.attn_q.weight", arr(lay.n_head * d, h)
-            yield f"{p}.attn_k.weight", arr(lay.n_head_kv * d, h)
-            yield f"{p}.attn_v.weight", arr(lay.n_head_kv * d, h)
+            if ad.attn_norm or lay.attn == "zero":
+                yield f"{p}.attn_norm.weight", ones
+            if ad.qkv and lay.attn == "full":
+                yield f"{p}.attn_qkv.weight", arr((lay.n_head + 2 * lay.n_head_kv) * d, h)
+            else:
+                yield f"{p}.attn_q.weight", arr(lay.n_head * d, h)
+                yield f"{p}.attn_k.weight", arr(lay.n_head_kv * d, h)
+                yield f"{p}.attn_v.weight", arr(lay.n_head_kv * d, h)
             yield f"{p}.attn_output.weight", arr(h, lay.n_head * d)
             if biases:
                 yield f"{p}.attn_q.bias", arr(lay.n_head * d)
                 yield f"{p}.attn_k.bias", arr(lay.n_head_kv * d)
                 yield f"{p}.attn_v.bias", arr(lay.n_head_kv * d)
-            if qk_norm:
-                yield f"{p}.attn_q_norm.weight", np.ones(d, dtype=np.float32)
-                yield f"{p}.attn_k_norm.weight", np.ones(d, dtype=np.float32)
+            if qk_norm or ad.qk_norm:
+                q, k = (lay.n_head * d, lay.n_head_kv * d) if ad.qk_norm == "projection" else (d, d)
+                yield f"{p}.attn_q_norm.weight", np.ones(q, dtype=np.float32)
+                yield f"{p}.attn_k_norm.weight", np.ones(k, dtype=np.float32)
+            if ad.attn_post_norm and lay.attn == "full":
+                yield f"{p}.post_attention_norm.weight", ones
         if lay.n_ff:
-            yield f"{p}.ffn_norm.weight", ones
-            yield f"{p}.ffn_gate.weight", arr(lay.n_ff, h)
-            yield f"{p}.ffn_up.weight", arr(lay.n_ff, h)
+            if ad.mlp_norm or lay.mlp == "stub":
+                yield f"{p}.ffn_norm.weight", ones
+            if ad.gate_up and lay.mlp == "full":
+                yield f"{p}.ffn_up.weight", arr(2 * lay.n_ff, h)
+            else:
+                yield f"{p}.ffn_gate.weight", arr(lay.n_ff, h)
+                yield f"{p}.ffn_up.weight", arr(lay.n_ff, h)
             yield f"{p}.ffn_down.weight", arr(h, lay.n_ff)
+            if ad.mlp_post_norm and lay.mlp == "full":
+                yield f"{p}.post_ffw_norm.weight", ones
     yield "output_norm.weight", ones
-    if not tied:
+    if not tied or FAMILIES.get(ad.family, FAMILIES["llama"]).output:
         yield "output.weight", arr(v, h)

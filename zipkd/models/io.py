@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from zipkd.errors import ZipkdError
 from zipkd.manifest import build_manifest, write_manifest
-from zipkd.models.adapters import ADAPTERS
+from zipkd.models.adapters import ADAPTERS, supported
 from zipkd.models.embedded import DEFAULT_MODEL, EMBEDDED, embedded_gguf
 from zipkd.models.formats import folder_loader
 from zipkd.models.gguf_file import gguf_header
@@ -83,9 +83,7 @@ def read_config(folder: Path) -> dict:
         raise ZipkdError(f"cannot read {folder / 'config.json'}: {exc}") from exc
     mt = cfg.get("model_type")
     if mt not in ADAPTERS:
-        raise ZipkdError(
-            f"unsupported architecture {mt!r} in {folder}; zipkd supports: {', '.join(sorted(ADAPTERS))}"
-        )
+        raise ZipkdError(f"unsupported architecture {mt!r} in {folder}; zipkd supports: {supported()}")
     return cfg
 
 
@@ -128,9 +126,14 @@ def read_state_dict(folder: str | os.PathLike) -> dict:
 
 
 def fix_meta_buffers(model: Any) -> None:
-    """Non-persistent buffers (rotary inv_freq) are not in the checkpoint: rebuild their modules."""
+    """Non-persistent buffers are not in the checkpoint: rebuild the modules holding them (rotary `inv_freq`)
+    or the buffer itself (Gemma's embedding scale, kept beside it as a float)."""
     for name, module in list(model.named_modules()):
         if any(b.is_meta for b in module.buffers(recurse=False)):
+            if isinstance(getattr(module, "scalar_embed_scale", None), float) and module.embed_scale.is_meta:
+                module.embed_scale = torch.tensor(module.scalar_embed_scale)
+            if not any(b.is_meta for b in module.buffers(recurse=False)):
+                continue
             if type(module).__name__.endswith("RotaryEmbedding"):
                 parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
                 with torch.device("cpu"):
@@ -271,8 +274,18 @@ def embedded_folder(name: str = DEFAULT_MODEL) -> Path:
     return folder
 
 
-# llama.cpp architectures of GGUF files whose weights transformers reads into a family zipkd supports.
-GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+# llama.cpp architectures of GGUF files whose weights transformers reads (its GGUF loader,
+# `transformers.integrations.ggml`) into a family zipkd supports: architecture → model_type. OLMo-2 and
+# Granite GGUFs exist, but transformers cannot read them; give zipkd their Hugging Face folders.
+GGUF_ARCHS = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+    "phi3": "phi3",
+}
 
 
 def check_gguf_input(path: Path) -> dict[str, Any]:
@@ -287,7 +300,7 @@ def check_gguf_input(path: Path) -> dict[str, Any]:
     if arch not in GGUF_ARCHS:
         raise ZipkdError(
             f"unsupported architecture {arch!r} in {path.name}; zipkd loads GGUF files of "
-            f"{', '.join(sorted(GGUF_ARCHS))}"
+            f"{', '.join(sorted(GGUF_ARCHS))} (and model folders of {supported()})"
         )
     return header
 

@@ -1,9 +1,15 @@
 """Structural surgery: slice attention KV groups and MLP channels, remove blocks, drop layers, and keep the
 config's per-layer shapes (`zipkd_layers`) in step so the model saves and reloads.
 
-A removed attention or MLP block becomes a `ZeroBlock` (its pre-norm becomes `Identity`), so the residual
-stream passes through unchanged; a layer with both removed is dropped. Attention modules are renumbered
-compactly (`layer_idx`), since the KV cache is indexed by it."""
+What differs between families (fused projections, post-norms, q/k norms over the whole projection, config
+fields the attention reads) comes from the adapter (`zipkd.models.adapters`), never from a family name.
+
+A removed attention or MLP block becomes a `ZeroBlock` (its pre- and post-norms become `Identity`), so the
+residual stream passes through unchanged; a layer with both removed is dropped. Attention modules are renumbered
+compactly (`layer_idx`), since the KV cache is indexed by it — except in a model with mixed attention types
+(Gemma's sliding and global layers), where the model picks each layer's mask and rotary embedding by its
+position while the cache picks its layer type by `layer_idx`: there attention modules keep their position as
+`layer_idx` and a removed block's cache slot is transformers' empty `DummyLayer` (`kv_sharing_modes`)."""
 
 from __future__ import annotations
 
@@ -69,6 +75,56 @@ def _slice_linear(
     return new
 
 
+class LayerConfig:
+    """A view of the model's config with a few values of one layer over it (a sliced Phi-3 attention's head
+    counts, which its forward reads from the config). Everything else, including later changes such as the
+    attention implementation, is read from the model's config."""
+
+    def __init__(self, base: Any, **values: Any):
+        self.__dict__["_base"] = base
+        self.__dict__["_values"] = dict(values)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or "_base" not in self.__dict__:
+            raise AttributeError(name)
+        values = self.__dict__["_values"]
+        return values[name] if name in values else getattr(self.__dict__["_base"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__["_values"]:
+            self.__dict__["_values"][name] = value
+        else:
+            setattr(self.__dict__["_base"], name, value)
+
+    def __repr__(self) -> str:
+        return f"LayerConfig({self.__dict__['_values']} over {type(self.__dict__['_base']).__name__})"
+
+
+def _base_config(config: Any) -> Any:
+    return config.__dict__["_base"] if isinstance(config, LayerConfig) else config
+
+
+def _set_head_counts(attn: nn.Module, ad: ArchAdapter, kv: int, group_size: int) -> None:
+    """Tell a sliced attention module its head counts: the instance attributes some families keep and, for
+    families whose forward reads them from the config, a per-layer config view."""
+    counts = {"num_key_value_heads": kv, "num_attention_heads": kv * group_size, "num_heads": kv * group_size}
+    for name, value in counts.items():
+        if isinstance(getattr(attn, name, None), int):
+            setattr(attn, name, value)
+    if hasattr(attn, "num_key_value_groups"):
+        attn.num_key_value_groups = group_size
+    if ad.attn_config and hasattr(attn, "config"):
+        attn.config = LayerConfig(_base_config(attn.config), **{n: counts[n] for n in ad.attn_config})
+
+
+def _slice_norm(norm: nn.Module, rows: torch.Tensor) -> None:
+    """Keep the given entries of a norm's weight (a q/k norm over the whole projection)."""
+    w = norm.weight
+    norm.weight = nn.Parameter(
+        w.data.index_select(0, rows.to(w.device)).clone(), requires_grad=w.requires_grad
+    )
+
+
 def attention_removed(layer: nn.Module, ad: ArchAdapter) -> bool:
     return isinstance(ad.attention(layer), ZeroBlock)
 
@@ -78,18 +134,26 @@ def mlp_removed(layer: nn.Module, ad: ArchAdapter) -> bool:
 
 
 def remove_attention(layer: nn.Module, ad: ArchAdapter) -> None:
+    """The attention block becomes a ZeroBlock and its pre- and post-norms Identity."""
     setattr(layer, ad.attn, ZeroBlock("attention"))
-    setattr(layer, ad.attn_norm, nn.Identity())
+    for name in ad.norm_names("attention"):
+        setattr(layer, name, nn.Identity())
 
 
 def remove_mlp(layer: nn.Module, ad: ArchAdapter) -> None:
+    """The MLP block becomes a ZeroBlock and its pre- and post-norms Identity."""
     setattr(layer, ad.mlp, ZeroBlock("mlp"))
-    setattr(layer, ad.mlp_norm, nn.Identity())
+    for name in ad.norm_names("mlp"):
+        setattr(layer, name, nn.Identity())
 
 
 def kv_heads_of(layer: nn.Module, ad: ArchAdapter, head_dim: int) -> int:
     attn = ad.attention(layer)
-    return 0 if isinstance(attn, ZeroBlock) else getattr(attn, ad.k).out_features // head_dim
+    if isinstance(attn, ZeroBlock):
+        return 0
+    if ad.qkv:  # rows: q (= o_proj's inputs), then k and v
+        return (getattr(attn, ad.qkv).out_features - getattr(attn, ad.o).in_features) // (2 * head_dim)
+    return getattr(attn, ad.k).out_features // head_dim
 
 
 def width_of(layer: nn.Module, ad: ArchAdapter) -> int:
@@ -110,13 +174,29 @@ def slice_attention(
     groups = torch.as_tensor(sorted(keep_groups), dtype=torch.long)
     if groups.min() < 0 or groups.max() >= n_groups or len(set(groups.tolist())) != len(groups):
         raise ValueError(f"invalid KV groups {keep_groups} for a layer with {n_groups}")
+    kv_rows, q_rows = head_rows(groups, head_dim, group_size)
+    if ad.qkv:  # one fused projection: the kept query heads, then their KV heads' key and value rows
+        q_dim, kv_dim = n_groups * group_size * head_dim, n_groups * head_dim
+        rows = torch.cat([q_rows, q_dim + kv_rows, q_dim + kv_dim + kv_rows])
+        setattr(attn, ad.qkv, _slice_linear(getattr(attn, ad.qkv), rows=rows))
+    else:
+        setattr(attn, ad.q, _slice_linear(getattr(attn, ad.q), rows=q_rows))
+        setattr(attn, ad.k, _slice_linear(getattr(attn, ad.k), rows=kv_rows))
+        setattr(attn, ad.v, _slice_linear(getattr(attn, ad.v), rows=kv_rows))
+    setattr(attn, ad.o, _slice_linear(getattr(attn, ad.o), cols=q_rows))
+    if ad.qk_norm == "projection":  # norms over the whole q/k projection keep the kept rows' weights
+        _slice_norm(getattr(attn, ad.q_norm), q_rows)
+        _slice_norm(getattr(attn, ad.k_norm), kv_rows)
+    _set_head_counts(attn, ad, len(groups), group_size)
+
+
+def head_rows(groups: torch.Tensor, head_dim: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the key/value projections and of the query projection (= o_proj columns) of the given KV
+    groups, each KV head with its `group_size` query heads."""
     kv_rows = (groups[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
     q_heads = (groups[:, None] * group_size + torch.arange(group_size)).reshape(-1)
     q_rows = (q_heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
-    setattr(attn, ad.q, _slice_linear(getattr(attn, ad.q), rows=q_rows))
-    setattr(attn, ad.k, _slice_linear(getattr(attn, ad.k), rows=kv_rows))
-    setattr(attn, ad.v, _slice_linear(getattr(attn, ad.v), rows=kv_rows))
-    setattr(attn, ad.o, _slice_linear(getattr(attn, ad.o), cols=q_rows))
+    return kv_rows, q_rows
 
 
 def slice_mlp(layer: nn.Module, ad: ArchAdapter, keep_channels: Sequence[int] | torch.Tensor) -> None:
@@ -126,9 +206,17 @@ def slice_mlp(layer: nn.Module, ad: ArchAdapter, keep_channels: Sequence[int] | 
         remove_mlp(layer, ad)
         return
     mlp = ad.mlp_block(layer)
-    setattr(mlp, ad.gate, _slice_linear(getattr(mlp, ad.gate), rows=keep))
-    setattr(mlp, ad.up, _slice_linear(getattr(mlp, ad.up), rows=keep))
+    if ad.gate_up:  # one fused projection: gate rows, then the matching up rows
+        width = getattr(mlp, ad.down).in_features
+        setattr(
+            mlp, ad.gate_up, _slice_linear(getattr(mlp, ad.gate_up), rows=torch.cat([keep, width + keep]))
+        )
+    else:
+        setattr(mlp, ad.gate, _slice_linear(getattr(mlp, ad.gate), rows=keep))
+        setattr(mlp, ad.up, _slice_linear(getattr(mlp, ad.up), rows=keep))
     setattr(mlp, ad.down, _slice_linear(getattr(mlp, ad.down), cols=keep))
+    if isinstance(getattr(mlp, "intermediate_size", None), int):
+        mlp.intermediate_size = keep.numel()
 
 
 def base_geometry(config: Any):
@@ -161,7 +249,8 @@ def layer_shapes(model: nn.Module) -> list[LayerShape]:
 
 
 def sync_config(model: nn.Module) -> None:
-    """Drop empty layers, renumber attention `layer_idx` compactly and write per-layer shapes to the config.
+    """Drop empty layers, renumber attention `layer_idx` (see the module docstring) and write per-layer shapes
+    to the config.
 
     Uniform results (every layer with the same heads and width, no removed blocks) also get the standard
     fields, so stock `AutoModelForCausalLM.from_pretrained` loads them."""
@@ -190,22 +279,30 @@ def sync_config(model: nn.Module) -> None:
         raise ZipkdError("every decoder layer was removed; nothing would be left of the model")
     if len(kept) != len(layers):
         ad.set_layers(model, nn.ModuleList(kept))
-    # Compact KV-cache indices over the layers that still have attention.
-    attn_types, rest_types, idx = [], [], 0
-    for j, layer in enumerate(kept):
-        attn = ad.attention(layer)
-        if isinstance(attn, ZeroBlock):
-            rest_types.append(kept_types[j] if kept_types else None)
-            continue
-        attn.layer_idx = idx
-        idx += 1
-        attn_types.append(kept_types[j] if kept_types else None)
-    if kept_types:
-        if len(set(kept_types)) > 1 and rest_types:
-            raise ZipkdError(
-                "removing attention blocks in a model with mixed attention types is not supported"
-            )
-        cfg.layer_types = attn_types + rest_types
+    removed = [isinstance(ad.attention(layer), ZeroBlock) for layer in kept]
+    if kept_types and len(set(kept_types)) > 1 and any(removed):
+        # Mixed attention types: the model picks a layer's mask and rotary embedding by its position and the
+        # cache picks a layer's type by `layer_idx`, so both stay the position; removed blocks get an empty
+        # cache slot (transformers builds a `DummyLayer` for a "reuse" entry of `kv_sharing_modes`).
+        for j, layer in enumerate(kept):
+            if not removed[j]:
+                ad.attention(layer).layer_idx = j
+        cfg.layer_types = kept_types
+        cfg.kv_sharing_modes = ["reuse" if r else None for r in removed]
+    else:
+        # Compact KV-cache indices over the layers that still have attention.
+        attn_types, rest_types, idx = [], [], 0
+        for j, layer in enumerate(kept):
+            if removed[j]:
+                rest_types.append(kept_types[j] if kept_types else None)
+                continue
+            ad.attention(layer).layer_idx = idx
+            idx += 1
+            attn_types.append(kept_types[j] if kept_types else None)
+        if kept_types:
+            cfg.layer_types = attn_types + rest_types
+        if "kv_sharing_modes" in cfg.__dict__:  # set by an earlier call in the branch above
+            del cfg.kv_sharing_modes
     cfg.num_hidden_layers = len(kept)
     shapes = [LayerShape(kv_heads_of(lay, ad, geo.head_dim), width_of(lay, ad)) for lay in kept]
     cfg.zipkd_layers = [asdict(s) for s in shapes]
@@ -224,10 +321,9 @@ def sync_config(model: nn.Module) -> None:
         cfg.num_key_value_heads = geo.num_kv_heads
         cfg.num_attention_heads = geo.num_heads
         cfg.intermediate_size = geo.intermediate_size
-    for layer in kept:
-        attn = ad.attention(layer)
-        if not isinstance(attn, ZeroBlock) and hasattr(attn, "num_key_value_groups"):
-            attn.num_key_value_groups = geo.group_size
+    for layer, shape in zip(kept, shapes, strict=True):
+        if shape.kv_heads:
+            _set_head_counts(ad.attention(layer), ad, shape.kv_heads, geo.group_size)
 
 
 def drop_layers(model: nn.Module, drop: Sequence[int]) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,17 +47,32 @@ class _Stop(Exception):
 @dataclass
 class Activations:
     """Calibration hidden states entering the current layer (one tensor per batch) and the layer kwargs
-    (rotary embeddings, mask, positions) the model passes for each batch."""
+    (rotary embeddings, mask, positions) the model passes for each batch. A model with mixed attention types
+    (Gemma's sliding and global layers) passes each type its own mask and rotary embeddings: `by_type` holds the
+    kwargs per type, and `at(layer_type)` makes them the current `kwargs`."""
 
     hidden: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
+    by_type: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def clone(self) -> Activations:
-        return Activations([h.clone() for h in self.hidden], self.kwargs)
+        return Activations([h.clone() for h in self.hidden], self.kwargs, self.by_type)
+
+    def at(self, layer_type: str | None) -> Activations:
+        """Use the layer kwargs of `layer_type` from now on (no-op for a model with one type)."""
+        if layer_type in self.by_type:
+            self.kwargs = self.by_type[layer_type]
+        return self
 
     @property
     def tokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+def layer_type(config: Any, index: int) -> str | None:
+    """The attention type of decoder layer `index` (None for models without `layer_types`)."""
+    types = getattr(config, "layer_types", None) or []
+    return types[index] if index < len(types) else None
 
 
 def _to(obj: Any, device: torch.device) -> Any:
@@ -79,18 +94,33 @@ def model_device(model: nn.Module) -> torch.device:
 def capture_inputs(
     model: nn.Module, tokens: torch.Tensor, batch_size: int, device: torch.device
 ) -> Activations:
-    """Embed the calibration tokens and record what the model passes to its first decoder layer."""
+    """Embed the calibration tokens and record what the model passes to its first decoder layer (and, in a model
+    with mixed attention types, the kwargs it passes to the first layer of every other type)."""
     ad = adapter_for(model.config)
-    first = ad.layers(model)[0]
-    seen: list[tuple[torch.Tensor, dict]] = []
+    layers = ad.layers(model)
+    firsts: dict[str, int] = {}
+    for i in range(len(layers)):
+        t = layer_type(model.config, i)
+        if t is not None and t not in firsts:
+            firsts[t] = i
+    watched = sorted({0, *firsts.values()}) if len(firsts) > 1 else [0]
+    hidden: list[torch.Tensor] = []
+    seen: dict[int, list[dict]] = {i: [] for i in watched}
 
-    def hook(_m: Any, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "use_cache")}
-        seen.append((hidden.detach().to(device), _to(kw, device)))
-        raise _Stop
+    def hook_for(i: int):
+        def hook(_m: Any, args: tuple, kwargs: dict) -> None:
+            kwargs = dict(kwargs)
+            h = args[0] if args else kwargs.pop("hidden_states")
+            if i == 0:
+                hidden.append(h.detach().to(device))
+            kw = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "use_cache")}
+            seen[i].append(_to(kw, device))
+            if i == watched[-1]:
+                raise _Stop
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        return hook
+
+    handles = [layers[i].register_forward_pre_hook(hook_for(i), with_kwargs=True) for i in watched]
     home = model_device(model)
     base = model.get_submodule(ad.layers_path.rsplit(".", 1)[0])
     try:
@@ -101,8 +131,10 @@ def capture_inputs(
                 except _Stop:
                     pass
     finally:
-        handle.remove()
-    return Activations([h for h, _ in seen], [k for _, k in seen])
+        for handle in handles:
+            handle.remove()
+    by_type = {t: seen[i] for t, i in firsts.items()} if len(firsts) > 1 else {}
+    return Activations(hidden, seen[0], by_type)
 
 
 def _run(layer: nn.Module, h: torch.Tensor, kw: dict) -> torch.Tensor:
@@ -192,14 +224,19 @@ def collect_fisher(
     try:
         for p in flags:
             p.requires_grad_(False)
-        for b, (h, kw) in enumerate(zip(acts.hidden, acts.kwargs, strict=False)):
+        types = [layer_type(model.config, i) for i in range(len(layers))]
+
+        def kw_of(i: int, b: int) -> dict:
+            return acts.by_type[types[i]][b] if types[i] in acts.by_type else acts.kwargs[b]
+
+        for b, h in enumerate(acts.hidden):
             ids = tokens[b * batch_size : (b + 1) * batch_size].to(device)
             inputs = []
             with torch.no_grad():
-                for layer in layers:
+                for i, layer in enumerate(layers):
                     layer.to(device)
                     inputs.append(h)
-                    h = _run(layer, h, kw)
+                    h = _run(layer, h, kw_of(i, b))
                     layer.to(home)
             for m in head:
                 m.to(device)
@@ -209,7 +246,7 @@ def collect_fisher(
             flat, flat_labels = top.view(-1, top.shape[-1]), labels.view(-1)
             for r in range(0, flat.shape[0], _LOSS_ROWS):  # chunks: full-vocabulary logits can be large
                 with torch.enable_grad():
-                    logits = head[1](head[0](flat[r : r + _LOSS_ROWS])).float()
+                    logits = ad.head_logits(model.config, head[1](head[0](flat[r : r + _LOSS_ROWS])).float())
                     loss = torch.nn.functional.cross_entropy(
                         logits, flat_labels[r : r + _LOSS_ROWS], reduction="sum", ignore_index=-100
                     )
@@ -228,7 +265,7 @@ def collect_fisher(
                 ]
                 x = inputs[i].detach().requires_grad_(True)
                 with torch.enable_grad():
-                    out = _run(layer, x, kw)
+                    out = _run(layer, x, kw_of(i, b))
                     out.backward(grad)
                 for hd in handles:
                     hd.remove()
@@ -298,6 +335,8 @@ def build_database(
     hessians = [] if keep_hessians else None
     for index, layer in enumerate(layers):
         stats = LayerStats(index, layer, ad, geo, a_sizes, m_sizes, damp, mlp_chunk)
+        if acts is not None:
+            acts.at(layer_type(model.config, index))
         if not m.needs_calibration:
             out.append(m.layer_database(stats))
             _tick(progress, task)
@@ -379,10 +418,14 @@ def apply_choice(
     if refit == "sequential" and acts is None:
         raise ValueError("sequential refit needs calibration activations")
     task = progress.add_task(f"{label} surgery", total=len(layers)) if progress is not None else None
+    types = [layer_type(pruned.config, i) for i in range(len(layers))]
     for i, (layer, shape) in enumerate(zip(layers, shapes, strict=True)):
         layer.to(device)
         if refit == "sequential":
-            _sequential_layer(layer, ad, geo, db.layers[i], shape.kv_heads, shape.intermediate, acts, damp)
+            acts.at(types[i])
+            _sequential_layer(
+                layer, ad, geo, db.layers[i], shape.kv_heads, shape.intermediate, acts, damp, pruned.config
+            )
         else:
             _cut_layer(layer, ad, geo, db, i, shape.kv_heads, shape.intermediate, refit, damp)
         layer.to(home)
@@ -468,6 +511,49 @@ def _refit_kept(W: torch.Tensor, xs: list[torch.Tensor], cols: torch.Tensor, dam
     return obs.refit_from_columns(W, HK, cols, float(diag) * 2.0 / count / W.shape[1], damp)
 
 
+def _block_outputs(run: Callable[[int], Any], n: int, module: nn.Module) -> list[torch.Tensor]:
+    """Outputs of `module` (the first element of a tuple output) for each of `n` batches, stopping there."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_m: Any, _args: tuple, out: Any) -> None:
+        seen.append((out[0] if isinstance(out, tuple) else out).detach())
+        raise _Stop
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.inference_mode():
+            for b in range(n):
+                try:
+                    run(b)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    if len(seen) != n:
+        raise ZipkdError(f"calibration data never reached {type(module).__name__}")
+    return seen
+
+
+def _refit_new_inputs(
+    W: torch.Tensor, xs: list[torch.Tensor], xps: list[torch.Tensor], cols: torch.Tensor, damp: float
+) -> torch.Tensor:
+    """Least-squares weights for a layer whose kept inputs changed with the cut (`xps`, e.g. OLMo-2's q/k norms
+    over the whole projection renormalise the kept heads): W' x' ≈ W x on the stored dense inputs `xs`."""
+    C = torch.zeros(W.shape[1], cols.numel(), dtype=torch.float32, device=W.device)
+    P = torch.zeros(cols.numel(), cols.numel(), dtype=torch.float32, device=W.device)
+    diag = torch.zeros((), dtype=torch.float32, device=W.device)
+    count = 0
+    for x, xp in zip(xs, xps, strict=True):
+        x2, p2 = x.reshape(-1, x.shape[-1]).float(), xp.reshape(-1, xp.shape[-1]).float()
+        C.addmm_(x2.T, p2)
+        P.addmm_(p2.T, p2)
+        diag += x2.square().sum()
+        count += x2.shape[0]
+    C.mul_(2.0 / count)
+    P.mul_(2.0 / count)
+    return obs.refit_from_columns(W, C, cols, float(diag) * 2.0 / count / W.shape[1], damp, gram=P)
+
+
 def _sequential_layer(
     layer: nn.Module,
     ad: Any,
@@ -477,26 +563,33 @@ def _sequential_layer(
     width: int,
     acts: Activations,
     damp: float,
+    config: Any = None,
 ) -> None:
     """Cut one layer to (kv, width) on the inputs that reach it through the already-pruned layers, re-fit the
     kept columns of o_proj and down_proj by least squares (the OBS update) on those inputs, and advance
     `acts` to the pruned layer's outputs.
 
-    Uses the pre-norm residual layout of every supported family (mid = h + attn(norm₁ h); out = mid +
-    mlp(norm₂ mid)) to avoid re-running blocks: attention runs once, the MLP's gate/up once."""
+    Uses the residual layout every supported family shares (mid = h + s·post₁(attn(pre₁ h)); out = mid +
+    s·post₂(mlp(pre₂ mid)), with the adapter's pre-/post-norms, Identity where a family has none, and residual
+    scale s) to avoid re-running blocks: attention runs once, the MLP's gate/up once."""
     n = len(acts.hidden)
     attn = ad.attention(layer)
-    mlp_norm = getattr(layer, ad.mlp_norm)
 
     def run_layer(b: int) -> Any:
         return _run(layer, acts.hidden[b], acts.kwargs[b])
+
+    def add(block: str, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return ad.residual_add(layer, block, h, out, config)
 
     # Attention → the residual stream after it (`mids`).
     if kv == 0:
         remove_attention(layer, ad)
         mids = list(acts.hidden)
     elif kv == geo.num_kv_heads:
-        mids = _inputs_of(run_layer, n, mlp_norm)
+        outs = _block_outputs(run_layer, n, attn)
+        with torch.inference_mode():
+            mids = [add("attention", h, a) for h, a in zip(acts.hidden, outs, strict=True)]
+        del outs
     else:
         o = getattr(attn, ad.o)
         zs = _inputs_of(run_layer, n, o)
@@ -505,10 +598,15 @@ def _sequential_layer(
         W = o.weight.detach().float()
         slice_attention(layer, ad, geo.head_dim, geo.group_size, keep.tolist())
         o_new = getattr(ad.attention(layer), ad.o)
-        _set_weight(o_new, _refit_kept(W, zs, cols, damp))
+        if ad.qk_norm == "projection":  # the kept heads' values change with the cut: refit on the new ones
+            zps = _inputs_of(run_layer, n, o_new)
+            _set_weight(o_new, _refit_new_inputs(W, zs, zps, cols, damp))
+        else:
+            zps = [z.index_select(-1, cols) for z in zs]
+            _set_weight(o_new, _refit_kept(W, zs, cols, damp))
         with torch.inference_mode():
-            mids = [h + o_new(z.index_select(-1, cols)) for h, z in zip(acts.hidden, zs, strict=True)]
-        del zs
+            mids = [add("attention", h, o_new(z)) for h, z in zip(acts.hidden, zps, strict=True)]
+        del zs, zps
     # MLP → the layer's outputs (surgery outside inference mode: new parameters must be normal tensors).
     mlp = ad.mlp_block(layer)
     if width == 0:
@@ -516,10 +614,10 @@ def _sequential_layer(
         outs = mids
     elif width == geo.intermediate_size:
         with torch.inference_mode():
-            outs = [m + mlp(mlp_norm(m)) for m in mids]
+            outs = [add("mlp", m, mlp(ad.block_input(layer, "mlp", m))) for m in mids]
     else:
         down = getattr(mlp, ad.down)
-        xs = _inputs_of(lambda b: mlp(mlp_norm(mids[b])), n, down)
+        xs = _inputs_of(lambda b: mlp(ad.block_input(layer, "mlp", mids[b])), n, down)
         keep = ldb.mlp.keep(width)
         k = keep.to(xs[0].device)
         W = down.weight.detach().float()
@@ -527,6 +625,6 @@ def _sequential_layer(
         d_new = getattr(ad.mlp_block(layer), ad.down)
         _set_weight(d_new, _refit_kept(W, xs, k, damp))
         with torch.inference_mode():
-            outs = [m + d_new(x.index_select(-1, k)) for m, x in zip(mids, xs, strict=True)]
+            outs = [add("mlp", m, d_new(x.index_select(-1, k))) for m, x in zip(mids, xs, strict=True)]
         del xs
     acts.hidden = outs

@@ -145,10 +145,18 @@ def refit_columns(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor) -> torch
 
 
 def refit_from_columns(
-    W: torch.Tensor, HK: torch.Tensor, keep: torch.Tensor, diag_mean: float, damp: float = 0.01
+    W: torch.Tensor,
+    HK: torch.Tensor,
+    keep: torch.Tensor,
+    diag_mean: float,
+    damp: float = 0.01,
+    gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`refit_columns` with the damped H, from only the kept columns H_{:,K} of the undamped H and the mean of
-    its diagonal (computing H_{:,K} costs |K|/n of the full H)."""
+    its diagonal (computing H_{:,K} costs |K|/n of the full H).
+
+    `gram`: where the kept inputs change with the cut (x' instead of x_K), HK is the cross moment 2/N Σ x x'ᵀ
+    and `gram` = 2/N Σ x' x'ᵀ; the result minimises ‖W x − W' x'‖² + λ‖W' − W_K‖² (None: x' = x_K, gram = H_KK)."""
     if not torch.isfinite(HK).all():
         raise ZipkdError(
             "the calibration Hessian has NaN or infinite entries (the model overflowed on the data)"
@@ -156,7 +164,7 @@ def refit_from_columns(
     keep = keep.to(W.device)
     lam = max(damp, 1e-8) * (diag_mean if diag_mean > 0 else 1.0)
     rhs = (W @ HK).add_(W[:, keep], alpha=lam).T  # W (H + λI)_{:,K}, as |K| × d_out
-    S = HK[keep].clone()
+    S = HK[keep].clone() if gram is None else gram.clone()
     S.diagonal().add_(lam)
     for _ in range(8):
         L = _chol(S)

@@ -28,7 +28,7 @@ from zipkd.errors import ZipkdError
 from zipkd.manifest import set_seed
 from zipkd.models.adapters import adapter_for
 from zipkd.recover.data import TrainSeq
-from zipkd.recover.losses import KD_MODES, combined_loss
+from zipkd.recover.losses import KD_MODES, combined_loss, fused_head_loss
 
 METHODS = ("full", "lora")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -58,6 +58,9 @@ class TrainConfig:
     max_seq_len: int = 256
     checkpoint_every: int = 50
     seed: int = 0
+    # the LM head and the loss fused and computed in row chunks, never materialising the (tokens × vocabulary)
+    # logits (exact up to float rounding; False: the plain path, kept for the side-by-side benchmark)
+    fused_loss: bool = True
     precision: str = field(
         default="auto", metadata={"choices": PRECISIONS}
     )  # auto: bf16 mixed precision where the hardware has fast bf16, else fp32
@@ -168,12 +171,62 @@ class SelectedLogits(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, select):  # noqa: D401
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.lm.get_output_embeddings()(hidden[select])
+        logits = self.lm.get_output_embeddings()(hidden[select])
+        # the family's own logit transform (Granite's logits scaling, Gemma 2's final soft-cap)
+        return adapter_for(self.lm.config).head_logits(self.lm.config, logits)
+
+
+def _head_scale(lm: Any) -> float | None:
+    """The divisor of the family's logits (1.0 for most; Granite's `logits_scaling`), or None when the head
+    cannot be fused (a bias, a soft-cap)."""
+    ad = adapter_for(lm.config)
+    head = lm.get_output_embeddings()
+    if getattr(head, "bias", None) is not None or (
+        ad.final_softcap and getattr(lm.config, ad.final_softcap, None)
+    ):
+        return None
+    return float(getattr(lm.config, ad.logit_scale)) if ad.logit_scale else 1.0
+
+
+class SelectedHidden(torch.nn.Module):
+    """The decoder's last hidden states at the trained positions (the teacher's side of the fused loss)."""
+
+    def __init__(self, lm: Any):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, select):  # noqa: D401
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return hidden[select]
+
+
+class FusedStudent(torch.nn.Module):
+    """The student's decoder, LM head and loss in one module (DDP sees every parameter used in `forward`); the
+    head and the loss run fused (`fused_head_loss`)."""
+
+    def __init__(self, lm: Any, cfg: TrainConfig, scale: float):
+        super().__init__()
+        self.lm, self.cfg, self.scale = lm, cfg, scale
+
+    def forward(self, input_ids, attention_mask, select, labels, t_hidden=None, t_weight=None, t_scale=1.0):
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        weight = self.lm.get_output_embeddings().weight
+        c = self.cfg
+        return fused_head_loss(
+            hidden[select],
+            weight,
+            labels,
+            t_hidden,
+            t_weight,
+            c.kd,
+            c.kd_weight,
+            c.temperature,
+            scales=(self.scale, t_scale),
+        )
 
 
 def lora_targets(model: Any) -> list[str]:
-    ad = adapter_for(model.config)
-    return [ad.q, ad.k, ad.v, ad.o, ad.gate, ad.up, ad.down]
+    return adapter_for(model.config).linear_names()  # fused projections (Phi-3) once
 
 
 def _wrap_lora(model: Any, cfg: TrainConfig) -> Any:
@@ -359,12 +412,18 @@ def train(
         lr=cfg.learning_rate,
         foreach=False,
     )
-    wrapped, optimizer = acc.prepare(SelectedLogits(model), optimizer)
+    s_scale = _head_scale(model) if cfg.fused_loss else None
+    t_scale = (
+        _head_scale(teacher) if (s_scale is not None and teacher is not None and cfg.uses_teacher) else 1.0
+    )
+    fused = s_scale is not None and t_scale is not None
+    student_module = FusedStudent(model, cfg, s_scale) if fused else SelectedLogits(model)
+    wrapped, optimizer = acc.prepare(student_module, optimizer)
     if teacher is not None and cfg.uses_teacher:
         teacher = teacher.to(acc.device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        teacher_head = SelectedLogits(teacher)
+        teacher_head = SelectedHidden(teacher) if fused else SelectedLogits(teacher)
     else:
         teacher_head = None
 
@@ -393,14 +452,18 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         with acc.autocast():
-            logits = wrapped(inputs, attn[:, :-1], select)
-            t_logits = None
+            t_out = None
             if teacher_head is not None:
                 with torch.no_grad():
-                    t_logits = teacher_head(inputs, attn[:, :-1], select)
-            loss, parts = combined_loss(
-                logits, labels[select], t_logits, cfg.kd, cfg.kd_weight, cfg.temperature
-            )
+                    t_out = teacher_head(inputs, attn[:, :-1], select)
+            if fused:
+                t_weight = teacher.get_output_embeddings().weight if t_out is not None else None
+                loss, parts = wrapped(inputs, attn[:, :-1], select, labels[select], t_out, t_weight, t_scale)
+            else:
+                logits = wrapped(inputs, attn[:, :-1], select)
+                loss, parts = combined_loss(
+                    logits, labels[select], t_out, cfg.kd, cfg.kd_weight, cfg.temperature
+                )
         acc.backward(loss)
         acc.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()

@@ -48,7 +48,13 @@ class LayerStats:
         return getattr(owner, getattr(ad, name))
 
     def weight(self, block: str, name: str) -> torch.Tensor:
-        return self.linear(block, name).weight.detach()
+        """The weight rows of a projection role, read out of a fused projection (Phi-3) where there is one."""
+        ad, geo = self.adapter, self.geometry
+        owner = ad.attention(self.layer) if block == "attention" else ad.mlp_block(self.layer)
+        n_kv = geo.num_kv_heads
+        if ad.qkv and block == "attention":
+            n_kv = getattr(owner, ad.o).in_features // (geo.group_size * geo.head_dim)
+        return ad.projection_weight(owner, name, n_kv, geo.group_size, geo.head_dim).detach()
 
 
 class PruneMethod:
