@@ -146,9 +146,9 @@ def prune(
     layout: Annotated[
         str,
         typer.Option(
-            help="heterogeneous: each layer keeps its own KV heads and MLP width (fastest for a target; loads "
-            "with zipkd and, through `zipkd export`, in llama.cpp). uniform: every kept layer has one shape and "
-            "whole layers are dropped, so the standard config fields describe it and every engine loads it: "
+            help="heterogeneous: each layer keeps its own KV heads and MLP width (the least quality loss for a "
+            "target; loads with zipkd and, through `zipkd export`, in llama.cpp). uniform: every kept layer has one "
+            "shape and whole layers may be dropped, so the standard config fields describe it and every engine loads it: "
             "stock transformers, vLLM, TensorRT-LLM, SGLang, TGI, llama.cpp's own converter.",
             rich_help_panel=_SEARCH,
         ),
