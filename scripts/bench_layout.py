@@ -151,7 +151,7 @@ def main() -> int:
     from zipkd.export.api import ExportConfig, export
     from zipkd.latency.measure import compare_ms
     from zipkd.models.io import LoadedModel, load_model, save_model
-    from zipkd.prune.api import _select, build, latency_table, layout_of
+    from zipkd.prune.api import build, latency_table, layout_of, select_structure
     from zipkd.prune.driver import apply_choice
 
     t_bench = time.perf_counter()
@@ -171,7 +171,7 @@ def main() -> int:
     models: dict[str, LoadedModel] = {}
     for layout in LAYOUTS:
         for t in TARGETS:
-            choice = _select(db, table, t, bench_config(args, regime, layout=layout))
+            choice = select_structure(db, table, t, bench_config(args, regime, layout=layout))
             model = apply_choice(lm.model, db, choice.shapes, first.clone(), "sequential", config.update_damp)
             model.eval()
             name = f"{layout} {t:g}x"

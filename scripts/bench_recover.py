@@ -118,7 +118,7 @@ def retention(m: dict, dense: dict) -> float:
 
 def throughput(args) -> int:
     """Tokens/s of recovery steps on the 2x model, the plain head/loss path (`fused_loss=False`, the earlier code)
-    against the fused one, timed alternately (3 rounds of 6 steps each, the first step of a run not counted) on
+    against the fused one, timed alternately (2 rounds of 6 steps each, the first step of a run not counted) on
     the real training mix: fine-tuning examples (original responses) and calibration prose, the default KD."""
     import copy
     import statistics
@@ -131,7 +131,7 @@ def throughput(args) -> int:
     from zipkd.recover.train import TrainConfig, train
 
     offline_env()
-    pruned_path, _ = get_pruned(args.pruner, cache_dir() / "bench_recover")
+    pruned_path = args.student or get_pruned(args.pruner, cache_dir() / "bench_recover")[0]
     student = load_model(pruned_path)
     teacher = load_model("smollm2-135m", tokenizer=False).model
     tok = student.tokenizer
@@ -139,11 +139,11 @@ def throughput(args) -> int:
         tok, select_examples(load_examples(finetune_path()), 64, args.seed), args.max_seq_len
     )
     text = text_windows(tok, load_texts(calib_text_path()), args.text_window, limit=64)
-    steps = 2 if args.quick else 7
+    steps = 2 if args.quick else 6
     rates: dict[bool, list[float]] = {False: [], True: []}
     import tempfile
 
-    for r in range(1 if args.quick else 3):
+    for r in range(1 if args.quick else 2):
         for fused in (False, True):
             cfg = TrainConfig(
                 steps=steps, batch_size=args.batch_size, fused_loss=fused, checkpoint_every=10**6
@@ -210,6 +210,9 @@ def main() -> int:
         "--throughput",
         action="store_true",
         help="only time training steps: the plain head/loss path against the fused one, alternately",
+    )
+    ap.add_argument(
+        "--student", default=None, help="--throughput: this pruned model instead of the cached 2x one"
     )
     args = ap.parse_args()
     if args.throughput:

@@ -354,7 +354,7 @@ def prune_model(
     t0 = time.perf_counter()
     db, first = build(lm, config, tab, calib_texts, progress)
     # Every target is checked before any surgery, so an unreachable one fails fast.
-    choices = [_select(db, tab, t, config) for t in config.targets]
+    choices = [select_structure(db, tab, t, config) for t in config.targets]
     model = _module(lm)
     device = torch.device(config.device or config.regime.device)
     refit = method.refit(config.sequential)
@@ -405,7 +405,9 @@ def prune_model(
     return results
 
 
-def _select(db: ModelDatabase, tab: LatencyTable, target: float, config: PruneConfig):
+def select_structure(db: ModelDatabase, tab: LatencyTable, target: float, config: PruneConfig):
+    """The structure `config` asks for at `target`: the method's uniform width search (magnitude), the portable
+    uniform layout, or the heterogeneous DP."""
     method = config.pruning_method
     if method.uniform:  # the method's own uniform width search (magnitude)
         return select_uniform(db, tab, target)
