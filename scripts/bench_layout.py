@@ -38,7 +38,7 @@ if "--omp-active" not in sys.argv:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_prune.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_prune import bench_config, bench_regime, domain_texts, geomean_ratio, scorer  # noqa: E402
+from bench_prune import add_bench_args, bench_config, bench_regime, domain_texts, geomean_ratio, scorer  # noqa: E402
 
 TARGETS = (1.5, 2.0)
 LAYOUTS = ("heterogeneous", "uniform")
@@ -129,17 +129,8 @@ def _time_gguf(files: dict[str, str], threads: int, repeats: int) -> dict[str, d
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--samples", type=int, default=32)
-    ap.add_argument("--calib-len", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--fisher-samples", type=int, default=16)
-    ap.add_argument("--table", default=None, help="latency table file (default: cached or profiled now)")
-    ap.add_argument("--ppl-tokens", type=int, default=8192, help="tokens scored per domain")
-    ap.add_argument("--repeats", type=int, default=9, help="timed rounds per speed comparison")
+    add_bench_args(ap)
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--omp-active", action="store_true", help="keep OpenMP's default (spinning) wait policy")
     ap.add_argument("--time-gguf", default=None, help=argparse.SUPPRESS)  # the llama.cpp timing child
     args = ap.parse_args()
     if args.time_gguf:

@@ -304,23 +304,28 @@ def rank_check(args) -> int:
     return 0 if rho > 0.5 else 1
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_bench_args(ap) -> None:
+    """The options every pruning bench shares (model, calibration, table, scoring, timing, output)."""
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fisher-samples", type=int, default=16)
     ap.add_argument("--table", default=None, help="latency table file (default: cached or profiled now)")
     ap.add_argument("--ppl-tokens", type=int, default=8192, help="tokens scored per domain")
-    ap.add_argument("--arc", type=int, default=0, help="ARC-Easy questions (0 = skip)")
     ap.add_argument("--repeats", type=int, default=9, help="timed rounds per speed comparison")
-    ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--skip-cli", action="store_true", help="skip the timed child-process run")
     ap.add_argument("--json", default=None)
     ap.add_argument("--omp-active", action="store_true", help="keep OpenMP's default (spinning) wait policy")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_bench_args(ap)
+    ap.add_argument("--arc", type=int, default=0, help="ARC-Easy questions (0 = skip)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--skip-cli", action="store_true", help="skip the timed child-process run")
     ap.add_argument("--ablation", action="store_true", help="choose settings on the development text instead")
     ap.add_argument("--rank", action="store_true", help="rank correlation of the search objective instead")
-    ap.add_argument("--fisher-samples", type=int, default=16)
     args = ap.parse_args()
     if args.ablation:
         return ablation(args)

@@ -27,7 +27,19 @@ import time
 import traceback
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_latency import build_model  # noqa: E402
+
 TARGET = 0.05
+MODEL_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_hidden_layers",
+    "vocab_size",
+)
 RESULT: dict = {"ok": False, "stage": "start", "checks": {}}
 
 
@@ -51,7 +63,6 @@ def run(args) -> None:
     from zipkd.latency.profile import profile_model
     from zipkd.latency.table import Regime
     from zipkd.latency.validate import validate_table
-    from zipkd.models.tiny import LLAMA3_8B, random_llama
     from zipkd.prune.driver import apply_choice, build_database, capture_inputs
     from zipkd.prune.search import select, select_layout_uniform
 
@@ -62,24 +73,12 @@ def run(args) -> None:
     dtype = getattr(torch, dtype_name)
     RESULT.update(device=torch.cuda.get_device_name(0) if cuda else "cpu (smoke)", torch=torch.__version__)
     if args.smoke:
-        shape = dict(
-            hidden_size=128,
-            intermediate_size=448,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=32,
-            num_hidden_layers=3,
-            vocab_size=512,
-            max_position_embeddings=512,
-        )
         ctx, seq, batch, n_var, warm, reps = 64, 64, 2, 3, 1, 3
     else:
-        shape = dict(
-            LLAMA3_8B, num_hidden_layers=args.layers, max_position_embeddings=8192, tie_word_embeddings=False
-        )
         ctx, seq, batch, n_var, warm, reps = 2048, 2048, 16, args.variants, 2, 7
+    model = build_model(args.smoke, args.layers, dev, dtype).eval()  # the latency check's model
+    shape = {k: v for k, v in model.config.to_dict().items() if k in MODEL_KEYS}
     RESULT["model"] = shape
-    model = random_llama(0, weight_std=0.02, device=dev, dtype=dtype, **shape).eval()
 
     def decode(runtime: str) -> Regime:
         return Regime(

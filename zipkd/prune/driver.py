@@ -473,15 +473,23 @@ def _cut_layer(
             )
 
 
-def _inputs_of(run: Callable[[int], Any], n: int, module: nn.Module) -> list[torch.Tensor]:
-    """Inputs of `module` for each of `n` batches (`run(b)` computes batch b and is stopped right at the module)."""
+def _capture(run: Callable[[int], Any], n: int, module: nn.Module, outputs: bool) -> list[torch.Tensor]:
+    """Inputs (or outputs: the first element of a tuple) of `module` for each of `n` batches; `run(b)` computes
+    batch b and is stopped right at the module."""
     seen: list[torch.Tensor] = []
 
-    def hook(_m: Any, args: tuple, kwargs: dict) -> None:
+    def pre_hook(_m: Any, args: tuple, kwargs: dict) -> None:
         seen.append((args[0] if args else next(iter(kwargs.values()))).detach())
         raise _Stop
 
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    def hook(_m: Any, _args: tuple, out: Any) -> None:
+        seen.append((out[0] if isinstance(out, tuple) else out).detach())
+        raise _Stop
+
+    if outputs:
+        handle = module.register_forward_hook(hook)
+    else:
+        handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
         with torch.inference_mode():
             for b in range(n):
@@ -494,6 +502,14 @@ def _inputs_of(run: Callable[[int], Any], n: int, module: nn.Module) -> list[tor
     if len(seen) != n:
         raise ZipkdError(f"calibration data never reached {type(module).__name__}")
     return seen
+
+
+def _inputs_of(run: Callable[[int], Any], n: int, module: nn.Module) -> list[torch.Tensor]:
+    return _capture(run, n, module, outputs=False)
+
+
+def _block_outputs(run: Callable[[int], Any], n: int, module: nn.Module) -> list[torch.Tensor]:
+    return _capture(run, n, module, outputs=True)
 
 
 def _refit_kept(W: torch.Tensor, xs: list[torch.Tensor], cols: torch.Tensor, damp: float) -> torch.Tensor:
@@ -509,29 +525,6 @@ def _refit_kept(W: torch.Tensor, xs: list[torch.Tensor], cols: torch.Tensor, dam
         count += x2.shape[0]
     HK.mul_(2.0 / count)
     return obs.refit_from_columns(W, HK, cols, float(diag) * 2.0 / count / W.shape[1], damp)
-
-
-def _block_outputs(run: Callable[[int], Any], n: int, module: nn.Module) -> list[torch.Tensor]:
-    """Outputs of `module` (the first element of a tuple output) for each of `n` batches, stopping there."""
-    seen: list[torch.Tensor] = []
-
-    def hook(_m: Any, _args: tuple, out: Any) -> None:
-        seen.append((out[0] if isinstance(out, tuple) else out).detach())
-        raise _Stop
-
-    handle = module.register_forward_hook(hook)
-    try:
-        with torch.inference_mode():
-            for b in range(n):
-                try:
-                    run(b)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    if len(seen) != n:
-        raise ZipkdError(f"calibration data never reached {type(module).__name__}")
-    return seen
 
 
 def _refit_new_inputs(
