@@ -304,6 +304,102 @@ def rank_check(args) -> int:
     return 0 if rho > 0.5 else 1
 
 
+SHRINK_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def lodo(args) -> int:
+    """Choose the search's error shrinkage (`PruneConfig.error_shrink`) by leaving one calibration domain out:
+    for each of the four domains, calibrate on the other three (their default weights renormalised), prune 1.5x
+    and 2x at every strength of the grid, and score the development text of the domain left out (text the
+    calibration never saw, as a user's text may be). The strength with the least mean log perplexity ratio on
+    the left-out domains wins. Development text only: held-out evaluation text plays no part."""
+    import math
+
+    from zipkd.data.assets import calib_mix
+    from zipkd.prune.api import build
+    from zipkd.prune.driver import apply_choice
+    from zipkd.prune.search import select, shrink_errors
+
+    grid = [float(x) for x in args.grid.split(",")] if args.grid else list(SHRINK_GRID)
+    lm, regime, table, score = dev_setup(args)
+    dense = score(lm.model)
+    _log(f"dense dev ppl {dense}")
+    mix = calib_mix()
+    rows = []
+    t_all = time.perf_counter()
+    for left in mix:
+        calib = [f"{path}:{w}" for name, (path, w) in mix.items() if name != left]
+        config = bench_config(args, regime, calib=calib)
+        t0 = time.perf_counter()
+        db, first = build(lm, config, table)
+        _log(f"without {left}: database in {time.perf_counter() - t0:.0f} s")
+        for strength in grid:
+            shrunk = shrink_errors(db, strength)
+            for t in TARGETS:
+                shapes = select(shrunk, table, t).shapes
+                model = apply_choice(lm.model, db, shapes, first.clone(), "sequential", config.update_damp)
+                ppl = score(model)
+                ratio = {d: ppl[d] / dense[d] for d in dense}
+                rows.append(
+                    {"left_out": left, "strength": strength, "target": t, "perplexity": ppl, "ratio": ratio}
+                )
+                _log(f"without {left} / shrink {strength:g} / {t}x: left-out {ratio[left]:.3f}x, all {ratio}")
+                del model
+        del db, first
+    # the choice: least mean log ratio on the left-out domain, over domains and targets
+    score_of = {
+        s: sum(math.log(r["ratio"][r["left_out"]]) for r in rows if r["strength"] == s)
+        / sum(1 for r in rows if r["strength"] == s)
+        for s in grid
+    }
+    seen_of = {
+        s: sum(
+            math.log(r["ratio"][d])
+            for r in rows
+            if r["strength"] == s
+            for d in r["ratio"]
+            if d != r["left_out"]
+        )
+        / sum(len(r["ratio"]) - 1 for r in rows if r["strength"] == s)
+        for s in grid
+    }
+    best = min(grid, key=lambda s: (score_of[s], s))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "dense": dense,
+                    "rows": rows,
+                    "left_out_geomean": {str(k): math.exp(v) for k, v in score_of.items()},
+                    "seen_geomean": {str(k): math.exp(v) for k, v in seen_of.items()},
+                    "chosen": best,
+                    "bench_s": round(time.perf_counter() - t_all, 1),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    names = list(dense)
+    print(
+        f"\nLeave-one-domain-out, SmolLM2-135M, development text ({args.ppl_tokens} tokens per domain), "
+        f"calibration {args.samples}x{args.calib_len} of the other three domains; ratio = perplexity / dense"
+    )
+    print(
+        f"{'left out':<8} {'shrink':>6} {'target':>6} {'left-out ratio':>14}   "
+        + " ".join(f"{n:>7}" for n in names)
+    )
+    for r in rows:
+        print(
+            f"{r['left_out']:<8} {r['strength']:>6g} {r['target']:>5g}x {r['ratio'][r['left_out']]:>14.3f}   "
+            + " ".join(f"{r['ratio'][n]:>7.3f}" for n in names)
+        )
+    print(f"{'shrink':>6}  {'left-out geomean×':>18}  {'calibrated-domains geomean×':>28}")
+    for s_ in grid:
+        print(f"{s_:>6g}  {math.exp(score_of[s_]):>18.3f}  {math.exp(seen_of[s_]):>28.3f}")
+    print(f"chosen error shrinkage: {best:g} (left-out geomean× {math.exp(score_of[best]):.3f})")
+    return 0
+
+
 def add_bench_args(ap) -> None:
     """The options every pruning bench shares (model, calibration, table, scoring, timing, output)."""
     ap.add_argument("--model", default="smollm2-135m")
@@ -326,7 +422,11 @@ def main() -> int:
     ap.add_argument("--skip-cli", action="store_true", help="skip the timed child-process run")
     ap.add_argument("--ablation", action="store_true", help="choose settings on the development text instead")
     ap.add_argument("--rank", action="store_true", help="rank correlation of the search objective instead")
+    ap.add_argument("--lodo", action="store_true", help="choose the error shrinkage, leaving one domain out")
+    ap.add_argument("--grid", default=None, help="--lodo: shrinkage strengths, comma-separated")
     args = ap.parse_args()
+    if args.lodo:
+        return lodo(args)
     if args.ablation:
         return ablation(args)
     if args.rank:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
 import pytest
@@ -21,6 +22,7 @@ from zipkd.prune.search import (
     select,
     select_layout_uniform,
     select_uniform,
+    shrink_errors,
 )
 
 
@@ -214,3 +216,49 @@ def test_uniform_layout_unreachable_names_the_largest_uniform_speedup():
     # a table without an entry for a dropped layer: widths only
     tab.attention_ms.pop(0)
     assert max_uniform_speedup(tab) == pytest.approx(tab.dense_ms() / (tab.rest_ms + 4 * tab.layer_ms(1, 16)))
+
+
+# ------------------------------------------------------------------------------------------- error shrinkage
+def test_shrink_zero_is_the_database_and_one_is_the_layer_mean():
+    db = _db(seed=3)
+    assert shrink_errors(db, 0.0) is db
+    full = shrink_errors(db, 1.0)
+    for kind in ("attention", "mlp"):
+        for size in getattr(db.layers[0], kind).sizes:
+            errs = [getattr(layer, kind).error(size) for layer in db.layers]
+            got = [getattr(layer, kind).error(size) for layer in full.layers]
+            if all(e == 0 for e in errs):
+                assert got == errs
+                continue
+            geo = math.exp(sum(math.log(e) for e in errs) / len(errs))  # naive geometric mean
+            assert got == pytest.approx([geo] * len(errs), rel=1e-12)
+    # the input database is not modified, and the kept structures are shared unchanged
+    assert db.layers[1].mlp.error(16) != full.layers[1].mlp.error(16)
+    assert torch.equal(db.layers[1].mlp.keep(16), full.layers[1].mlp.keep(16))
+
+
+@pytest.mark.parametrize("s", [0.25, 0.5, 0.75])
+def test_shrink_interpolates_log_errors(s):
+    db = _db(seed=5)
+    out = shrink_errors(db, s)
+    logs = [math.log(layer.attention.error(1)) for layer in db.layers]
+    mean = sum(logs) / len(logs)
+    for layer, lg in zip(out.layers, logs, strict=True):
+        assert math.log(layer.attention.error(1)) == pytest.approx((1 - s) * lg + s * mean, abs=1e-12)
+
+
+def test_full_shrink_spreads_cuts_evenly_on_identical_layers():
+    """With every layer's curve the same and identical latencies, the shrunk search cuts every layer alike
+    (up to the knapsack's discreteness: kept sizes differ by at most one grid step)."""
+    db, tab = _db(seed=1), _table()
+    shapes = select(shrink_errors(db, 1.0), tab, 1.5).shapes
+    assert max(s.intermediate for s in shapes) - min(s.intermediate for s in shapes) <= 16
+    assert select(db, tab, 1.5).shapes != shapes  # the unshrunk errors do spread them differently
+
+
+def test_shrink_leaves_whole_layer_databases_and_rejects_bad_strength():
+    db = _db()
+    joint = ModelDatabase(db.method, [LayerDatabase(x.attention, x.mlp, joint=True) for x in db.layers])
+    assert shrink_errors(joint, 0.5) is joint
+    with pytest.raises(ZipkdError, match="shrinkage"):
+        shrink_errors(db, 1.5)

@@ -153,6 +153,17 @@ def prune(
             rich_help_panel=_SEARCH,
         ),
     ] = "heterogeneous",
+    error_shrink: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Heterogeneous search: pull each layer's error estimates toward the layers' mean (0 = as "
+            "measured on the calibration text, 1 = the same in every layer), a hedge against text unlike the "
+            "calibration. The default was chosen by leaving one calibration domain out (BENCHMARKS.md).",
+            rich_help_panel=_SEARCH,
+        ),
+    ] = 0.0,
     fisher_samples: Annotated[
         int,
         typer.Option(
@@ -207,6 +218,7 @@ def prune(
         fisher_samples=fisher_samples,
         device=device,
         layout=layout,
+        error_shrink=error_shrink,
     )
     from zipkd.models.io import resolve_model
     from zipkd.outputs import check_output, output_lock

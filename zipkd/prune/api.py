@@ -48,6 +48,8 @@ from zipkd.prune.search import (
     select,
     select_layout_uniform,
     select_uniform,
+    shrink_errors,
+    summed_error,
 )
 from zipkd.prune.speedup import parse_speedups
 
@@ -88,6 +90,9 @@ class PruneConfig:
     # loader); uniform: one (KV groups, width) in every kept layer plus dropped layers, described by the standard
     # config fields alone, so every engine loads it (transformers, vLLM, TensorRT-LLM, SGLang, TGI, llama.cpp)
     layout: str = "heterogeneous"
+    # heterogeneous search: pull each layer's error curves toward the layers' mean curve (0 = trust the calibration
+    # errors as they are, 1 = the same curve in every layer); a hedge against text unlike the calibration mix
+    error_shrink: float = 0.0
 
     def __post_init__(self) -> None:
         self.target_speedup = parse_speedups(self.target_speedup)
@@ -105,6 +110,8 @@ class PruneConfig:
             parse_calib(self.calib)  # validates the weights
         if self.fisher_samples < 0:
             raise ZipkdError("fisher_samples must be at least 0")
+        if not 0.0 <= self.error_shrink <= 1.0:
+            raise ZipkdError(f"error shrinkage must lie in [0, 1] (got {self.error_shrink})")
         if self.batch_size < 1 or self.resolution < 10:
             raise ZipkdError("batch_size must be ≥ 1 and resolution ≥ 10")
         if self.mlp_chunk is not None and self.mlp_chunk < 1:
@@ -413,7 +420,9 @@ def select_structure(db: ModelDatabase, tab: LatencyTable, target: float, config
         return select_uniform(db, tab, target)
     if config.layout == "uniform" and not method.whole_layers:  # whole-layer drops are uniform already
         return select_layout_uniform(db, tab, target)
-    return select(db, tab, target, config.resolution)
+    choice = select(shrink_errors(db, config.error_shrink), tab, target, config.resolution)
+    choice.error = summed_error(db, choice.shapes)  # reported on the database's own (unshrunk) errors
+    return choice
 
 
 def layout_of(shapes: Sequence[LayerShape]) -> str:

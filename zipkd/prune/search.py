@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -214,6 +214,54 @@ def _unreachable(target: float, db: ModelDatabase, table: LatencyTable) -> Zipkd
     return ZipkdError(
         f"target speedup {target:g}x is unreachable with this latency table; the largest reachable "
         f"speedup is {max_speedup(db, table):.2f}x"
+    )
+
+
+def shrink_errors(db: ModelDatabase, strength: float) -> ModelDatabase:
+    """The database with each layer's error curves pulled toward the layers' common curve: for every block kind
+    and kept size, log eₗ → (1−s)·log eₗ + s·mean over layers of log e (a geometric, James–Stein-like
+    shrinkage; zero errors stay zero). s = 0 is the database itself; s = 1 gives every layer the same curve, so
+    the search spreads the cuts by latency alone. The errors are estimates from the calibration text; shrinking
+    them hedges against text the calibration never saw (the strength is chosen by leaving one calibration domain
+    out, BENCHMARKS.md). Whole-layer (joint) databases are returned unchanged."""
+    if not 0.0 <= strength <= 1.0:
+        raise ZipkdError(f"error shrinkage must lie in [0, 1] (got {strength})")
+    if strength == 0.0 or any(layer.joint for layer in db.layers):
+        return db
+
+    def shrunk(kind: str) -> list[BlockDatabase]:
+        blocks = [getattr(layer, kind) for layer in db.layers]
+        logs: dict[int, list[float]] = {}
+        for b in blocks:
+            for size, lvl in b.levels.items():
+                if lvl.error > 0 and math.isfinite(lvl.error):
+                    logs.setdefault(size, []).append(math.log(lvl.error))
+        mean = {size: sum(v) / len(v) for size, v in logs.items()}
+        out = []
+        for b in blocks:
+            levels = {}
+            for size, lvl in b.levels.items():
+                e = lvl.error
+                if e > 0 and math.isfinite(e):
+                    e = math.exp((1.0 - strength) * math.log(e) + strength * mean[size])
+                levels[size] = replace(lvl, error=e)
+            out.append(BlockDatabase(b.kind, b.full, levels))
+        return out
+
+    layers = [
+        replace(layer, attention=a, mlp=m)
+        for layer, a, m in zip(db.layers, shrunk("attention"), shrunk("mlp"), strict=True)
+    ]
+    return replace(db, layers=layers)
+
+
+def summed_error(db: ModelDatabase, shapes: Sequence[LayerShape]) -> float:
+    """The database's error of a structure (the search objective)."""
+    return float(
+        sum(
+            layer.attention.error(s.kv_heads) + layer.mlp.error(s.intermediate)
+            for layer, s in zip(db.layers, shapes, strict=True)
+        )
     )
 
 
