@@ -583,3 +583,45 @@ def test_recovery_logits_are_the_models_logits(family):
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     names.discard("lm_head")
     assert set(lora_targets(model)) == names
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", *FAMILIES])
+def test_packed_rows_compute_each_sequence_alone(family):
+    """Recovery packs several sequences into one row (position ids restart per sequence): every sequence's
+    hidden states equal those of the sequence run alone, sliding-window layers included (Gemma's window is
+    4 tokens here, shorter than the sequences)."""
+    from zipkd.recover.data import TrainSeq
+    from zipkd.recover.train import SelectedHidden, pack
+
+    model = tiny(family, layers=2, weight_std=0.2).eval()
+    lengths = [9, 5, 7, 3, 12]
+    seqs = [TrainSeq(ids(1, n, seed=10 + i)[0].tolist(), [True] * n) for i, n in enumerate(lengths)]
+    x, attn, target, pos = pack(seqs, 0, 16)
+    assert x.shape[0] < len(seqs)  # sequences do share rows
+    head = SelectedHidden(model)
+    with torch.inference_mode():
+        packed = head(x, attn, attn.bool(), pos)
+        alone = torch.cat(
+            [
+                head(
+                    torch.tensor([s.ids]),
+                    torch.ones(1, len(s.ids)),
+                    torch.ones(1, len(s.ids), dtype=torch.bool),
+                )
+                for s in seqs
+            ]
+        )
+    # `packed` follows the rows' order; map each sequence to its rows' slots
+    order = []
+    for r in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            if attn[r, t] and pos[r, t] == 0:
+                n = next(
+                    i
+                    for i, s in enumerate(seqs)
+                    if x[r, t : t + len(s.ids)].tolist() == s.ids and i not in order
+                )
+                order.append(n)
+    offsets = np.cumsum([0] + lengths)
+    ref = torch.cat([alone[offsets[i] : offsets[i + 1]] for i in order])
+    torch.testing.assert_close(packed, ref, rtol=1e-4, atol=1e-5)

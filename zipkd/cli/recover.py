@@ -70,7 +70,28 @@ def recover(
     ] = 0,
     method: Annotated[str, typer.Option(help="full or lora.", rich_help_panel=TRAIN)] = "full",
     lora_rank: Annotated[int, typer.Option(help="LoRA rank.", rich_help_panel=TRAIN)] = 16,
-    steps: Annotated[int, typer.Option(help="Optimizer steps.", rich_help_panel=TRAIN)] = 200,
+    steps: Annotated[
+        int, typer.Option(help="Optimizer steps (unless --tokens or --budget).", rich_help_panel=TRAIN)
+    ] = 200,
+    tokens: Annotated[
+        str | None,
+        typer.Option(
+            help="Train on this many tokens instead of --steps, e.g. 2M or 500k (the step count follows from the "
+            "data order, so it is the same on every machine).",
+            rich_help_panel=TRAIN,
+            show_default=False,
+        ),
+    ] = None,
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            help="Finish within this wall time instead of --steps, e.g. 20m, 90s, 1.5h, counted from the start "
+            "(teacher rewrites included). The step count is fixed from the speed of the warm-up steps and "
+            "recorded in the manifest; rerun with --steps N to repeat the run elsewhere.",
+            rich_help_panel=TRAIN,
+            show_default=False,
+        ),
+    ] = None,
     batch_size: Annotated[
         int, typer.Option(help="Sequences per step (over all processes).", rich_help_panel=TRAIN)
     ] = 8,
@@ -123,6 +144,8 @@ def recover(
         raise typer.BadParameter("must be >= 0", param_hint="--max-examples")
     train_cfg = TrainConfig(
         steps=steps,
+        tokens=tokens,
+        budget=budget,
         batch_size=batch_size,
         lr=lr,
         method=method,

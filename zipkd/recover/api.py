@@ -34,7 +34,7 @@ from zipkd.recover.data import (
     self_distill,
     text_windows,
 )
-from zipkd.recover.train import TrainConfig, config_dict, resolve_precision, train
+from zipkd.recover.train import TrainConfig, clock, config_dict, resolve_precision, train
 
 # Stages whose output derives from a model that is not the user's original: followed back to find the teacher.
 DERIVED_STAGES = ("prune", "recover", "merge", "quantize")
@@ -126,7 +126,9 @@ def recover(
     callback: Any = None,
 ) -> Path:
     """Recover a pruned model (a path/name or a `LoadedModel` with a `.path`) into the folder `out`. The
-    output is checked (and locked) before anything loads; a quantized model is refused."""
+    output is checked (and locked) before anything loads; a quantized model is refused. A time budget
+    (`config.train.budget`) counts from here: loading and the teacher's rewrites take their share."""
+    started = clock()
     config = config or RecoverConfig()
     if out is None:
         raise ZipkdError("recover needs an output folder")
@@ -142,7 +144,7 @@ def recover(
         load_examples(data_path), config.max_examples, config.train.seed
     )  # before weights
     with output_lock(out):
-        return _recover(model, config, out, force, progress, callback, data_path, examples)
+        return _recover(model, config, out, force, progress, callback, data_path, examples, started)
 
 
 def check_trainable(model_config: dict[str, Any], src: Path) -> None:
@@ -166,6 +168,7 @@ def _recover(
     callback: Any,
     data_path: Path,
     examples: list[Any],
+    started: float | None = None,
 ) -> Path:
     from accelerate import PartialState
 
@@ -238,6 +241,7 @@ def _recover(
         device=device,
         progress=progress,
         callback=callback,
+        deadline=(started or clock()) + cfg.budget if cfg.budget is not None else None,
     )
 
     if not dist.is_main_process:

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,14 @@ from zipkd.recover.losses import KD_MODES, combined_loss, fused_head_loss
 METHODS = ("full", "lora")
 PRECISIONS = ("auto", "fp32", "bf16")
 CKPT_PREFIX = "ckpt-"
+_clock = time.monotonic  # the time budget's clock (a test replaces it)
+
+
+def clock() -> float:
+    """Seconds on the time budget's clock."""
+    return _clock()
+
+
 KEEP_CHECKPOINTS = 2
 
 
@@ -41,6 +49,11 @@ class TrainConfig:
     """Hyper-parameters of one recovery run (validated on construction)."""
 
     steps: int = 200
+    # a budget instead of `steps` (at most one): student tokens ("2M", "500k", 2000000; the step count follows
+    # from the data order before training), or wall time ("20m", "90s", "1.5h"; counted from the start of
+    # `recover`, teacher rewrites included: the step count is fixed from the speed of the warm-up steps)
+    tokens: int | str | None = None
+    budget: float | str | None = None  # seconds once validated
     batch_size: int = 8
     lr: float | None = None  # None: 1e-4 for full fine-tuning, 5e-4 for LoRA
     warmup_steps: int = 10
@@ -58,6 +71,10 @@ class TrainConfig:
     max_seq_len: int = 256
     checkpoint_every: int = 50
     seed: int = 0
+    # pack each batch's sequences into as few rows as fit max_seq_len (first-fit decreasing), each attending only
+    # to itself (position ids restart per sequence; transformers builds the block-diagonal causal mask): the same
+    # loss on the same examples as padding each to the longest, with less padding computed
+    pack: bool = True
     # the LM head and the loss fused and computed in row chunks, never materialising the (tokens × vocabulary)
     # logits (exact up to float rounding; False: the plain path, kept for the side-by-side benchmark)
     fused_loss: bool = True
@@ -66,6 +83,12 @@ class TrainConfig:
     )  # auto: bf16 mixed precision where the hardware has fast bf16, else fp32
 
     def __post_init__(self) -> None:
+        self.tokens = parse_count(self.tokens)
+        self.budget = parse_duration(self.budget)
+        if self.tokens is not None and self.budget is not None:
+            raise ZipkdError("give a token budget or a time budget, not both")
+        if self.budget is not None and self.warmup_steps < 2:
+            raise ZipkdError("a time budget needs at least 2 warm-up steps to measure the speed on")
         if self.method not in METHODS:
             raise ZipkdError(f"unknown training method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.kd not in KD_MODES:
@@ -98,6 +121,47 @@ class TrainConfig:
     @property
     def uses_teacher(self) -> bool:
         return self.kd != "none" and self.kd_weight > 0
+
+
+_COUNT = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
+_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def _number_and_unit(value: str, units: dict, what: str, example: str) -> tuple[float, float]:
+    text = value.strip().lower()
+    num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(num) :]
+    try:
+        x = float(num)
+    except ValueError:
+        x = float("nan")
+    if unit not in units or not x > 0 or x == float("inf"):
+        raise ZipkdError(f"cannot read {value!r} as {what} (e.g. {example})")
+    return x, units[unit]
+
+
+def parse_count(value: int | str | None) -> int | None:
+    """Token counts: 2000000, "2M", "500k" (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        x, scale = _number_and_unit(value, _COUNT, "a token count", "2M, 500k, 2000000")
+        value = int(round(x * scale))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ZipkdError(f"a token budget must be a positive count (got {value!r})")
+    return value
+
+
+def parse_duration(value: float | str | None) -> float | None:
+    """Durations in seconds: 1200, "20m", "90s", "1.5h" (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        x, scale = _number_and_unit(value, _SECONDS, "a duration", "20m, 90s, 1.5h")
+        value = x * scale
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ZipkdError(f"a time budget must be a positive duration (got {value!r})")
+    return float(value)
 
 
 @dataclass
@@ -160,6 +224,76 @@ def collate(items: Sequence[TrainSeq], pad_id: int):
     return ids, attn, target
 
 
+def step_batch(step: int, qa, text, cfg: TrainConfig, pad_id: int, rank: int = 0, world: int = 1):
+    """This process's rows of step `step`: (ids, attention_mask, target_mask, position_ids or None)."""
+    stream = 1 if is_text_step(step, cfg.mix_ratio) else 0
+    items = text if stream == 1 else qa
+    idx = batch_indices(step, len(items), cfg.batch_size, cfg.seed, stream, cfg.mix_ratio)
+    share = cfg.batch_size // world
+    mine = [items[i] for i in idx[rank * share : (rank + 1) * share]]
+    if cfg.pack:
+        return pack(mine, pad_id, cfg.max_seq_len)
+    return (*collate(mine, pad_id), None)
+
+
+def steps_for_tokens(qa, text, cfg: TrainConfig, max_steps: int = 10**6) -> int:
+    """Fewest steps whose batches carry at least `cfg.tokens` student tokens (as the loop counts them)."""
+    total = 0
+    for step in range(max_steps):
+        ids, attn, _, _ = step_batch(step, qa, text, cfg, 0)
+        total += int(attn[:, :-1].sum())
+        if total >= cfg.tokens:
+            return step + 1
+    raise ZipkdError(f"a budget of {cfg.tokens:,} tokens needs more than {max_steps:,} steps")
+
+
+def pack(items: Sequence[TrainSeq], pad_id: int, capacity: int):
+    """(input_ids, attention_mask, target_mask, position_ids) with the sequences packed first-fit decreasing into
+    rows of at most `capacity` tokens (a longer sequence gets a row of its own). Position ids restart at 0 for
+    every sequence and for the padding at a row's end, so the decoder's mask keeps the sequences apart; the
+    first token of each sequence is never a target (it would be predicted from the previous sequence).
+    attention_mask marks real tokens (for counting; the decoder gets position ids instead)."""
+    order = sorted(range(len(items)), key=lambda i: (-len(items[i].ids), i))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(items[i].ids)
+        for r, left in enumerate(room):
+            if n <= left:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - n)
+    length = max(sum(len(items[i].ids) for i in row) for row in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), length), dtype=torch.long)
+    target = torch.zeros((len(rows), length), dtype=torch.bool)
+    pos = torch.zeros((len(rows), length), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            s, n = items[i], len(items[i].ids)
+            ids[r, at : at + n] = torch.tensor(s.ids)
+            attn[r, at : at + n] = 1
+            target[r, at : at + n] = torch.tensor(s.target)
+            target[r, at] = False
+            pos[r, at : at + n] = torch.arange(n)
+            at += n
+        pos[r, at:] = torch.arange(length - at)
+    return ids, attn, target, pos
+
+
+def _decode(lm: Any, input_ids, attention_mask, position_ids=None):
+    """The decoder's last hidden states: padded rows (attention_mask) or packed rows (position_ids)."""
+    if position_ids is not None:
+        attention_mask = None  # transformers then derives the packed (block-diagonal) mask from the positions
+    return lm.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+
+
 # ------------------------------------------------------------------------------------------- the model
 class SelectedLogits(torch.nn.Module):
     """Runs the decoder on the whole sequence but the (large) LM head only at the trained positions; one module
@@ -169,8 +303,8 @@ class SelectedLogits(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, select):  # noqa: D401
-        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids, attention_mask, select, position_ids=None):  # noqa: D401
+        hidden = _decode(self.lm, input_ids, attention_mask, position_ids)
         logits = self.lm.get_output_embeddings()(hidden[select])
         # the family's own logit transform (Granite's logits scaling, Gemma 2's final soft-cap)
         return adapter_for(self.lm.config).head_logits(self.lm.config, logits)
@@ -195,9 +329,8 @@ class SelectedHidden(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, select):  # noqa: D401
-        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return hidden[select]
+    def forward(self, input_ids, attention_mask, select, position_ids=None):  # noqa: D401
+        return _decode(self.lm, input_ids, attention_mask, position_ids)[select]
 
 
 class FusedStudent(torch.nn.Module):
@@ -208,8 +341,18 @@ class FusedStudent(torch.nn.Module):
         super().__init__()
         self.lm, self.cfg, self.scale = lm, cfg, scale
 
-    def forward(self, input_ids, attention_mask, select, labels, t_hidden=None, t_weight=None, t_scale=1.0):
-        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        select,
+        labels,
+        t_hidden=None,
+        t_weight=None,
+        t_scale=1.0,
+        position_ids=None,
+    ):
+        hidden = _decode(self.lm, input_ids, attention_mask, position_ids)
         weight = self.lm.get_output_embeddings().weight
         c = self.cfg
         return fused_head_loss(
@@ -379,9 +522,11 @@ def train(
     device: str = "cpu",
     progress: Any = None,
     callback: Callable[[int, dict[str, float]], None] | None = None,
+    deadline: float | None = None,
 ) -> TrainResult:
     """Fine-tune `student` for `cfg.steps` steps; resume from the last checkpoint in `work_dir` when it holds
-    one of the same run (`run_key`). `callback(step, metrics)` is called after every step (and checkpoint)."""
+    one of the same run (`run_key`). `callback(step, metrics)` is called after every step (and checkpoint).
+    `deadline` (time.monotonic) ends a time-budgeted run (`cfg.budget`; default: budget seconds from now)."""
     if not qa:
         raise ZipkdError("no instruction examples to train on")
     if cfg.mix_ratio > 0 and not text:
@@ -436,31 +581,59 @@ def train(
     rank, world = acc.process_index, acc.num_processes
     if cfg.batch_size % world:
         raise ZipkdError(f"batch size {cfg.batch_size} must be divisible by the {world} processes")
+    # the step count: --steps, or planned from a token budget (the data order) or a time budget (the speed of
+    # the first steps, fixed before any step whose learning rate depends on it and before the first checkpoint)
+    total: int | None = state.get("planned_steps")
+    if total is None:
+        if cfg.tokens is not None:
+            total = steps_for_tokens(qa, text, cfg)
+        elif cfg.budget is None:
+            total = cfg.steps
+    decide_at = min(cfg.warmup_steps, cfg.checkpoint_every)
+    if deadline is None and cfg.budget is not None:
+        deadline = _clock() + cfg.budget
+    sched = replace(cfg, steps=total or cfg.steps)
     task = None
     if progress is not None and acc.is_main_process:
-        task = progress.add_task("recovery training", total=cfg.steps, completed=start)
-    t0, tokens_here, ema = time.perf_counter(), 0, None
-    for step in range(start, cfg.steps):
-        stream = 1 if is_text_step(step, cfg.mix_ratio) else 0
-        items = text if stream == 1 else qa
-        idx = batch_indices(step, len(items), cfg.batch_size, cfg.seed, stream, cfg.mix_ratio)
-        share = cfg.batch_size // world
-        ids, attn, target = collate([items[i] for i in idx[rank * share : (rank + 1) * share]], pad_id)
+        task = progress.add_task("recovery training", total=total, completed=start)
+    t0, m0, tokens_here, ema = time.perf_counter(), _clock(), 0, None
+    ends: list[float] = []  # monotonic end time of each step run here
+    step = start
+
+    def plan(done: int) -> tuple[int, TrainConfig]:
+        steps = _plan_for_deadline(done, [m0, *ends], deadline)
+        if world > 1:  # every process trains the main process's plan
+            from accelerate.utils import broadcast_object_list
+
+            steps = broadcast_object_list([steps])[0]
+        if task is not None:
+            progress.update(task, total=steps)
+        return steps, replace(cfg, steps=steps)
+
+    while total is None or step < total:
+        if total is None and step >= decide_at:  # resumed from a checkpoint that has no plan
+            total, sched = plan(step)
+            if step >= total:
+                break
+        ids, attn, target, pos = step_batch(step, qa, text, cfg, pad_id, rank, world)
+        pos = pos[:, :-1].to(acc.device) if pos is not None else None
         ids, attn, target = ids.to(acc.device), attn.to(acc.device), target.to(acc.device)
         inputs, labels = ids[:, :-1], ids[:, 1:]
         select = target[:, 1:] & attn[:, 1:].bool()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, sched)
         with acc.autocast():
             t_out = None
             if teacher_head is not None:
                 with torch.no_grad():
-                    t_out = teacher_head(inputs, attn[:, :-1], select)
+                    t_out = teacher_head(inputs, attn[:, :-1], select, pos)
             if fused:
                 t_weight = teacher.get_output_embeddings().weight if t_out is not None else None
-                loss, parts = wrapped(inputs, attn[:, :-1], select, labels[select], t_out, t_weight, t_scale)
+                loss, parts = wrapped(
+                    inputs, attn[:, :-1], select, labels[select], t_out, t_weight, t_scale, position_ids=pos
+                )
             else:
-                logits = wrapped(inputs, attn[:, :-1], select)
+                logits = wrapped(inputs, attn[:, :-1], select, pos)
                 loss, parts = combined_loss(
                     logits, labels[select], t_out, cfg.kd, cfg.kd_weight, cfg.temperature
                 )
@@ -473,19 +646,23 @@ def train(
         state["tokens"] += n_tok
         state["target_tokens"] += n_tgt
         state["losses"].append(float(loss.detach()))
+        ends.append(_clock())
         ema = state["losses"][-1] if ema is None else 0.9 * ema + 0.1 * state["losses"][-1]
         tps = tokens_here / max(time.perf_counter() - t0, 1e-9)
         if task is not None:
             progress.update(task, advance=1, description=f"recovery · loss {ema:.3f} · {tps:,.0f} tok/s")
         done = step + 1
-        if (done % cfg.checkpoint_every == 0 or done == cfg.steps) and done < cfg.steps:
+        step = done
+        if total is None and done >= decide_at:
+            total, sched = plan(done)
+        if done % cfg.checkpoint_every == 0 and (total is None or done < total):
             if acc.is_main_process:
-                save_checkpoint(
-                    work, done, model, optimizer, {k: state[k] for k in ("losses", "tokens", "target_tokens")}
-                )
+                keep = {k: state[k] for k in ("losses", "tokens", "target_tokens")}
+                save_checkpoint(work, done, model, optimizer, {**keep, "planned_steps": total})
             acc.wait_for_everyone()
         if callback is not None:
             callback(done, {"loss": state["losses"][-1], "tokens_per_s": tps, **parts})
+    steps_done = total if total is not None else step
     seconds = time.perf_counter() - t0
     final = acc.unwrap_model(wrapped).lm
     if cfg.method == "lora":
@@ -497,7 +674,7 @@ def train(
     tail = losses[-max(1, len(losses) // 10) :]
     return TrainResult(
         final,
-        cfg.steps,
+        steps_done,
         sum(tail) / len(tail),
         losses,
         state["tokens"],
@@ -506,6 +683,20 @@ def train(
         tokens_here / max(seconds, 1e-9),
         start,
     )
+
+
+def _plan_for_deadline(step: int, times: Sequence[float], deadline: float | None) -> int:
+    """Total steps that fit before `deadline`, from `times` (the loop's start, then the end of every step run
+    here; the first step, which warms caches up, is left out when there are others); a 3% reserve covers the
+    final save."""
+    if deadline is None or len(times) < 2:
+        return step
+    if len(times) >= 3:
+        per_step = (times[-1] - times[1]) / (len(times) - 2)
+    else:
+        per_step = times[1] - times[0]
+    left = (deadline - _clock()) * 0.97
+    return step + max(0, int(left // max(per_step, 1e-6)))
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:
