@@ -18,10 +18,11 @@ gated: the moonshot (zipkd ≤ 3× dense perplexity at 1.5x, ≤ 6× at 2x, on e
 prose, code, chat, math — never calibrated on, never evaluation text): the calibration mix against prose alone,
 Fisher weighting from 4 or 16 sequences, and the re-fit's damping (which pulls the OBS update toward the sliced
 weights) against no update. `--rank` checks that the search objective (the summed database errors) ranks
-candidate structures as their real development loss does (Spearman). Headline figures are printed last; exit 1
-on a miss.
+candidate structures as their real development loss does (Spearman). `--lodo` chooses the search's error
+shrinkage (`--error-shrink`) by leaving one calibration domain out and scoring that domain's development text.
+Headline figures are printed last; exit 1 on a miss.
 
-    .venv/bin/python scripts/bench_prune.py [--samples 32] [--json out.json] [--ablation | --rank]
+    .venv/bin/python scripts/bench_prune.py [--samples 32] [--json out.json] [--ablation | --rank | --lodo]
 """
 
 from __future__ import annotations

@@ -685,3 +685,16 @@ def test_cli_recover_rejects_a_bad_budget_in_one_line(tmp_path):
     r = CliRunner().invoke(app, ["recover", str(pruned), "-o", str(tmp_path / "o"), "--budget", "soon"])
     assert r.exit_code != 0 and "cannot read 'soon' as a duration" in r.output
     assert "Traceback" not in r.output and not (tmp_path / "o").exists()
+
+
+def test_batches_pack_only_when_it_saves_positions():
+    from zipkd.recover.data import TrainSeq
+    from zipkd.recover.train import step_batch
+
+    cfg = TrainConfig(batch_size=4, max_seq_len=16, mix_ratio=0.5)
+    qa = [TrainSeq([5] * n, [True] * n) for n in (3, 12, 4, 9)]
+    windows = [TrainSeq([7] * 8, [True] * 8) for _ in range(4)]
+    ids, attn, target, pos = step_batch(0, qa, windows, cfg, 0)  # step 0 trains on instructions
+    assert pos is not None and ids.numel() < 4 * 12
+    ids, attn, target, pos = step_batch(1, qa, windows, cfg, 0)  # step 1 on text: 4 x 8 either way
+    assert pos is None and ids.shape == (4, 8)

@@ -262,3 +262,16 @@ def test_shrink_leaves_whole_layer_databases_and_rejects_bad_strength():
     assert shrink_errors(joint, 0.5) is joint
     with pytest.raises(ZipkdError, match="shrinkage"):
         shrink_errors(db, 1.5)
+
+
+def test_prune_config_shrinkage_reaches_the_search_and_reports_the_real_error():
+    from zipkd.prune.api import PruneConfig, select_structure
+    from zipkd.prune.search import summed_error
+
+    db, tab = _db(seed=1), _table()
+    choice = select_structure(db, tab, 1.5, PruneConfig(target_speedup=1.5, error_shrink=1.0))
+    assert choice.shapes == select(shrink_errors(db, 1.0), tab, 1.5).shapes
+    assert choice.shapes != select(db, tab, 1.5).shapes
+    assert choice.error == pytest.approx(summed_error(db, choice.shapes))
+    with pytest.raises(ZipkdError, match="shrinkage"):
+        PruneConfig(error_shrink=-0.1)

@@ -73,7 +73,8 @@ class TrainConfig:
     seed: int = 0
     # pack each batch's sequences into as few rows as fit max_seq_len (first-fit decreasing), each attending only
     # to itself (position ids restart per sequence; transformers builds the block-diagonal causal mask): the same
-    # loss on the same examples as padding each to the longest, with less padding computed
+    # loss on the same examples as padding each to the longest, with less padding computed (used for a batch only
+    # when it computes fewer positions than padding: equal-length text windows stay plain rows)
     pack: bool = True
     # the LM head and the loss fused and computed in row chunks, never materialising the (tokens × vocabulary)
     # logits (exact up to float rounding; False: the plain path, kept for the side-by-side benchmark)
@@ -232,8 +233,10 @@ def step_batch(step: int, qa, text, cfg: TrainConfig, pad_id: int, rank: int = 0
     share = cfg.batch_size // world
     mine = [items[i] for i in idx[rank * share : (rank + 1) * share]]
     if cfg.pack:
-        return pack(mine, pad_id, cfg.max_seq_len)
-    return (*collate(mine, pad_id), None)
+        packed = pack(mine, pad_id, cfg.max_seq_len)
+        if packed[0].numel() < len(mine) * max(len(s.ids) for s in mine):  # packing saves positions
+            return packed
+    return (*collate(mine, pad_id), None)  # e.g. equal-length text windows: plain causal rows are faster
 
 
 def steps_for_tokens(qa, text, cfg: TrainConfig, max_steps: int = 10**6) -> int:
