@@ -235,6 +235,7 @@ def rank_check(args) -> int:
     from zipkd.prune.database import LayerDatabase
     from zipkd.prune.driver import apply_choice
     from zipkd.prune.search import select, select_uniform
+    from zipkd.prune.search import summed_error as search_error
 
     lm, regime, table, score = dev_setup(args)
     dense = score(lm.model)
@@ -242,10 +243,7 @@ def rank_check(args) -> int:
     db, first = build(lm, config, table)
 
     def summed_error(shapes) -> float:
-        return sum(
-            layer.attention.error(s.kv_heads) + layer.mlp.error(s.intermediate)
-            for layer, s in zip(db.layers, shapes, strict=True)
-        )
+        return search_error(db, shapes)
 
     whole = type(db)(
         db.method,
