@@ -233,9 +233,9 @@ def step_batch(step: int, qa, text, cfg: TrainConfig, pad_id: int, rank: int = 0
     share = cfg.batch_size // world
     mine = [items[i] for i in idx[rank * share : (rank + 1) * share]]
     if cfg.pack:
-        packed = pack(mine, pad_id, cfg.max_seq_len)
-        if packed[0].numel() < len(mine) * max(len(s.ids) for s in mine):  # packing saves positions
-            return packed
+        rows = pack_rows([len(s.ids) for s in mine], cfg.max_seq_len)
+        if len(rows) * _row_length(mine, rows) < len(mine) * max(len(s.ids) for s in mine):  # saves positions
+            return pack(mine, pad_id, cfg.max_seq_len, rows)
     return (*collate(mine, pad_id), None)  # e.g. equal-length text windows: plain causal rows are faster
 
 
@@ -250,17 +250,14 @@ def steps_for_tokens(qa, text, cfg: TrainConfig, max_steps: int = 10**6) -> int:
     raise ZipkdError(f"a budget of {cfg.tokens:,} tokens needs more than {max_steps:,} steps")
 
 
-def pack(items: Sequence[TrainSeq], pad_id: int, capacity: int):
-    """(input_ids, attention_mask, target_mask, position_ids) with the sequences packed first-fit decreasing into
-    rows of at most `capacity` tokens (a longer sequence gets a row of its own). Position ids restart at 0 for
-    every sequence and for the padding at a row's end, so the decoder's mask keeps the sequences apart; the
-    first token of each sequence is never a target (it would be predicted from the previous sequence).
-    attention_mask marks real tokens (for counting; the decoder gets position ids instead)."""
-    order = sorted(range(len(items)), key=lambda i: (-len(items[i].ids), i))
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: indices of the sequences in each row of at most `capacity` tokens (a longer
+    sequence gets a row of its own); ties keep the input order."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     rows: list[list[int]] = []
     room: list[int] = []
     for i in order:
-        n = len(items[i].ids)
+        n = lengths[i]
         for r, left in enumerate(room):
             if n <= left:
                 rows[r].append(i)
@@ -269,7 +266,22 @@ def pack(items: Sequence[TrainSeq], pad_id: int, capacity: int):
         else:
             rows.append([i])
             room.append(capacity - n)
-    length = max(sum(len(items[i].ids) for i in row) for row in rows)
+    return rows
+
+
+def _row_length(items: Sequence[TrainSeq], rows: Sequence[Sequence[int]]) -> int:
+    return max(sum(len(items[i].ids) for i in row) for row in rows)
+
+
+def pack(items: Sequence[TrainSeq], pad_id: int, capacity: int, rows: Sequence[Sequence[int]] | None = None):
+    """(input_ids, attention_mask, target_mask, position_ids) with the sequences packed into rows (`pack_rows`,
+    unless given). Position ids restart at 0 for every sequence and for the padding at a row's end, so the
+    decoder's mask keeps the sequences apart; the first token of each sequence is never a target (it would be
+    predicted from the previous sequence). attention_mask marks real tokens (for counting; the decoder gets
+    position ids instead)."""
+    if rows is None:
+        rows = pack_rows([len(s.ids) for s in items], capacity)
+    length = _row_length(items, rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     attn = torch.zeros((len(rows), length), dtype=torch.long)
     target = torch.zeros((len(rows), length), dtype=torch.bool)
