@@ -24,6 +24,15 @@ import traceback
 from pathlib import Path
 
 TARGET = 0.05
+MODEL_KEYS = (  # the model shape recorded in the results (gpu_layout.py records the same)
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_hidden_layers",
+    "vocab_size",
+)
 
 
 class OutOfTime(Exception):
@@ -131,18 +140,7 @@ def main() -> int:
 
         results["transformers"] = transformers.__version__
         model = build_model(args.smoke, args.layers, device, dtype)
-        results["model"] = {
-            k: getattr(model.config, k)
-            for k in (
-                "hidden_size",
-                "intermediate_size",
-                "num_attention_heads",
-                "num_key_value_heads",
-                "head_dim",
-                "num_hidden_layers",
-                "vocab_size",
-            )
-        }
+        results["model"] = {k: getattr(model.config, k) for k in MODEL_KEYS}
         for name, regime, required in regimes:
             elapsed = time.time() - t_start
             if not required and elapsed > 0.6 * args.budget:

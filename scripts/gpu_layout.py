@@ -28,18 +28,9 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_latency import build_model  # noqa: E402
+from gpu_latency import MODEL_KEYS, build_model  # noqa: E402
 
 TARGET = 0.05
-MODEL_KEYS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "num_hidden_layers",
-    "vocab_size",
-)
 RESULT: dict = {"ok": False, "stage": "start", "checks": {}}
 
 
