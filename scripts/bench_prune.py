@@ -307,11 +307,14 @@ SHRINK_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def lodo(args) -> int:
-    """Choose the search's error shrinkage (`PruneConfig.error_shrink`) by leaving one calibration domain out:
-    for each of the four domains, calibrate on the other three (their default weights renormalised), prune 1.5x
-    and 2x at every strength of the grid, and score the development text of the domain left out (text the
-    calibration never saw, as a user's text may be). The strength with the least mean log perplexity ratio on
-    the left-out domains wins. Development text only: held-out evaluation text plays no part."""
+    """Choose a hedge against text unlike the calibration by leaving one calibration domain out: for each of the
+    four domains, calibrate on the other three (their default weights renormalised), prune 1.5x and 2x at every
+    setting of the grid, and score the development text of the domain left out (text the calibration never saw,
+    as a user's text may be). The setting with the least mean log perplexity ratio on the left-out domains wins.
+    Development text only: held-out evaluation text plays no part.
+
+    The grid is the search's error shrinkage (`--grid`, `PruneConfig.error_shrink`) or, with `--damp-grid`, the
+    re-fit's damping (`PruneConfig.refit_damp`: the ridge that pulls the OBS update toward the sliced weights)."""
     import math
 
     from zipkd.data.assets import calib_mix
@@ -319,7 +322,12 @@ def lodo(args) -> int:
     from zipkd.prune.driver import apply_choice
     from zipkd.prune.search import select, shrink_errors
 
-    grid = [float(x) for x in args.grid.split(",")] if args.grid else list(SHRINK_GRID)
+    if args.damp_grid:
+        knob = "refit damp"
+        grid = [float(x) for x in args.damp_grid.split(",")]
+    else:
+        knob = "shrink"
+        grid = [float(x) for x in args.grid.split(",")] if args.grid else list(SHRINK_GRID)
     lm, regime, table, score = dev_setup(args)
     dense = score(lm.model)
     _log(f"dense dev ppl {dense}")
@@ -332,41 +340,39 @@ def lodo(args) -> int:
         t0 = time.perf_counter()
         db, first = build(lm, config, table)
         _log(f"without {left}: database in {time.perf_counter() - t0:.0f} s")
-        for strength in grid:
-            shrunk = shrink_errors(db, strength)
+        for value in grid:
+            searched = db if args.damp_grid else shrink_errors(db, value)
+            damp = value if args.damp_grid else config.update_damp
             for t in TARGETS:
-                shapes = select(shrunk, table, t).shapes
-                model = apply_choice(lm.model, db, shapes, first.clone(), "sequential", config.update_damp)
+                shapes = select(searched, table, t).shapes
+                model = apply_choice(lm.model, db, shapes, first.clone(), "sequential", damp)
                 ppl = score(model)
                 ratio = {d: ppl[d] / dense[d] for d in dense}
                 rows.append(
-                    {"left_out": left, "strength": strength, "target": t, "perplexity": ppl, "ratio": ratio}
+                    {"left_out": left, "value": value, "target": t, "perplexity": ppl, "ratio": ratio}
                 )
-                _log(f"without {left} / shrink {strength:g} / {t}x: left-out {ratio[left]:.3f}x, all {ratio}")
+                _log(f"without {left} / {knob} {value:g} / {t}x: left-out {ratio[left]:.3f}x, all {ratio}")
                 del model
         del db, first
     # the choice: least mean log ratio on the left-out domain, over domains and targets
     score_of = {
-        s: sum(math.log(r["ratio"][r["left_out"]]) for r in rows if r["strength"] == s)
-        / sum(1 for r in rows if r["strength"] == s)
-        for s in grid
+        v: sum(math.log(r["ratio"][r["left_out"]]) for r in rows if r["value"] == v)
+        / sum(1 for r in rows if r["value"] == v)
+        for v in grid
     }
     seen_of = {
-        s: sum(
-            math.log(r["ratio"][d])
-            for r in rows
-            if r["strength"] == s
-            for d in r["ratio"]
-            if d != r["left_out"]
+        v: sum(
+            math.log(r["ratio"][d]) for r in rows if r["value"] == v for d in r["ratio"] if d != r["left_out"]
         )
-        / sum(len(r["ratio"]) - 1 for r in rows if r["strength"] == s)
-        for s in grid
+        / sum(len(r["ratio"]) - 1 for r in rows if r["value"] == v)
+        for v in grid
     }
-    best = min(grid, key=lambda s: (score_of[s], s))
+    best = min(grid, key=lambda v: (score_of[v], v))
     if args.json:
         Path(args.json).write_text(
             json.dumps(
                 {
+                    "knob": knob,
                     "dense": dense,
                     "rows": rows,
                     "left_out_geomean": {str(k): math.exp(v) for k, v in score_of.items()},
@@ -384,18 +390,80 @@ def lodo(args) -> int:
         f"calibration {args.samples}x{args.calib_len} of the other three domains; ratio = perplexity / dense"
     )
     print(
-        f"{'left out':<8} {'shrink':>6} {'target':>6} {'left-out ratio':>14}   "
+        f"{'left out':<8} {knob:>10} {'target':>6} {'left-out ratio':>14}   "
         + " ".join(f"{n:>7}" for n in names)
     )
     for r in rows:
         print(
-            f"{r['left_out']:<8} {r['strength']:>6g} {r['target']:>5g}x {r['ratio'][r['left_out']]:>14.3f}   "
+            f"{r['left_out']:<8} {r['value']:>10g} {r['target']:>5g}x {r['ratio'][r['left_out']]:>14.3f}   "
             + " ".join(f"{r['ratio'][n]:>7.3f}" for n in names)
         )
-    print(f"{'shrink':>6}  {'left-out geomean×':>18}  {'calibrated-domains geomean×':>28}")
-    for s_ in grid:
-        print(f"{s_:>6g}  {math.exp(score_of[s_]):>18.3f}  {math.exp(seen_of[s_]):>28.3f}")
-    print(f"chosen error shrinkage: {best:g} (left-out geomean× {math.exp(score_of[best]):.3f})")
+    print(f"{knob:>10}  {'left-out geomean×':>18}  {'calibrated-domains geomean×':>28}")
+    for v in grid:
+        print(f"{v:>10g}  {math.exp(score_of[v]):>18.3f}  {math.exp(seen_of[v]):>28.3f}")
+    print(f"chosen {knob}: {best:g} (left-out geomean× {math.exp(score_of[best]):.3f})")
+    return 0
+
+
+def calib_size(args) -> int:
+    """Choose the calibration size on development text: at each sample count of `--grid` (and Fisher sequences
+    scaled with it when `--fisher-scale` is set), build the database, prune 1.5x and 2x with the sequential
+    re-fit and score the development text of the four calibration domains. Reports the database time too, since
+    the family must stay within the 5-minute budget."""
+    from zipkd.prune.api import build
+    from zipkd.prune.driver import apply_choice
+    from zipkd.prune.search import select
+
+    grid = [int(x) for x in args.grid.split(",")] if args.grid else [32, 64, 128]
+    lm, regime, table, score = dev_setup(args)
+    dense = score(lm.model)
+    _log(f"dense dev ppl {dense}")
+    rows = []
+    for n in grid:
+        fisher = args.fisher_samples * n // args.samples if args.fisher_scale else args.fisher_samples
+        config = bench_config(args, regime, samples=n, fisher_samples=fisher)
+        t0 = time.perf_counter()
+        db, first = build(lm, config, table)
+        build_s = time.perf_counter() - t0
+        _log(f"{n} samples, {fisher} Fisher: database in {build_s:.0f} s")
+        for t in TARGETS:
+            shapes = select(db, table, t).shapes
+            t1 = time.perf_counter()
+            model = apply_choice(lm.model, db, shapes, first.clone(), "sequential", config.update_damp)
+            refit_s = time.perf_counter() - t1
+            ppl = score(model)
+            rows.append(
+                {
+                    "samples": n,
+                    "fisher_samples": fisher,
+                    "target": t,
+                    "perplexity": ppl,
+                    "geomean_ratio": geomean_ratio(ppl, dense),
+                    "database_s": round(build_s, 1),
+                    "refit_s": round(refit_s, 1),
+                }
+            )
+            _log(f"{n} samples / {t}x: {ppl} (geomean ratio {rows[-1]['geomean_ratio']:.3f})")
+            del model
+        del db, first
+    if args.json:
+        Path(args.json).write_text(json.dumps({"dense": dense, "rows": rows}, indent=2) + "\n")
+    names = list(dense)
+    print(
+        f"\nCalibration size, SmolLM2-135M, development text ({args.ppl_tokens} tokens per domain), sequences of "
+        f"{args.calib_len} tokens; dense " + ", ".join(f"{n} {dense[n]:.2f}" for n in names)
+    )
+    print(
+        f"{'samples':>7} {'fisher':>6} {'target':>6} {'db s':>5} {'refit s':>7} "
+        + " ".join(f"{n:>8}" for n in names)
+        + "  geomean×"
+    )
+    for r in rows:
+        print(
+            f"{r['samples']:>7} {r['fisher_samples']:>6} {r['target']:>5g}x {r['database_s']:>5.0f} {r['refit_s']:>7.0f} "
+            + " ".join(f"{r['perplexity'][n]:>8.2f}" for n in names)
+            + f"  {r['geomean_ratio']:>7.3f}"
+        )
     return 0
 
 
@@ -422,8 +490,23 @@ def main() -> int:
     ap.add_argument("--ablation", action="store_true", help="choose settings on the development text instead")
     ap.add_argument("--rank", action="store_true", help="rank correlation of the search objective instead")
     ap.add_argument("--lodo", action="store_true", help="choose the error shrinkage, leaving one domain out")
-    ap.add_argument("--grid", default=None, help="--lodo: shrinkage strengths, comma-separated")
+    ap.add_argument(
+        "--damp-grid", default=None, help="--lodo: re-fit dampings to compare instead of shrinkage"
+    )
+    ap.add_argument(
+        "--calib-size", action="store_true", help="choose the calibration size on development text"
+    )
+    ap.add_argument(
+        "--fisher-scale", action="store_true", help="--calib-size: scale Fisher sequences with it"
+    )
+    ap.add_argument(
+        "--grid",
+        default=None,
+        help="--lodo: shrinkage strengths; --calib-size: sample counts (comma-separated)",
+    )
     args = ap.parse_args()
+    if args.calib_size:
+        return calib_size(args)
     if args.lodo:
         return lodo(args)
     if args.ablation:
