@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from zipkd.recover.data import (
     encode_example,
     final_answer,
     load_examples,
+    mixed_windows,
     self_distill,
     text_windows,
 )
@@ -521,6 +523,65 @@ def test_cli_recover(tmp_path):
     assert res.exit_code == 2 and "js" in res.stderr
 
 
+def _topic_text(word: str, n: int) -> list[str]:
+    """Documents whose 16-token windows all differ (counting numbers, their digits spelt in `word`'s letters): two
+    words without common letters give sources without common windows."""
+    spell = str.maketrans("0123456789", (word * 10)[:10])
+    return [f"{word} " + " ".join(str(1000 * i + 7 * j).translate(spell) for j in range(8)) for i in range(n)]
+
+
+def test_mixed_windows_follow_the_weights_without_repeats():
+    """Windows of each source in proportion to its weight, the pool sized by the scarcest source, no window twice,
+    the same windows for the same seed and other windows of the plentiful source for another seed."""
+    tok = tiny_tokenizer()
+    many, few = _topic_text("abcde", 200), _topic_text("fghij", 40)
+    n_many, n_few = (len(text_windows(tok, t, 16)) for t in (many, few))
+    assert all(
+        len({tuple(w.ids) for w in text_windows(tok, t, 16)}) == n for t, n in ((many, n_many), (few, n_few))
+    )
+    out = mixed_windows(tok, [(many, 3.0), (few, 1.0)], 16, seed=0)
+    few_ids = {tuple(w.ids) for w in text_windows(tok, few, 16)}
+    got_few = sum(tuple(w.ids) in few_ids for w in out)
+    assert got_few == n_few and len(out) == 4 * n_few  # the scarce source is a quarter, all of it used
+    assert len(out) - got_few == 3 * n_few < n_many
+    assert len({tuple(w.ids) for w in out}) == len(out)  # no repeats
+    assert [w.ids for w in mixed_windows(tok, [(many, 3.0), (few, 1.0)], 16, seed=0)] == [w.ids for w in out]
+    other = mixed_windows(tok, [(many, 3.0), (few, 1.0)], 16, seed=1)
+    assert {tuple(w.ids) for w in other} != {tuple(w.ids) for w in out}
+    # one source: exactly its windows
+    assert [w.ids for w in mixed_windows(tok, [(many, 1.0)], 16)] == [
+        w.ids for w in text_windows(tok, many, 16)
+    ]
+
+
+def test_mix_text_weights_are_validated(tmp_path):
+    cfg = RecoverConfig(mix_text=[f"{tmp_path}/a.txt:3", f"{tmp_path}/b.txt"])
+    assert [(p.name, w) for p, w in cfg.mix_sources] == [("a.txt", 0.75), ("b.txt", 0.25)]
+    assert RecoverConfig(mix_text=f"{tmp_path}/a.txt").mix_text == (f"{tmp_path}/a.txt",)
+    with pytest.raises(ZipkdError, match="mixing text weight"):
+        RecoverConfig(mix_text=[f"{tmp_path}/a.txt:-1"])
+    assert RecoverConfig().mix_sources  # the default mix names real files
+    assert all(p.is_file() for p, _ in RecoverConfig().mix_sources)
+
+
+def test_several_mix_files_reach_the_manifest(tmp_path):
+    _, pruned = make_chain(tmp_path)
+    (tmp_path / "a.txt").write_text("\n\n".join(_topic_text("abcde", 60)))
+    (tmp_path / "b.txt").write_text("\n\n".join(_topic_text("fghij", 60)))
+    cfg = replace(_config(tmp_path, steps=2), mix_text=[f"{tmp_path}/a.txt:2", f"{tmp_path}/b.txt:1"])
+    out = recover(str(pruned), cfg, tmp_path / "rec")
+    m = json.loads((out / "zipkd.json").read_text())
+    roles = {i["role"]: i for i in m["inputs"]}
+    assert roles["mix_text.0"]["sha256"] and roles["mix_text.1"]["path"].endswith("b.txt")
+    assert [x.rsplit(":", 1)[1] for x in m["config"]["mix_text"]] == ["0.666667", "0.333333"]
+    from zipkd.cli import app
+
+    res = CliRunner().invoke(
+        app, ["recover", str(pruned), "-o", str(tmp_path / "bad"), "--mix-text", f"{tmp_path}/a.txt:zero:0"]
+    )
+    assert res.exit_code == 2 and "mixing text weight" in res.stderr
+
+
 def test_checkpoints_of_another_run_are_discarded(tmp_path):
     from zipkd.recover.train import prepare_work_dir
 
@@ -639,7 +700,7 @@ def test_token_budget_plans_the_fewest_steps_that_carry_the_tokens(tmp_path):
     from zipkd.recover.data import encode_examples, load_examples, text_windows
 
     qa = encode_examples(tok, load_examples(cfg.data), cfg.train.max_seq_len)
-    text = text_windows(tok, load_texts(cfg.mix_text), cfg.train.max_seq_len)
+    text = text_windows(tok, load_texts(cfg.mix_text[0]), cfg.train.max_seq_len)
     counts = [int(step_batch(s, qa, text, cfg.train, 0)[1][:, :-1].sum()) for s in range(m["steps"])]
     assert sum(counts) == m["tokens"] and sum(counts[:-1]) < 700
 

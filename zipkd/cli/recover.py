@@ -55,10 +55,11 @@ def recover(
         int, typer.Option(help="Teacher generation batch size.", rich_help_panel=DATA)
     ] = 16,
     mix_text: Annotated[
-        Path | None,
+        list[str] | None,
         typer.Option(
-            help="Plain text mixed into training (--mix-ratio). Default: zipkd's calibration text (never "
-            "evaluation text).",
+            help="Plain text mixed into training (--mix-ratio): a file (.txt, .jsonl, .parquet), or several, each "
+            "PATH or PATH:WEIGHT (shares of the text windows), e.g. --mix-text docs.txt:0.7 --mix-text "
+            "code.txt:0.3. Default: the pruning calibration mix (prose, code, chat, math; never evaluation text).",
             rich_help_panel=DATA,
         ),
     ] = None,
@@ -166,7 +167,7 @@ def recover(
         distill=distill,
         max_examples=max_examples or None,
         rewrite=RewriteSettings(max_new_tokens=max_new_tokens, batch_size=gen_batch_size),
-        mix_text=str(mix_text) if mix_text else None,
+        mix_text=tuple(mix_text) if mix_text else None,
         text_window=text_window or None,
         train=train_cfg,
         device=device,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +106,38 @@ def calibration_batch(tokenizer: Any, texts: list[str], n_samples: int, seq_len:
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, stream.numel() - seq_len + 1, (n_samples,), generator=gen)
     return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+
+
+def parse_weighted(items: Sequence[str], what: str = "text") -> list[tuple[Path, float]]:
+    """`PATH` or `PATH:WEIGHT` entries -> (path, weight), the weights normalised to sum to 1 (an entry without a
+    weight weighs 1). `what` names the files in errors ("calibration", "mixing text")."""
+    out = []
+    for item in items:
+        path, _, weight = item.rpartition(":")
+        try:
+            w = float(weight) if path else 1.0
+        except ValueError:
+            path, w = item, 1.0  # a colon inside the path
+        if not path:
+            path = item
+        if not (w > 0 and w != float("inf")):
+            raise ZipkdError(f"{what} weight of {path} must be a positive number (got {weight})")
+        out.append((Path(path).expanduser(), w))
+    if not out:
+        raise ZipkdError(f"give at least one {what} file")
+    total = sum(w for _, w in out)
+    return [(p, w / total) for p, w in out]
+
+
+def allocate(samples: int, weights: Sequence[float]) -> list[int]:
+    """`samples` split by `weights` (largest remainders; every source with weight gets one when it can)."""
+    raw = [samples * w for w in weights]
+    counts = [int(r) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: raw[i] - counts[i], reverse=True)[: samples - sum(counts)]:
+        counts[i] += 1
+    for i, c in enumerate(counts):
+        if c == 0 and samples >= len(counts):
+            j = max(range(len(counts)), key=lambda j: counts[j])
+            counts[j] -= 1
+            counts[i] = 1
+    return counts

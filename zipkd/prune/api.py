@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from zipkd.data.assets import calib_mix
-from zipkd.data.text import calibration_batch, load_texts
+from zipkd.data.text import allocate, calibration_batch, load_texts, parse_weighted
 from zipkd.errors import ZipkdError
 from zipkd.latency.profile import check_table_config, load_or_profile, parse_device, table_cache_path
 from zipkd.latency.table import LatencyTable, Regime
@@ -154,38 +154,8 @@ class PruneConfig:
 
 
 def parse_calib(items: Sequence[str]) -> list[tuple[Path, float]]:
-    """`PATH` or `PATH:WEIGHT` entries -> (path, weight), the weights normalised to sum to 1 (an entry without
-    a weight weighs 1)."""
-    out = []
-    for item in items:
-        path, _, weight = item.rpartition(":")
-        try:
-            w = float(weight) if path else 1.0
-        except ValueError:
-            path, w = item, 1.0  # a colon inside the path
-        if not path:
-            path = item
-        if not (w > 0 and w != float("inf")):
-            raise ZipkdError(f"calibration weight of {path} must be a positive number (got {weight})")
-        out.append((Path(path).expanduser(), w))
-    if not out:
-        raise ZipkdError("give at least one calibration file")
-    total = sum(w for _, w in out)
-    return [(p, w / total) for p, w in out]
-
-
-def allocate(samples: int, weights: Sequence[float]) -> list[int]:
-    """`samples` split by `weights` (largest remainders; every source with weight gets one when it can)."""
-    raw = [samples * w for w in weights]
-    counts = [int(r) for r in raw]
-    for i in sorted(range(len(raw)), key=lambda i: raw[i] - counts[i], reverse=True)[: samples - sum(counts)]:
-        counts[i] += 1
-    for i, c in enumerate(counts):
-        if c == 0 and samples >= len(counts):
-            j = max(range(len(counts)), key=lambda j: counts[j])
-            counts[j] -= 1
-            counts[i] = 1
-    return counts
+    """`PATH` or `PATH:WEIGHT` calibration entries -> (path, weight), the weights normalised to sum to 1."""
+    return parse_weighted(items, "calibration")
 
 
 @dataclass

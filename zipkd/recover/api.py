@@ -13,12 +13,13 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from zipkd.data.assets import calib_text_path, finetune_path
-from zipkd.data.text import load_texts
+from zipkd.data.assets import calib_mix, finetune_path
+from zipkd.data.text import load_texts, parse_weighted
 from zipkd.errors import ZipkdError
 from zipkd.manifest import content_hash, read_manifest
 from zipkd.models.formats import folder_format
@@ -30,14 +31,22 @@ from zipkd.recover.data import (
     encode_examples,
     examples_hash,
     load_examples,
+    mixed_windows,
     select_examples,
     self_distill,
-    text_windows,
 )
 from zipkd.recover.train import TrainConfig, clock, config_dict, resolve_precision, train
 
 # Stages whose output derives from a model that is not the user's original: followed back to find the teacher.
 DERIVED_STAGES = ("prune", "recover", "merge", "quantize")
+
+
+def default_mix() -> list[tuple[Path, float]]:
+    """The mixing text when none is given: the pruning calibration mix (prose, code, chat, math at
+    `CALIB_WEIGHTS`; calibration-role text, never evaluation text). Chosen on development text
+    (`bench_recover.py --choose-mix`): against the prose alone, at 40 steps it recovered the development
+    geometric-mean perplexity ratio to 2.62x dense instead of 3.29x."""
+    return list(calib_mix().values())
 
 
 @dataclass
@@ -49,12 +58,18 @@ class RecoverConfig:
     distill: bool = True  # self-data distillation; False: plain SFT on the original responses
     max_examples: int | None = 256  # seeded subset of the data (None: all)
     rewrite: RewriteSettings = field(default_factory=RewriteSettings)
-    mix_text: str | None = None  # plain text for `train.mix_ratio`; None: the calibration text
+    # plain text for `train.mix_ratio`: files, each `PATH` or `PATH:WEIGHT` (weights are shares of the text
+    # windows); None: `DEFAULT_MIX` (calibration-role text, never evaluation text)
+    mix_text: str | Sequence[str] | None = None
     text_window: int | None = None  # tokens per plain-text window (None: train.max_seq_len)
     train: TrainConfig = field(default_factory=TrainConfig)
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.mix_text is not None:
+            items = [self.mix_text] if isinstance(self.mix_text, str) else self.mix_text
+            self.mix_text = tuple(str(m) for m in items)
+            parse_weighted(self.mix_text, "mixing text")  # validates the weights
         if self.max_examples is not None and self.max_examples < 1:
             raise ZipkdError(f"max examples must be at least 1 (got {self.max_examples})")
         if self.text_window is not None and not 8 <= self.text_window <= self.train.max_seq_len:
@@ -63,6 +78,13 @@ class RecoverConfig:
             )
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ZipkdError(f"unknown device {self.device!r}; use cpu or cuda[:N]")
+
+    @property
+    def mix_sources(self) -> list[tuple[Path, float]]:
+        """(file, share of the text windows) of every mixing-text source."""
+        if self.mix_text is None:
+            return default_mix()
+        return parse_weighted(self.mix_text, "mixing text")
 
     @property
     def needs_teacher(self) -> bool:
@@ -137,7 +159,8 @@ def recover(
         check_trainable(model.model.config.to_dict(), src)
     elif src.is_dir():
         check_trainable(read_config(src), src)
-    data = [Path(p).expanduser() for p in (config.data, config.mix_text) if p]
+    data = [Path(config.data).expanduser()] if config.data else []
+    data += [p for p, _ in config.mix_sources] if config.mix_text else []
     out = check_output(out, force, (src, *data))
     data_path = Path(config.data).expanduser() if config.data else finetune_path()
     examples = select_examples(
@@ -209,10 +232,11 @@ def _recover(
             distilled = self_distill(teacher, lm.tokenizer, examples, config.rewrite, teacher_hash, None)
         train_examples = distilled.examples
     qa = encode_examples(lm.tokenizer, train_examples, cfg.max_seq_len)
-    text, mix_path = [], None
+    text, mix = [], []
     if cfg.mix_ratio > 0:
-        mix_path = Path(config.mix_text).expanduser() if config.mix_text else calib_text_path()
-        text = text_windows(lm.tokenizer, load_texts(mix_path), config.text_window or cfg.max_seq_len)
+        mix = config.mix_sources
+        sources = [(load_texts(path), w) for path, w in mix]
+        text = mixed_windows(lm.tokenizer, sources, config.text_window or cfg.max_seq_len, cfg.seed)
 
     student_hash = content_hash(lm.path)
     data_hash = examples_hash(examples)
@@ -222,7 +246,7 @@ def _recover(
             "student": student_hash,
             "teacher": teacher_hash,
             "train_data": train_hash,
-            "mix": content_hash(mix_path) if mix_path else None,
+            "mix": [(content_hash(path), w) for path, w in mix] if mix else None,
             "text_window": config.text_window,
             "train": asdict(cfg),
         }
@@ -246,7 +270,11 @@ def _recover(
 
     if not dist.is_main_process:
         return out
-    inputs = {"model": lm.path, "teacher": teacher_path, "data": data_path, "mix_text": mix_path}
+    inputs = {"model": lm.path, "teacher": teacher_path, "data": data_path}
+    if len(mix) == 1:
+        inputs["mix_text"] = mix[0][0]
+    else:
+        inputs.update({f"mix_text.{i}": path for i, (path, _) in enumerate(mix)})
     hashes = {"model": student_hash}
     if teacher_path is not None:
         hashes["teacher"] = teacher_hash
@@ -280,7 +308,7 @@ def _recover(
         "distill": config.distill,
         "max_examples": config.max_examples,
         "rewrite": asdict(config.rewrite),
-        "mix_text": str(mix_path) if mix_path else None,
+        "mix_text": [f"{path}:{w:g}" for path, w in mix] or None,
         "text_window": config.text_window or cfg.max_seq_len,
         "train": config_dict(cfg),
         "device": config.device,

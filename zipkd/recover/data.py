@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from zipkd.data.text import jsonl_rows, token_stream
+from zipkd.data.text import allocate, jsonl_rows, token_stream
 from zipkd.errors import ZipkdError
 from zipkd.outputs import atomic_write_text
 from zipkd.paths import cache_dir
@@ -423,3 +423,23 @@ def text_windows(
     if n < 1:
         raise ZipkdError(f"mixing text too short: {len(stream)} tokens for windows of {max_len}")
     return [TrainSeq(stream[i * max_len : (i + 1) * max_len], [True] * max_len) for i in range(n)]
+
+
+def mixed_windows(
+    tokenizer: Any, sources: Sequence[tuple[Sequence[str], float]], max_len: int, seed: int = 0
+) -> list[TrainSeq]:
+    """Text windows of several sources in the proportions of their weights (normalised): every source is cut
+    into windows (`text_windows`); the pool is as large as the scarcest source allows (its windows / its
+    share), and each source contributes a seeded random subset of its windows to it. No window repeats, so
+    recovery's epoch-wise shuffles keep the proportions in every epoch. One source: all its windows."""
+    if len(sources) == 1:
+        return text_windows(tokenizer, sources[0][0], max_len)
+    total = sum(w for _, w in sources)
+    per = [(text_windows(tokenizer, texts, max_len), w / total) for texts, w in sources]
+    pool = min(int(len(windows) / share) for windows, share in per)
+    out: list[TrainSeq] = []
+    for i, ((windows, _), n) in enumerate(zip(per, allocate(pool, [s for _, s in per]), strict=True)):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + 104_729 * (i + 1))
+        order = torch.randperm(len(windows), generator=gen).tolist()
+        out.extend(windows[j] for j in sorted(order[: min(n, len(windows))]))
+    return out
