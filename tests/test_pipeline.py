@@ -66,9 +66,10 @@ def recipe(tmp_path, steps=4, export=False):
     return path
 
 
-def test_run_skip_and_from(tmp_path):
+def test_run_skip_and_from(tmp_path, monkeypatch):
     """Every stage, the export one included: the recovered model as a Q8_0 GGUF, scored in llama.cpp beside the
-    dense GGUF at the same type."""
+    dense GGUF at the same type. A rerun skips every stage; a changed library default for the data a stage reads
+    (recover's text mix) reruns that stage and what follows it."""
     runner = CliRunner()
     path = recipe(tmp_path, export=True)
     res = runner.invoke(app, ["run", str(path)])
@@ -101,6 +102,15 @@ def test_run_skip_and_from(tmp_path):
     res = runner.invoke(app, ["run", str(path), "--from", "eval"])
     assert res.exit_code == 0
     assert res.stderr.count("skipped (unchanged)") == 4 and "eval: running" in res.stderr
+    assert (out / "2-prune" / "zipkd.json").stat().st_mtime == pruned_mtime
+
+    from zipkd.data.assets import calib_text_path
+
+    monkeypatch.setattr("zipkd.recover.api.default_mix", lambda: [(calib_text_path(), 1.0)])
+    res = runner.invoke(app, ["run", str(path)])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "prune: skipped (unchanged)" in res.stderr and "recover: running" in res.stderr
+    assert res.stderr.count("skipped (unchanged)") == 2
     assert (out / "2-prune" / "zipkd.json").stat().st_mtime == pruned_mtime
 
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from zipkd.data.assets import finetune_path
 from zipkd.errors import ZipkdError
 from zipkd.evaluate.api import evaluate
 from zipkd.evaluate.report import Report, write_report
@@ -64,6 +65,21 @@ class RunSummary:
 
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _data_key(recipe: Recipe, stage: str) -> Any:
+    """The content of the data files a stage reads where its section leaves them to a library default (prune's
+    calibration mix, recover's fine-tuning set and text mix): a changed default or re-exported data is a changed
+    stage, not a skipped one."""
+    if stage == "prune":
+        config = recipe.config("prune", seed=recipe.seed, regime=recipe.regime())
+        return [(content_hash(path), w) for path, w in config.calib_sources]
+    if stage == "recover":
+        config = recipe.config("recover", device=recipe.hardware["device"], **{"train.seed": recipe.seed})
+        data = Path(config.data).expanduser() if config.data else finetune_path()
+        mix = config.mix_sources if config.train.mix_ratio > 0 else []
+        return {"data": content_hash(data), "mix": [(content_hash(path), w) for path, w in mix]}
+    return None
 
 
 def _load_state(out: Path) -> dict[str, Any]:
@@ -256,7 +272,9 @@ def _run_stages(
         if not recipe.enabled(stage):
             continue
         rerun = rerun or stage == from_stage
-        key = _key(stage, recipe.sections[stage], upstream)  # sections hold every default
+        key = _key(
+            stage, recipe.sections[stage], _data_key(recipe, stage), upstream
+        )  # sections: every default
         folder = out / FOLDERS[stage]
         prev = state.get(stage, {})
         if not rerun and prev.get("key") == key and folder.exists() and prev.get("done"):
