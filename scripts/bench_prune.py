@@ -201,25 +201,15 @@ def ablation(args) -> int:
                 _log(f"{calib_name} / {label} / {t}x: {ppl} (geomean ratio {rows[-1][-1]:.3f})")
                 del model
         del db, first
-    if args.json:
-        Path(args.json).write_text(json.dumps({"dense": dense, "rows": rows}, indent=2) + "\n")
-    names = list(dense)
-    print(
-        f"\nAblation, SmolLM2-135M, development text of every calibration domain ({args.ppl_tokens} tokens "
-        f"each), calibration {args.samples}x{args.calib_len}; dense "
-        + ", ".join(f"{n} {dense[n]:.2f}" for n in names)
+    dev_report(
+        args,
+        f"Ablation, SmolLM2-135M, development text of every calibration domain ({args.ppl_tokens} tokens "
+        f"each), calibration {args.samples}x{args.calib_len}",
+        dense,
+        rows,
+        f"{'calibration':<16} {'weights':<18} {'target':>6}",
+        [(f"{c:<16} {label:<18} {t:>5g}x", ppl, g) for c, label, t, ppl, g in rows],
     )
-    print(
-        f"{'calibration':<16} {'weights':<18} {'target':>6} "
-        + " ".join(f"{n:>8}" for n in names)
-        + "  geomean×"
-    )
-    for calib_name, label, t, ppl, g in rows:
-        print(
-            f"{calib_name:<16} {label:<18} {t:>5g}x "
-            + " ".join(f"{ppl[n]:>8.2f}" for n in names)
-            + f"  {g:>7.3f}"
-        )
     return 0
 
 
@@ -446,25 +436,90 @@ def calib_size(args) -> int:
             _log(f"{n} samples / {t}x: {ppl} (geomean ratio {rows[-1]['geomean_ratio']:.3f})")
             del model
         del db, first
+    dev_report(
+        args,
+        f"Calibration size, SmolLM2-135M, development text ({args.ppl_tokens} tokens per domain), sequences of "
+        f"{args.calib_len} tokens",
+        dense,
+        rows,
+        f"{'samples':>7} {'fisher':>6} {'target':>6} {'db s':>5} {'refit s':>7}",
+        [
+            (
+                f"{r['samples']:>7} {r['fisher_samples']:>6} {r['target']:>5g}x {r['database_s']:>5.0f} "
+                f"{r['refit_s']:>7.0f}",
+                r["perplexity"],
+                r["geomean_ratio"],
+            )
+            for r in rows
+        ],
+    )
+    return 0
+
+
+def fisher_choice(args) -> int:
+    """Which calibration sequences the Fisher pass uses, on development text: the first `--fisher-samples` (the
+    earlier behaviour; with the default mix, 13 prose and 3 code sequences) against the same number spread over
+    the sources (`fisher_rows`, the default now: 7 prose, 3 each of code, chat and math). Prune 1.5x and 2x with
+    the sequential re-fit and score the development text of the four calibration domains."""
+    import torch
+
+    import zipkd.prune.api as api
+    from zipkd.prune.driver import apply_choice
+    from zipkd.prune.search import select
+
+    lm, regime, table, score = dev_setup(args)
+    dense = score(lm.model)
+    _log(f"dense dev ppl {dense}")
+    spread = api.fisher_rows
+    arms = {"first": lambda n, k: torch.arange(min(n, k)), "spread (default)": spread}
+    rows = []
+    try:
+        for name, rows_of in arms.items():
+            api.fisher_rows = rows_of
+            config = bench_config(args, regime)
+            t0 = time.perf_counter()
+            db, first = api.build(lm, config, table)
+            _log(f"Fisher rows {name}: database in {time.perf_counter() - t0:.0f} s")
+            for t in TARGETS:
+                shapes = select(db, table, t).shapes
+                model = apply_choice(lm.model, db, shapes, first.clone(), "sequential", config.update_damp)
+                ppl = score(model)
+                rows.append(
+                    {
+                        "fisher_rows": name,
+                        "target": t,
+                        "perplexity": ppl,
+                        "geomean_ratio": geomean_ratio(ppl, dense),
+                    }
+                )
+                _log(f"{name} / {t}x: {ppl} (geomean ratio {rows[-1]['geomean_ratio']:.3f})")
+                del model
+            del db, first
+    finally:
+        api.fisher_rows = spread
+    dev_report(
+        args,
+        f"Fisher sequences, SmolLM2-135M, development text ({args.ppl_tokens} tokens per domain), "
+        f"{args.fisher_samples} of {args.samples} calibration sequences",
+        dense,
+        rows,
+        f"{'Fisher rows':<18} {'target':>6}",
+        [(f"{r['fisher_rows']:<18} {r['target']:>5g}x", r["perplexity"], r["geomean_ratio"]) for r in rows],
+    )
+    return 0
+
+
+def dev_report(args, title: str, dense: dict, rows: list, header: str, lines: list) -> None:
+    """Write `{"dense", "rows"}` to `--json`, then print a development-text table: `title` with the dense
+    perplexities, `header` over the leading cells, and per line (leading cells, perplexity per domain, geomean
+    ratio to dense)."""
     if args.json:
         Path(args.json).write_text(json.dumps({"dense": dense, "rows": rows}, indent=2) + "\n")
     names = list(dense)
-    print(
-        f"\nCalibration size, SmolLM2-135M, development text ({args.ppl_tokens} tokens per domain), sequences of "
-        f"{args.calib_len} tokens; dense " + ", ".join(f"{n} {dense[n]:.2f}" for n in names)
-    )
-    print(
-        f"{'samples':>7} {'fisher':>6} {'target':>6} {'db s':>5} {'refit s':>7} "
-        + " ".join(f"{n:>8}" for n in names)
-        + "  geomean×"
-    )
-    for r in rows:
-        print(
-            f"{r['samples']:>7} {r['fisher_samples']:>6} {r['target']:>5g}x {r['database_s']:>5.0f} {r['refit_s']:>7.0f} "
-            + " ".join(f"{r['perplexity'][n]:>8.2f}" for n in names)
-            + f"  {r['geomean_ratio']:>7.3f}"
-        )
-    return 0
+    print(f"\n{title}; dense " + ", ".join(f"{n} {dense[n]:.2f}" for n in names))
+    print(header + " " + " ".join(f"{n:>8}" for n in names) + "  geomean×")
+    for lead, ppl, g in lines:
+        print(lead + " " + " ".join(f"{ppl[n]:>8.2f}" for n in names) + f"  {g:>7.3f}")
 
 
 def add_bench_args(ap) -> None:
@@ -489,6 +544,9 @@ def main() -> int:
     ap.add_argument("--skip-cli", action="store_true", help="skip the timed child-process run")
     ap.add_argument("--ablation", action="store_true", help="choose settings on the development text instead")
     ap.add_argument("--rank", action="store_true", help="rank correlation of the search objective instead")
+    ap.add_argument(
+        "--fisher-rows", action="store_true", help="the Fisher pass's sequences: the first ones or spread"
+    )
     ap.add_argument("--lodo", action="store_true", help="choose the error shrinkage, leaving one domain out")
     ap.add_argument(
         "--damp-grid", default=None, help="--lodo: re-fit dampings to compare instead of shrinkage"
@@ -507,6 +565,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.calib_size:
         return calib_size(args)
+    if args.fisher_rows:
+        return fisher_choice(args)
     if args.lodo:
         return lodo(args)
     if args.ablation:

@@ -16,7 +16,7 @@ IQa, OpenBookQA, NQ-open — none of them an evaluation task):
 - `sft`: plain SFT on the original responses (cross-entropy on the response tokens, no KD, no prose);
 - `sdd+kd`: `zipkd recover`'s defaults — the teacher's rewrites (originals kept where the final answer changed),
   forward-KL logit distillation against the teacher and three quarters of the steps on calibration-role text (the
-  four-domain pruning calibration mix: prose, code, chat, math; chosen with `--choose-mix` on development text);
+  four-domain pruning calibration mix: prose, code, chat, math; chosen with `--choose mix` on development text);
 - with `--all-arms`, to isolate the parts: `sdd` (the rewrites alone) and `sft+kd` (the recipe on the originals).
 
 Targets (issue #18; the script exits 1 when one is missed): within the budget (≤ 30 minutes), held-out
@@ -57,7 +57,6 @@ def get_pruned(method: str, root: Path) -> tuple[Path, dict]:
     """The 2x model, built once and cached in `root` (it does not depend on anything recovery does)."""
     import hashlib
 
-    from zipkd.data.assets import calib_text_path
     from zipkd.manifest import content_hash, read_manifest
     from zipkd.models.io import load_model
     from zipkd.prune import PruneConfig, prune, save_pruned
@@ -70,11 +69,12 @@ def get_pruned(method: str, root: Path) -> tuple[Path, dict]:
     # (another machine, a quieter one) or another pruner config makes a new model instead of reusing a stale one.
     # "v2": models pruned before content_hash hashed folders under hidden directories recorded an empty teacher
     # hash, which recovery now (rightly) refuses as a changed teacher.
-    # The calibration text's hash too: another export of the offline data calibrates differently.
+    # "v3": the Fisher pass's sequences are spread over the calibration sources (`fisher_rows`).
+    # The calibration files' hashes too: another export of the offline data calibrates differently.
     table = latency_table(lm, cfg)
-    calib = content_hash(calib_text_path())
+    calib = [content_hash(path) for path, _ in cfg.calib_sources]
     key = hashlib.sha256(
-        json.dumps(["v2", repr(cfg), table.to_json(), calib], sort_keys=True).encode()
+        json.dumps(["v3", repr(cfg), table.to_json(), calib], sort_keys=True).encode()
     ).hexdigest()[:12]
     folder = root / f"pruned-2x-{method}-{key}"
     if (folder / "zipkd.json").is_file():
@@ -196,11 +196,16 @@ def throughput(args) -> int:
     return 0 if new / old >= 4 else 1
 
 
-def choose_mix(args) -> int:
-    """Choose the default mixing text on development text: `recover` with the library defaults for a fixed number
-    of steps (the same batches of instruction data in every arm; the same number of text windows of the same
-    length), once with each candidate, then perplexity on the development text of every calibration domain
-    (`dev_domains()`: never trained on, never an evaluation score). Least geometric-mean ratio to dense wins."""
+CHOICES = ("mix", "lr", "kd-weight")
+
+
+def choose(args) -> int:
+    """Choose a default of `recover` on development text (`--choose mix|lr|kd-weight`, `--grid` for the numeric
+    ones): `recover` with the library defaults for a fixed number of steps, once per candidate, changing only the
+    knob (the same instruction batches and the same number and length of text windows in every arm), then
+    perplexity on the development text of every calibration domain (`dev_domains()`: never trained on, never an
+    evaluation score). Least geometric-mean ratio to dense wins. A fixed step count, not a wall budget, so a
+    shared machine slows the arms without changing what they learn."""
     from zipkd.data.assets import calib_mix, calib_text_path, dev_domains
     from zipkd.data.text import load_texts
     from zipkd.evaluate.perplexity import perplexity
@@ -213,10 +218,19 @@ def choose_mix(args) -> int:
     offline_env()
     root = args.out or cache_dir() / "bench_recover"
     pruned_path, _ = get_pruned(args.pruner, cache_dir() / "bench_recover")
-    candidates = {
-        "prose (calib.txt)": [str(calib_text_path())],
-        "four-domain calibration mix": [f"{p}:{w}" for p, w in calib_mix().values()],
-    }
+    lib = TrainConfig()
+    if args.choose == "mix":
+        candidates = {
+            "prose (calib.txt)": ({"mix_text": [str(calib_text_path())]}, {}),
+            "four-domain calibration mix": ({"mix_text": [f"{p}:{w}" for p, w in calib_mix().values()]}, {}),
+        }
+    else:
+        field = {"lr": "lr", "kd-weight": "kd_weight"}[args.choose]
+        default = {"lr": lib.learning_rate, "kd-weight": lib.kd_weight}[args.choose]
+        grid = [float(x) for x in args.grid.split(",")] if args.grid else [default]
+        candidates = {
+            f"{args.choose} {v:g}" + (" (default)" if v == default else ""): ({}, {field: v}) for v in grid
+        }
     dev = {name: load_texts(path) for name, path in dev_domains().items()}
 
     def score(path) -> dict[str, float]:
@@ -226,38 +240,48 @@ def choose_mix(args) -> int:
             for n, t in dev.items()
         }
 
+    steps = args.steps or 60
     rows = {"dense": score("smollm2-135m"), "pruned": score(pruned_path)}
     log(f"dense {rows['dense']}; pruned {rows['pruned']}")
-    for name, mix in candidates.items():
+    for name, (outer, inner) in candidates.items():
         cfg = RecoverConfig(
             max_examples=args.examples,
             rewrite=RewriteSettings(max_new_tokens=args.max_new_tokens),
-            mix_text=mix,
             text_window=args.text_window,
             train=TrainConfig(
-                steps=args.steps or 60,
-                batch_size=args.batch_size,
-                max_seq_len=args.max_seq_len,
-                seed=args.seed,
+                steps=steps, batch_size=args.batch_size, max_seq_len=args.max_seq_len, seed=args.seed, **inner
             ),
+            **outer,
         )
         t = time.perf_counter()
-        out = recover(str(pruned_path), cfg, root / "choose-mix", force=True)
+        out = recover(str(pruned_path), cfg, root / f"choose-{args.choose}", force=True)
         rows[name] = score(out)
         log(f"{name}: {time.perf_counter() - t:.0f} s, dev {rows[name]}")
     dense = rows["dense"]
     gm = {k: math.exp(sum(math.log(v[d] / dense[d]) for d in dense) / len(dense)) for k, v in rows.items()}
+    best = min(candidates, key=lambda k: gm[k])
     if args.json:
-        Path(args.json).write_text(json.dumps({"dev_perplexity": rows, "geomean_ratio": gm}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "knob": args.choose,
+                    "steps": steps,
+                    "dev_perplexity": rows,
+                    "geomean_ratio": gm,
+                    "chosen": best,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     print(
-        f"\nRecovery mixing text, {args.steps or 60} steps of the library defaults on the 2x model ({args.pruner}); "
+        f"\nRecovery: {args.choose}, {steps} steps of the library defaults on the 2x model ({args.pruner}); "
         f"development perplexity ({args.ppl_tokens} tokens per domain)"
     )
     print(f"{'model':<30} " + " ".join(f"{d:>8}" for d in dense) + "  geomean×")
     for k, v in rows.items():
         print(f"{k:<30} " + " ".join(f"{v[d]:8.2f}" for d in dense) + f"  {gm[k]:8.3f}")
-    best = min(candidates, key=lambda k: gm[k])
-    print(f"chosen mixing text: {best} (development geomean× {gm[best]:.3f})")
+    print(f"chosen {args.choose}: {best} (development geomean× {gm[best]:.3f})")
     return 0
 
 
@@ -312,15 +336,24 @@ def main() -> int:
         default=12,
         help="--throughput: steps per timed run (first not counted)",
     )
-    ap.add_argument("--choose-mix", action="store_true", help="choose the mixing text on development text")
-    ap.add_argument("--json", default=None, help="--choose-mix: write the results here")
+    ap.add_argument(
+        "--choose",
+        choices=CHOICES,
+        default=None,
+        help="choose a default on development text: the mixing text, the peak lr or the KD weight",
+    )
+    ap.add_argument("--choose-mix", action="store_true", help="the same as --choose mix")
+    ap.add_argument("--grid", default=None, help="--choose lr|kd-weight: comma-separated values to compare")
+    ap.add_argument("--json", default=None, help="--choose: write the results here")
     args = ap.parse_args()
     if args.text_window is None:
         args.text_window = args.max_seq_len
     if args.throughput:
         return throughput(args)
     if args.choose_mix:
-        return choose_mix(args)
+        args.choose = "mix"
+    if args.choose:
+        return choose(args)
     if args.quick:
         args.examples, args.limit, args.ppl_tokens, args.max_new_tokens = 16, 10, 1024, 32
         args.max_seq_len, args.batch_size, args.text_window, args.budget = 128, 4, 64, "90s"

@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from zipkd.data.assets import finetune_path
 from zipkd.errors import ZipkdError
 from zipkd.evaluate.api import evaluate
 from zipkd.evaluate.report import Report, write_report
@@ -72,14 +71,25 @@ def _data_key(recipe: Recipe, stage: str) -> Any:
     calibration mix, recover's fine-tuning set and text mix): a changed default or re-exported data is a changed
     stage, not a skipped one."""
     if stage == "prune":
-        config = recipe.config("prune", seed=recipe.seed, regime=recipe.regime())
+        config = _stage_config(recipe, "prune")
         return [(content_hash(path), w) for path, w in config.calib_sources]
     if stage == "recover":
-        config = recipe.config("recover", device=recipe.hardware["device"], **{"train.seed": recipe.seed})
-        data = Path(config.data).expanduser() if config.data else finetune_path()
+        config = _stage_config(recipe, "recover")
         mix = config.mix_sources if config.train.mix_ratio > 0 else []
-        return {"data": content_hash(data), "mix": [(content_hash(path), w) for path, w in mix]}
+        return {"data": content_hash(config.data_path), "mix": [(content_hash(path), w) for path, w in mix]}
     return None
+
+
+def _stage_config(recipe: Recipe, stage: str, **extra: Any) -> Any:
+    """A stage's config: its recipe section over the library defaults, with what the recipe sets for every
+    stage (seed, regime, device). The stage keys and the runners build it the same way."""
+    if stage == "prune":
+        return recipe.config("prune", seed=recipe.seed, regime=recipe.regime(), **extra)
+    if stage == "recover":
+        return recipe.config(
+            "recover", device=recipe.hardware["device"], **{"train.seed": recipe.seed}, **extra
+        )
+    return recipe.config(stage, **extra)
 
 
 def _load_state(out: Path) -> dict[str, Any]:
@@ -115,7 +125,7 @@ def _profile(recipe: Recipe, folder: Path, inputs: dict[str, Any], progress: Any
 
 
 def _prune(recipe: Recipe, folder: Path, inputs: dict[str, Any], progress: Any) -> dict[str, Any]:
-    config = recipe.config("prune", seed=recipe.seed, regime=recipe.regime(), table=inputs.get("table"))
+    config = _stage_config(recipe, "prune", table=inputs.get("table"))
     lm = load_model(recipe.model, dtype=recipe.hardware["dtype"])
     results = prune_model(lm, config, progress=progress, table=inputs.get("table"))
     folders = save_pruned(results, lm, folder, config, force=True)
@@ -127,7 +137,7 @@ def _prune(recipe: Recipe, folder: Path, inputs: dict[str, Any], progress: Any) 
 
 
 def _recover(recipe: Recipe, folder: Path, inputs: dict[str, Any], progress: Any) -> dict[str, Any]:
-    config = recipe.config("recover", device=recipe.hardware["device"], **{"train.seed": recipe.seed})
+    config = _stage_config(recipe, "recover")
     out = recover(inputs["model"], config, out=folder, force=True, progress=progress)
     return {"model": str(out)}
 

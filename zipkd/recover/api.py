@@ -80,6 +80,11 @@ class RecoverConfig:
             raise ZipkdError(f"unknown device {self.device!r}; use cpu or cuda[:N]")
 
     @property
+    def data_path(self) -> Path:
+        """The fine-tuning set: `data`, or the embedded default."""
+        return Path(self.data).expanduser() if self.data else finetune_path()
+
+    @property
     def mix_sources(self) -> list[tuple[Path, float]]:
         """(file, share of the text windows) of every mixing-text source."""
         if self.mix_text is None:
@@ -162,7 +167,7 @@ def recover(
     data = [Path(config.data).expanduser()] if config.data else []
     data += [p for p, _ in config.mix_sources] if config.mix_text else []
     out = check_output(out, force, (src, *data))
-    data_path = Path(config.data).expanduser() if config.data else finetune_path()
+    data_path = config.data_path
     examples = select_examples(
         load_examples(data_path), config.max_examples, config.train.seed
     )  # before weights
