@@ -113,6 +113,12 @@ def test_run_skip_and_from(tmp_path, monkeypatch):
     assert res.stderr.count("skipped (unchanged)") == 2
     assert (out / "2-prune" / "zipkd.json").stat().st_mtime == pruned_mtime
 
+    # another zipkd (a default that lives in code, e.g. a learning rate left None) reruns every stage
+    monkeypatch.setattr("zipkd.pipeline.code_key", lambda: "another zipkd")
+    res = runner.invoke(app, ["run", str(path)])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "skipped (unchanged)" not in res.stderr and "prune: running" in res.stderr
+
 
 def _weights(folder):
     from safetensors.torch import load_file

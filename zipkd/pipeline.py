@@ -5,6 +5,7 @@ checkpoint, and `from_stage` reruns from a stage on."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -64,6 +65,18 @@ class RunSummary:
 
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def code_key() -> str:
+    """The content of zipkd's own source files: a default that lives in code (a learning rate left `None` in a
+    section, the rows of the Fisher pass) changes with it, so another zipkd reruns a stage instead of skipping
+    it. Python sources only (compiled caches change as they are written)."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _data_key(recipe: Recipe, stage: str) -> Any:
@@ -283,7 +296,7 @@ def _run_stages(
             continue
         rerun = rerun or stage == from_stage
         key = _key(
-            stage, recipe.sections[stage], _data_key(recipe, stage), upstream
+            stage, recipe.sections[stage], _data_key(recipe, stage), upstream, code_key()
         )  # sections: every default
         folder = out / FOLDERS[stage]
         prev = state.get(stage, {})

@@ -82,7 +82,7 @@ class PruneConfig:
     force_table: bool = False  # accept a table whose fingerprint does not match
     device: str | None = None  # where layers are processed (default: the regime's device)
     sequential: bool = True  # re-fit each pruned layer on inputs through the already-pruned layers
-    fisher_samples: int = 16  # sequences whose loss gradients weight the errors, spread over the sources (0: plain)
+    fisher_samples: int = 16  # sequences whose loss gradients weight the errors, spread (0: plain errors)
     mlp_chunk: int | None = None  # channels per OBS step (None: width // 64)
     batch_size: int = 4  # calibration sequences per forward
     resolution: int = 2000  # latency units of dense/resolution in the DP
