@@ -163,12 +163,29 @@ def dev_setup(args):
     return lm, regime, table, scorer(lm, domain_texts("dev"), args.ppl_tokens)
 
 
+def prune_targets(lm, db, first, table, score, damp, refit="sequential", searched=None):
+    """Per target of `TARGETS`: the search's structure on `searched` (default `db`), the weights from `db` with
+    the `refit` (the sequential one on a copy of `first`, the layer-0 calibration inputs) at `damp`, and the
+    model's perplexities by `score`. Yields (target, perplexities, re-fit seconds); each model is freed after."""
+    from zipkd.prune.driver import apply_choice
+    from zipkd.prune.search import select
+
+    for t in TARGETS:
+        shapes = select(searched if searched is not None else db, table, t).shapes
+        t0 = time.perf_counter()
+        model = apply_choice(
+            lm.model, db, shapes, first.clone() if refit == "sequential" else None, refit, damp
+        )
+        refit_s = time.perf_counter() - t0
+        ppl = score(model)
+        del model
+        yield t, ppl, refit_s
+
+
 def ablation(args) -> int:
     """Settings chosen on development text only (see the module docstring)."""
     from zipkd.data.assets import calib_text_path
     from zipkd.prune.api import build
-    from zipkd.prune.driver import apply_choice
-    from zipkd.prune.search import select
 
     lm, regime, table, score = dev_setup(args)
     dense = score(lm.model)
@@ -189,17 +206,11 @@ def ablation(args) -> int:
         db, first = build(lm, config, table)
         _log(f"{calib_name}: database in {time.perf_counter() - t0:.0f} s")
         for refit, refit_damp in refits:
-            for t in TARGETS:
-                shapes = select(db, table, t).shapes
-                damp = config.damp if refit_damp is None else refit_damp
-                model = apply_choice(
-                    lm.model, db, shapes, first.clone() if refit == "sequential" else None, refit, damp
-                )
-                ppl = score(model)
-                label = "no update" if refit == "none" else f"re-fit, damp {damp:g}"
+            damp = config.damp if refit_damp is None else refit_damp
+            label = "no update" if refit == "none" else f"re-fit, damp {damp:g}"
+            for t, ppl, _ in prune_targets(lm, db, first, table, score, damp, refit):
                 rows.append((calib_name, label, t, ppl, geomean_ratio(ppl, dense)))
                 _log(f"{calib_name} / {label} / {t}x: {ppl} (geomean ratio {rows[-1][-1]:.3f})")
-                del model
         del db, first
     dev_report(
         args,
@@ -309,8 +320,7 @@ def lodo(args) -> int:
 
     from zipkd.data.assets import calib_mix
     from zipkd.prune.api import build
-    from zipkd.prune.driver import apply_choice
-    from zipkd.prune.search import select, shrink_errors
+    from zipkd.prune.search import shrink_errors
 
     if args.damp_grid:
         knob = "refit damp"
@@ -333,16 +343,12 @@ def lodo(args) -> int:
         for value in grid:
             searched = db if args.damp_grid else shrink_errors(db, value)
             damp = value if args.damp_grid else config.update_damp
-            for t in TARGETS:
-                shapes = select(searched, table, t).shapes
-                model = apply_choice(lm.model, db, shapes, first.clone(), "sequential", damp)
-                ppl = score(model)
+            for t, ppl, _ in prune_targets(lm, db, first, table, score, damp, searched=searched):
                 ratio = {d: ppl[d] / dense[d] for d in dense}
                 rows.append(
                     {"left_out": left, "value": value, "target": t, "perplexity": ppl, "ratio": ratio}
                 )
                 _log(f"without {left} / {knob} {value:g} / {t}x: left-out {ratio[left]:.3f}x, all {ratio}")
-                del model
         del db, first
     # the choice: least mean log ratio on the left-out domain, over domains and targets
     score_of = {
@@ -401,8 +407,6 @@ def calib_size(args) -> int:
     re-fit and score the development text of the four calibration domains. Reports the database time too, since
     the family must stay within the 5-minute budget."""
     from zipkd.prune.api import build
-    from zipkd.prune.driver import apply_choice
-    from zipkd.prune.search import select
 
     grid = [int(x) for x in args.grid.split(",")] if args.grid else [32, 64, 128]
     lm, regime, table, score = dev_setup(args)
@@ -416,12 +420,7 @@ def calib_size(args) -> int:
         db, first = build(lm, config, table)
         build_s = time.perf_counter() - t0
         _log(f"{n} samples, {fisher} Fisher: database in {build_s:.0f} s")
-        for t in TARGETS:
-            shapes = select(db, table, t).shapes
-            t1 = time.perf_counter()
-            model = apply_choice(lm.model, db, shapes, first.clone(), "sequential", config.update_damp)
-            refit_s = time.perf_counter() - t1
-            ppl = score(model)
+        for t, ppl, refit_s in prune_targets(lm, db, first, table, score, config.update_damp):
             rows.append(
                 {
                     "samples": n,
@@ -434,7 +433,6 @@ def calib_size(args) -> int:
                 }
             )
             _log(f"{n} samples / {t}x: {ppl} (geomean ratio {rows[-1]['geomean_ratio']:.3f})")
-            del model
         del db, first
     dev_report(
         args,
@@ -464,8 +462,6 @@ def fisher_choice(args) -> int:
     import torch
 
     import zipkd.prune.api as api
-    from zipkd.prune.driver import apply_choice
-    from zipkd.prune.search import select
 
     lm, regime, table, score = dev_setup(args)
     dense = score(lm.model)
@@ -480,10 +476,7 @@ def fisher_choice(args) -> int:
             t0 = time.perf_counter()
             db, first = api.build(lm, config, table)
             _log(f"Fisher rows {name}: database in {time.perf_counter() - t0:.0f} s")
-            for t in TARGETS:
-                shapes = select(db, table, t).shapes
-                model = apply_choice(lm.model, db, shapes, first.clone(), "sequential", config.update_damp)
-                ppl = score(model)
+            for t, ppl, _ in prune_targets(lm, db, first, table, score, config.update_damp):
                 rows.append(
                     {
                         "fisher_rows": name,
@@ -493,7 +486,6 @@ def fisher_choice(args) -> int:
                     }
                 )
                 _log(f"{name} / {t}x: {ppl} (geomean ratio {rows[-1]['geomean_ratio']:.3f})")
-                del model
             del db, first
     finally:
         api.fisher_rows = spread
