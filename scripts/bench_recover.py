@@ -28,6 +28,7 @@ takes longer; its wall time is reported. `--steps N` trains a fixed number of st
     python scripts/bench_recover.py                 # the full benchmark (≈ 75 min on 2 idle cores)
     python scripts/bench_recover.py --quick         # a few minutes, tiny budgets (checks the script only)
     python scripts/bench_recover.py --throughput    # tokens/s of the earlier training path against the current
+    python scripts/bench_recover.py --choose kd-weight --grid 0.5,1 --steps 40   # a default, on development text
 """
 
 from __future__ import annotations
@@ -196,19 +197,29 @@ def throughput(args) -> int:
     return 0 if new / old >= 4 else 1
 
 
-CHOICES = ("mix", "lr", "kd-weight")
+# the numeric or named knobs `--choose` can compare: (TrainConfig field, how a grid value is read)
+KNOBS = {
+    "lr": ("lr", float),
+    "kd-weight": ("kd_weight", float),
+    "kd": ("kd", str),
+    "warmup": ("warmup_steps", int),
+    "method": ("method", str),
+}
+CHOICES = ("mix", *KNOBS)
 
 
 def choose(args) -> int:
-    """Choose a default of `recover` on development text (`--choose mix|lr|kd-weight`, `--grid` for the numeric
-    ones): `recover` with the library defaults for a fixed number of steps, once per candidate, changing only the
-    knob (the same instruction batches and the same number and length of text windows in every arm), then
-    perplexity on the development text of every calibration domain (`dev_domains()`: never trained on, never an
-    evaluation score). Least geometric-mean ratio to dense wins. A fixed step count, not a wall budget, so a
-    shared machine slows the arms without changing what they learn."""
+    """Choose a default of `recover` on development text (`--choose mix|lr|kd-weight|kd|warmup|method`; `--grid`
+    lists the candidates: numbers, KD directions, `full`/`lora`): `recover` with the library defaults for a fixed
+    number of steps, once per candidate, changing only the knob (the same instruction batches and the same number
+    and length of text windows in every arm), then perplexity on the development text of every calibration domain
+    (`dev_domains()`: never trained on, never an evaluation score). Least geometric-mean ratio to dense wins. A
+    fixed step count, not a wall budget, so a shared machine slows the arms without changing what they learn
+    (`--choose-budget` gives every arm the same wall time instead, for knobs that change a step's cost)."""
     from zipkd.data.assets import calib_mix, calib_text_path, dev_domains
     from zipkd.data.text import load_texts
     from zipkd.evaluate.perplexity import perplexity
+    from zipkd.manifest import read_manifest
     from zipkd.models.io import load_model
     from zipkd.paths import cache_dir, offline_env
     from zipkd.recover.api import RecoverConfig, recover
@@ -225,12 +236,13 @@ def choose(args) -> int:
             "four-domain calibration mix": ({"mix_text": [f"{p}:{w}" for p, w in calib_mix().values()]}, {}),
         }
     else:
-        field = {"lr": "lr", "kd-weight": "kd_weight"}[args.choose]
-        default = {"lr": lib.learning_rate, "kd-weight": lib.kd_weight}[args.choose]
-        grid = [float(x) for x in args.grid.split(",")] if args.grid else [default]
-        candidates = {
-            f"{args.choose} {v:g}" + (" (default)" if v == default else ""): ({}, {field: v}) for v in grid
-        }
+        field, kind = KNOBS[args.choose]
+        default = {"lr": lib.learning_rate}.get(args.choose, getattr(lib, field))
+        grid = [kind(x) for x in args.grid.split(",")] if args.grid else [default]
+        candidates = {}
+        for v in grid:
+            label = f"{args.choose} {v:g}" if kind is not str else f"{args.choose} {v}"
+            candidates[label + (" (default)" if v == default else "")] = ({}, {field: v})
     dev = {name: load_texts(path) for name, path in dev_domains().items()}
 
     def score(path) -> dict[str, float]:
@@ -241,22 +253,36 @@ def choose(args) -> int:
         }
 
     steps = args.steps or 60
+    # --choose-budget: every arm gets the same wall time instead of the same steps (a knob that changes the cost
+    # of a step, e.g. KD weight 0 skips the teacher); the rewrites are made first so no arm pays for them
+    length = {"budget": args.choose_budget} if args.choose_budget else {"steps": steps}
     rows = {"dense": score("smollm2-135m"), "pruned": score(pruned_path)}
     log(f"dense {rows['dense']}; pruned {rows['pruned']}")
-    for name, (outer, inner) in candidates.items():
-        cfg = RecoverConfig(
+
+    def config(outer, inner, **over) -> RecoverConfig:
+        return RecoverConfig(
             max_examples=args.examples,
             rewrite=RewriteSettings(max_new_tokens=args.max_new_tokens),
             text_window=args.text_window,
             train=TrainConfig(
-                steps=steps, batch_size=args.batch_size, max_seq_len=args.max_seq_len, seed=args.seed, **inner
+                batch_size=args.batch_size,
+                max_seq_len=args.max_seq_len,
+                seed=args.seed,
+                **{**length, **inner, **over},
             ),
             **outer,
         )
+
+    if args.choose_budget:
+        recover(str(pruned_path), config({}, {}, steps=1, budget=None), root / "choose-rewrites", force=True)
+    arm_steps: dict[str, int | None] = {}
+    for name, (outer, inner) in candidates.items():
+        cfg = config(outer, inner)
         t = time.perf_counter()
         out = recover(str(pruned_path), cfg, root / f"choose-{args.choose}", force=True)
         rows[name] = score(out)
-        log(f"{name}: {time.perf_counter() - t:.0f} s, dev {rows[name]}")
+        arm_steps[name] = (read_manifest(out) or {}).get("metrics", {}).get("steps")
+        log(f"{name}: {time.perf_counter() - t:.0f} s, {arm_steps[name]} steps, dev {rows[name]}")
     dense = rows["dense"]
     gm = {k: math.exp(sum(math.log(v[d] / dense[d]) for d in dense) / len(dense)) for k, v in rows.items()}
     best = min(candidates, key=lambda k: gm[k])
@@ -265,7 +291,9 @@ def choose(args) -> int:
             json.dumps(
                 {
                     "knob": args.choose,
-                    "steps": steps,
+                    "steps": None if args.choose_budget else steps,
+                    "budget": args.choose_budget,
+                    "arm_steps": arm_steps,
                     "dev_perplexity": rows,
                     "geomean_ratio": gm,
                     "chosen": best,
@@ -275,7 +303,9 @@ def choose(args) -> int:
             + "\n"
         )
     print(
-        f"\nRecovery: {args.choose}, {steps} steps of the library defaults on the 2x model ({args.pruner}); "
+        f"\nRecovery: {args.choose}, "
+        + (f"a {args.choose_budget} budget" if args.choose_budget else f"{steps} steps")
+        + f" of the library defaults on the 2x model ({args.pruner}); "
         f"development perplexity ({args.ppl_tokens} tokens per domain)"
     )
     print(f"{'model':<30} " + " ".join(f"{d:>8}" for d in dense) + "  geomean×")
@@ -340,11 +370,21 @@ def main() -> int:
         "--choose",
         choices=CHOICES,
         default=None,
-        help="choose a default on development text: the mixing text, the peak lr or the KD weight",
+        help="choose a default on development text: the mixing text, the peak lr, the KD weight or direction, "
+        "the warm-up steps, full or LoRA",
     )
     ap.add_argument("--choose-mix", action="store_true", help="the same as --choose mix")
-    ap.add_argument("--grid", default=None, help="--choose lr|kd-weight: comma-separated values to compare")
+    ap.add_argument(
+        "--grid",
+        default=None,
+        help="--choose lr|kd-weight|kd|warmup|method: comma-separated values to compare",
+    )
     ap.add_argument("--json", default=None, help="--choose: write the results here")
+    ap.add_argument(
+        "--choose-budget",
+        default=None,
+        help="--choose: the same wall time per arm (e.g. 5m; quiet machine) instead of the same steps",
+    )
     args = ap.parse_args()
     if args.text_window is None:
         args.text_window = args.max_seq_len
