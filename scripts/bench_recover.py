@@ -132,7 +132,8 @@ def retention(m: dict, dense: dict) -> float:
 
 def throughput(args) -> int:
     """Tokens/s of recovery steps on the 2x model: the earlier code path (padded batches, the plain head/loss:
-    `pack=False, fused_loss=False`) against the current one (packed batches, the fused head/loss), timed
+    `pack=False, fused_loss=False`, fp32) against the current one (packed batches, the fused head/loss, the
+    default precision) and the current one in fp32, timed
     alternately (2 rounds of 6 steps each, the first step of a run not counted) on the real training mix:
     fine-tuning examples (original responses) and the default mixing text at the default ratio, the default KD.
     Both paths train on the same examples with the same loss; tokens are the sequences' real tokens."""
@@ -145,7 +146,7 @@ def throughput(args) -> int:
     from zipkd.paths import cache_dir, offline_env
     from zipkd.recover.api import default_mix
     from zipkd.recover.data import encode_examples, load_examples, mixed_windows, select_examples
-    from zipkd.recover.train import TrainConfig, train
+    from zipkd.recover.train import TrainConfig, resolve_precision, train
 
     offline_env()
     pruned_path = args.student or get_pruned(args.pruner, cache_dir() / "bench_recover")[0]
@@ -158,7 +159,13 @@ def throughput(args) -> int:
     sources = [(load_texts(path), w) for path, w in default_mix()]
     text = mixed_windows(tok, sources, args.text_window)
     steps = 2 if args.quick else args.throughput_steps
-    paths = {"earlier (padded, plain loss)": dict(pack=False, fused_loss=False), "current": {}}
+    # the earlier path is what the earlier code ran on this CPU: before AVX512-BF16 counted as fast bf16,
+    # `precision auto` meant fp32 on every CPU without AMX. The middle arm splits the gain into its two parts.
+    paths = {
+        "earlier (padded, plain loss, fp32)": dict(pack=False, fused_loss=False, precision="fp32"),
+        "current code in fp32": dict(precision="fp32"),
+        f"current (defaults: precision auto = {resolve_precision('auto', 'cpu')})": {},
+    }
     rates: dict[str, list[float]] = {name: [] for name in paths}
     import tempfile
 
@@ -188,7 +195,8 @@ def throughput(args) -> int:
             rate = per_step * (steps - 1) / sum(times[1:])
             rates[name].append(rate)
             log(f"round {r + 1} {name}: {rate:.0f} tok/s")
-    old, new = (statistics.median(v) for v in rates.values())
+    old, mid, new = (statistics.median(v) for v in rates.values())
+    log(f"current code in fp32: {mid:.0f} tok/s ({mid / old:.2f}x the earlier path)")
     print(
         f"\nRecovery step throughput, 2x SmolLM2 ({args.pruner}), batch {args.batch_size}, KD forward against the "
         f"dense teacher, mix ratio {TrainConfig().mix_ratio}, this CPU: earlier path {old:.0f} tok/s, current "

@@ -315,11 +315,15 @@ def test_train_config_validates(kwargs, match):
 
 def test_auto_precision_follows_the_hardware(monkeypatch):
     assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert fast_bf16("cpu") and resolve_precision("auto", "cpu") == "bf16"
+    for amx, avx512_bf16 in ((True, False), (False, True)):  # either bf16 unit is enough
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        assert fast_bf16("cpu") and resolve_precision("auto", "cpu") == "bf16"
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert resolve_precision("auto", "cpu") == "fp32"  # AVX2 only: fp32 is the fast path
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
     assert resolve_precision("auto", "cpu") == "fp32"  # no probe: the safe choice
     with pytest.raises(ZipkdError, match="precision"):
         TrainConfig(precision="fp8")
@@ -337,6 +341,7 @@ def _config(tmp_path, **train):
         kd_weight=0.5,
         mix_ratio=0.5,
         max_seq_len=96,
+        precision="fp32",  # the tolerances below are fp32's; `auto` would pick bf16 on AMX/AVX512-BF16 hosts
     )
     mix = tmp_path / "mix.txt"
     mix.write_text(TEXT)
@@ -393,6 +398,19 @@ def test_interrupted_training_resumes_bit_identical(tmp_path, method):
     assert manifest["recovery"]["loss_curve"] == ref_losses
     if method == "lora":
         assert not any("lora" in k for k in b)  # merged into the base weights
+
+
+def test_one_process_trains_in_bf16_then_fp32(tmp_path):
+    """accelerate keeps one mixed precision per process; recovery resets it, so a library caller can train in
+    bf16 and then in fp32 (as the throughput bench does). Each run records the precision it trained in."""
+    dense, pruned = make_chain(tmp_path)
+    for precision in ("bf16", "fp32", "bf16"):
+        out = recover(
+            str(pruned), _config(tmp_path, steps=2, precision=precision), tmp_path / precision, force=True
+        )
+        manifest = json.loads((out / "zipkd.json").read_text())
+        assert manifest["config"]["train"]["precision"] == precision
+        assert all(math.isfinite(x) for x in manifest["recovery"]["loss_curve"])
 
 
 def test_fused_and_plain_training_agree(tmp_path):

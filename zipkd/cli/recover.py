@@ -107,7 +107,7 @@ def recover(
     precision: Annotated[
         str,
         typer.Option(
-            help="auto (bf16 mixed precision on GPUs with bf16 and CPUs with AMX, else fp32), fp32 or bf16.",
+            help="auto (bf16 mixed precision on GPUs with bf16 and CPUs with AMX or AVX512-BF16, else fp32), fp32 or bf16.",
             rich_help_panel=TRAIN,
         ),
     ] = "auto",

@@ -501,13 +501,16 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any) -> dict[str, Any]:
 
 def fast_bf16(device: str) -> bool:
     """Does `device` run bf16 matrix products faster than fp32? CUDA GPUs with bf16 support, and CPUs with
-    AMX tiles (Intel Sapphire Rapids and later: bf16 autocast trained 1.75x faster than fp32 on 2 cores here)."""
+    bf16 dot-product instructions: AMX tiles (Intel Sapphire Rapids and later: a bf16 autocast step trained
+    1.75x faster than fp32 on 2 cores) or AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake: 2.6x on 2 cores,
+    BENCHMARKS.md). AVX2-only CPUs have neither, and there bf16 is slower than fp32."""
     if str(device).startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # an older torch without the probe: assume not
-        return False
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(torch.cpu, probe, None)  # private probes: an older torch may lack them
+        if check is not None and check():
+            return True
+    return False
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -521,7 +524,14 @@ def resolve_precision(precision: str, device: str) -> str:
 def _accelerator(device: str, precision: str):
     from accelerate import Accelerator
 
+    from accelerate.state import AcceleratorState
+
     mixed = "bf16" if resolve_precision(precision, device) == "bf16" else "no"
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed:
+        # accelerate keeps one precision per process and refuses another; a library caller may train twice
+        # (fp32, then bf16) in one process. Forget that precision only: the process group (PartialState) stays.
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(cpu=str(device).startswith("cpu"), mixed_precision=mixed)
 
 
