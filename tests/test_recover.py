@@ -441,7 +441,9 @@ def test_distillation_moves_the_student_towards_the_teacher(tmp_path):
 
 def test_manifest_records_the_run(tmp_path):
     dense, pruned = make_chain(tmp_path)
-    out = recover(str(pruned), _config(tmp_path, steps=2, kd="reverse"), tmp_path / "rec", force=False)
+    out = recover(
+        str(pruned), _config(tmp_path, steps=2, kd="reverse", precision="auto"), tmp_path / "rec", force=False
+    )
     m = json.loads((out / "zipkd.json").read_text())
     roles = {i["role"]: i for i in m["inputs"]}
     assert roles["teacher"]["path"] == str(dense) and roles["teacher"]["sha256"]
