@@ -523,7 +523,6 @@ def resolve_precision(precision: str, device: str) -> str:
 # ------------------------------------------------------------------------------------------- the loop
 def _accelerator(device: str, precision: str):
     from accelerate import Accelerator
-
     from accelerate.state import AcceleratorState
 
     mixed = "bf16" if resolve_precision(precision, device) == "bf16" else "no"
