@@ -14,10 +14,13 @@ default 30 minutes, teacher rewrites included), scored on held-out data only:
 Arms (the fine-tuning data are the same seeded subset of zipkd's fine-tuning set: GSM8K, CommonsenseQA, Social
 IQa, OpenBookQA, NQ-open — none of them an evaluation task):
 - `sft`: plain SFT on the original responses (cross-entropy on the response tokens, no KD, no prose);
-- `sdd+kd`: `zipkd recover`'s defaults — the teacher's rewrites (originals kept where the final answer changed),
-  forward-KL logit distillation against the teacher and three quarters of the steps on calibration-role text (the
-  four-domain pruning calibration mix: prose, code, chat, math; chosen with `--choose mix` on development text);
-- with `--all-arms`, to isolate the parts: `sdd` (the rewrites alone) and `sft+kd` (the recipe on the originals).
+- `zipkd`: `zipkd recover`'s defaults — the teacher's rewrites (originals kept where the final answer changed),
+  cross-entropy on them, and three quarters of the steps on calibration-role text (the four-domain pruning
+  calibration mix: prose, code, chat, math; chosen with `--choose mix` on development text). No logit
+  distillation: at equal wall time the steps the teacher's forward pass costs were worth more than its soft
+  targets (`--choose kd-weight --choose-budget`, BENCHMARKS.md);
+- with `--all-arms`, to isolate the parts: `sdd` (the rewrites alone, no text mix), `zipkd+kd` (the defaults plus
+  forward KL at weight 0.5, the earlier default) and `orig` (the defaults on the original responses).
 
 Targets (issue #18; the script exits 1 when one is missed): within the budget (≤ 30 minutes), held-out
 perplexity ≤ 2× dense on every domain; mean accuracy retention (accuracy / dense accuracy over ARC-Easy and PIQA)
@@ -48,6 +51,7 @@ if "--omp-active" not in sys.argv:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 TARGET_MINUTES = 30.0
+MAIN = "zipkd"  # the arm that runs `zipkd recover` with its defaults
 
 
 def log(msg: str) -> None:
@@ -160,11 +164,15 @@ def throughput(args) -> int:
     text = mixed_windows(tok, sources, args.text_window)
     steps = 2 if args.quick else args.throughput_steps
     # the earlier path is what the earlier code ran on this CPU: before AVX512-BF16 counted as fast bf16,
-    # `precision auto` meant fp32 on every CPU without AMX. The middle arm splits the gain into its two parts.
+    # `precision auto` meant fp32 on every CPU without AMX, and forward KL at weight 0.5 was the default. The
+    # middle arm does the same work as the earlier one with the current code (the code's share of the gain); the
+    # last runs the current defaults (no teacher forward pass; bf16 where the CPU has it).
     paths = {
-        "earlier (padded, plain loss, fp32)": dict(pack=False, fused_loss=False, precision="fp32"),
-        "current code in fp32": dict(precision="fp32"),
-        f"current (defaults: precision auto = {resolve_precision('auto', 'cpu')})": {},
+        "earlier (padded, plain loss, fp32, KD forward 0.5)": dict(
+            pack=False, fused_loss=False, precision="fp32", kd="forward", kd_weight=0.5
+        ),
+        "current code, same work (fp32, KD forward 0.5)": dict(precision="fp32", kd="forward", kd_weight=0.5),
+        f"current defaults (kd {TrainConfig().kd}, precision auto = {resolve_precision('auto', 'cpu')})": {},
     }
     rates: dict[str, list[float]] = {name: [] for name in paths}
     import tempfile
@@ -196,11 +204,12 @@ def throughput(args) -> int:
             rates[name].append(rate)
             log(f"round {r + 1} {name}: {rate:.0f} tok/s")
     old, mid, new = (statistics.median(v) for v in rates.values())
-    log(f"current code in fp32: {mid:.0f} tok/s ({mid / old:.2f}x the earlier path)")
+    log(f"current code, same work: {mid:.0f} tok/s ({mid / old:.2f}x the earlier path)")
     print(
-        f"\nRecovery step throughput, 2x SmolLM2 ({args.pruner}), batch {args.batch_size}, KD forward against the "
-        f"dense teacher, mix ratio {TrainConfig().mix_ratio}, this CPU: earlier path {old:.0f} tok/s, current "
-        f"{new:.0f} tok/s: {new / old:.2f}x (target 4x, issue #18)"
+        f"\nRecovery step throughput, 2x SmolLM2 ({args.pruner}), batch {args.batch_size}, mix ratio "
+        f"{TrainConfig().mix_ratio}, this CPU: earlier path {old:.0f} tok/s, current code on the same work "
+        f"{mid:.0f} tok/s ({mid / old:.2f}x), current defaults {new:.0f} tok/s: {new / old:.2f}x (target 4x, "
+        "issue #18)"
     )
     return 0 if new / old >= 4 else 1
 
@@ -245,12 +254,19 @@ def choose(args) -> int:
         }
     else:
         field, kind = KNOBS[args.choose]
-        default = {"lr": lib.learning_rate}.get(args.choose, getattr(lib, field))
+        # with KD off by default, the effective default KD weight is 0, and a weight above 0 turns on forward KL
+        kd_off = lib.kd == "none"
+        default = {"lr": lib.learning_rate, "kd-weight": 0.0 if kd_off else lib.kd_weight}.get(
+            args.choose, getattr(lib, field)
+        )
         grid = [kind(x) for x in args.grid.split(",")] if args.grid else [default]
         candidates = {}
         for v in grid:
             label = f"{args.choose} {v:g}" if kind is not str else f"{args.choose} {v}"
-            candidates[label + (" (default)" if v == default else "")] = ({}, {field: v})
+            inner = {field: v}
+            if args.choose == "kd-weight" and kd_off:
+                inner["kd"] = "forward" if v > 0 else "none"
+            candidates[label + (" (default)" if v == default else "")] = ({}, inner)
     dev = {name: load_texts(path) for name, path in dev_domains().items()}
 
     def score(path) -> dict[str, float]:
@@ -349,13 +365,13 @@ def main() -> int:
     ap.add_argument("--ppl-tokens", type=int, default=8192, help="tokens scored per held-out domain")
     ap.add_argument(
         "--arms",
-        default="sft,sdd+kd",
-        help="arms to run (sdd+kd alone skips the comparison with plain SFT)",
+        default=f"sft,{MAIN}",
+        help=f"arms to run ({MAIN} alone skips the comparison with plain SFT)",
     )
     ap.add_argument(
         "--all-arms",
         action="store_true",
-        help="also sdd (rewrites alone) and sft+kd (isolate the data's share)",
+        help="also sdd (rewrites alone), zipkd+kd (plus forward KL) and orig (the recipe on the originals)",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny budgets: checks the script, not the method")
@@ -473,11 +489,16 @@ def main() -> int:
     )
     arms = {
         "sft": (False, TrainConfig(kd="none", mix_ratio=0.0, **common)),
-        "sdd+kd": (True, TrainConfig(**common)),  # the library's defaults: forward KL 0.5, text mix 0.75
+        MAIN: (True, TrainConfig(**common)),  # the library's defaults: the rewrites, text mix 0.75, no KD
         "sdd": (True, TrainConfig(kd="none", mix_ratio=0.0, **common)),
-        "sft+kd": (False, TrainConfig(**common)),
+        "zipkd+kd": (True, TrainConfig(kd="forward", kd_weight=0.5, **common)),
+        "orig": (False, TrainConfig(**common)),
     }
-    wanted = set(arms) if args.all_arms else {a for a in args.arms.split(",") if a} | {"sdd+kd"}
+    unknown = {a for a in args.arms.split(",") if a} - set(arms)
+    if unknown:
+        log(f"unknown arm(s) {', '.join(sorted(unknown))}; choose from {', '.join(arms)}")
+        return 2
+    wanted = set(arms) if args.all_arms else {a for a in args.arms.split(",") if a} | {MAIN}
     arms = {k: v for k, v in arms.items() if k in wanted}
     result["arms"] = {}
     for i, (name, (distill, tcfg)) in enumerate(arms.items()):
@@ -530,7 +551,7 @@ def main() -> int:
         )
     result["scores"] = scores
     result["bench_minutes"] = (time.perf_counter() - t_bench) / 60
-    result["recovery_minutes"] = result["arms"]["sdd+kd"]["seconds"] / 60
+    result["recovery_minutes"] = result["arms"][MAIN]["seconds"] / 60
 
     d = scores["dense"]
     for s in scores.values():
@@ -538,7 +559,7 @@ def main() -> int:
         s["worst_ratio"] = max(s["domains"][k] / d["domains"][k] for k in d["domains"])
         s["accuracy_retention"] = accuracy_retention(s, d)
         s["retention"] = retention(s, d)
-    main_arm, base = scores["sdd+kd"], scores.get("sft")
+    main_arm, base = scores[MAIN], scores.get("sft")
     checks = {
         "every_domain_within_2x_dense": main_arm["worst_ratio"] <= 2.0,
         "accuracy_retention_90pct": main_arm["accuracy_retention"] >= 0.9,

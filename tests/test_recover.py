@@ -439,6 +439,27 @@ def test_distillation_moves_the_student_towards_the_teacher(tmp_path):
     assert kl_after < 0.8 * kl_before, (kl_before, kl_after)
 
 
+def test_default_recipe_uses_the_teacher_for_the_rewrites_only(tmp_path, monkeypatch):
+    """KD is off by default: the teacher rewrites the responses, then training gets no teacher (no forward pass
+    per step, and the teacher is freed); `--kd forward` hands it to training."""
+    import zipkd.recover.api as api
+
+    assert TrainConfig().kd == "none" and not TrainConfig().uses_teacher
+    dense, pruned = make_chain(tmp_path)
+    seen, real = [], api.train
+
+    def spy(model, teacher, *args, **kwargs):
+        seen.append(teacher)
+        return real(model, teacher, *args, **kwargs)
+
+    monkeypatch.setattr(api, "train", spy)
+    recover(str(pruned), _config(tmp_path, steps=2, kd="none"), tmp_path / "a")
+    recover(str(pruned), _config(tmp_path, steps=2), tmp_path / "b")
+    assert seen[0] is None and seen[1] is not None
+    m = json.loads((tmp_path / "a" / "zipkd.json").read_text())
+    assert m["recovery"]["distilled_set"]["hash"]  # the rewrites were still made
+
+
 def test_manifest_records_the_run(tmp_path):
     dense, pruned = make_chain(tmp_path)
     out = recover(

@@ -236,6 +236,8 @@ def _recover(
         if not dist.is_main_process:  # the main process has filled the cache
             distilled = self_distill(teacher, lm.tokenizer, examples, config.rewrite, teacher_hash, None)
         train_examples = distilled.examples
+    if not cfg.uses_teacher:  # the rewrites are made and no KD follows: free the teacher before training
+        teacher = t_lm = None
     qa = encode_examples(lm.tokenizer, train_examples, cfg.max_seq_len)
     text, mix = [], []
     if cfg.mix_ratio > 0:

@@ -64,8 +64,11 @@ class TrainConfig:
     lora_rank: int = 16
     lora_alpha: float = 32.0
     train_embeddings: bool = False  # full fine-tuning: also train the (tied) embeddings / LM head
-    kd: str = field(default="forward", metadata={"choices": KD_MODES})
-    kd_weight: float = 0.5
+    # logit distillation against the teacher, off by default: at equal wall time, cross-entropy on the teacher's
+    # rewrites beat forward KL at weight 0.5 on every development domain at 5 and 30 minutes (the teacher's forward
+    # pass costs more steps than its soft targets give back; BENCHMARKS.md "Recovery's KD weight")
+    kd: str = field(default="none", metadata={"choices": KD_MODES})
+    kd_weight: float = 0.5  # the KD term's weight when `kd` is on: (1 − w)·CE + w·KD
     temperature: float = 1.0
     mix_ratio: float = 0.75  # fraction of steps on plain-text windows (calibration prose; chosen on dev.txt)
     max_seq_len: int = 256
@@ -502,8 +505,9 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any) -> dict[str, Any]:
 def fast_bf16(device: str) -> bool:
     """Does `device` run bf16 matrix products faster than fp32? CUDA GPUs with bf16 support, and CPUs with
     bf16 dot-product instructions: AMX tiles (Intel Sapphire Rapids and later: a bf16 autocast step trained
-    1.75x faster than fp32 on 2 cores) or AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake: 2.6x on 2 cores,
-    BENCHMARKS.md). AVX2-only CPUs have neither, and there bf16 is slower than fp32."""
+    1.75x faster than fp32 on 2 cores) or AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake: on 2 cores a
+    dense SmolLM2 step 2.6x faster, the 2x student's 1.7x; BENCHMARKS.md). AVX2-only CPUs have neither, and
+    there bf16 is slower than fp32."""
     if str(device).startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
