@@ -55,7 +55,7 @@ def run(args) -> None:
     from zipkd.latency.table import Regime
     from zipkd.latency.validate import validate_table
     from zipkd.prune.driver import apply_choice, build_database, capture_inputs
-    from zipkd.prune.search import select, select_layout_uniform
+    from zipkd.prune.search import max_uniform_speedup, select, select_layout_uniform
 
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
@@ -153,10 +153,14 @@ def run(args) -> None:
     rt = runtimes[-1]
     RESULT["stage"] = f"c-{rt}"
     tab = tables[rt]
-    het, uni = select(db, tab, 2.0), select_layout_uniform(db, tab, 2.0)
+    # Tiny smoke shapes are overhead-bound, so a noisy CPU table may not reach 2x with one uniform shape; the
+    # smoke run checks the code path at what its table reaches (a GPU run always asks for 2x).
+    target = min(2.0, 0.98 * max_uniform_speedup(tab)) if args.smoke else 2.0
+    het, uni = select(db, tab, target), select_layout_uniform(db, tab, target)
     m_het, m_uni = cut(het.shapes), cut(uni.shapes)
     st = compare_ms([model, m_het, m_uni], decode(rt), warmup=warm, repeats=reps)
     RESULT["checks"][f"c_layouts_decode_{rt}"] = {
+        "target": target,
         "heterogeneous": {
             "predicted": het.predicted_speedup,
             "measured": st[0]["median_ms"] / st[1]["median_ms"],
@@ -170,7 +174,7 @@ def run(args) -> None:
     }
     c = RESULT["checks"][f"c_layouts_decode_{rt}"]
     print(
-        f"(c) decode {rt} 2x: heterogeneous measured {c['heterogeneous']['measured']:.2f}x, uniform "
+        f"(c) decode {rt} {target:.2f}x: heterogeneous measured {c['heterogeneous']['measured']:.2f}x, uniform "
         f"{c['uniform']['measured']:.2f}x ({c['uniform']['layers']} layers at {c['uniform']['shape']})",
         flush=True,
     )
