@@ -116,6 +116,33 @@ def test_fused_head_loss_matches_the_plain_loss(mode, temperature, train_head):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("mode", ["none", "forward"])
+@pytest.mark.parametrize("train_head", [False, True])
+def test_fused_head_loss_under_autocast_matches_autocast_matmuls(mode, train_head):
+    """Under bf16 autocast the fused head casts its operands once and runs the matmuls in bf16, as autocast runs
+    the plain loss's `h @ w.T`: value and fp32 gradients agree with the plain loss under autocast to bf16
+    rounding (bf16 keeps 8 bits, so 2e-2 relative); the weight is not changed."""
+    from zipkd.recover.losses import fused_head_loss
+
+    g = torch.Generator().manual_seed(5)
+    n, d, v = 45, 32, 203
+    h = torch.randn(n, d, generator=g).requires_grad_()
+    w = torch.randn(v, d, generator=g).mul_(0.3).requires_grad_(train_head)
+    th, tw = torch.randn(n, d, generator=g), torch.randn(v, d, generator=g).mul_(0.3)
+    y = torch.randint(0, v, (n,), generator=g)
+    w0 = w.detach().clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, _ = combined_loss((h @ w.t()) / 1.5, y, (th @ tw.t()) / 2.0, mode, 0.3, 1.0)
+        got, _ = fused_head_loss(h, w, y, th, tw, mode, 0.3, 1.0, chunk=16, scales=(1.5, 2.0))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref.float(), rtol=2e-2, atol=1e-3)
+    wrt = [h, w] if train_head else [h]
+    for a, b in zip(torch.autograd.grad(ref, wrt), torch.autograd.grad(got, wrt), strict=True):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(b, a.float(), rtol=2e-2, atol=2e-3)
+    assert torch.equal(w.detach(), w0)  # the weight cast is a copy
+
+
 # ------------------------------------------------------------------------------------------ answer check
 @pytest.mark.parametrize(
     "instruction, original, rewrite, ok",

@@ -7,6 +7,9 @@ with a (B, T) `mask`); `labels` are the matching next tokens."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -104,6 +107,11 @@ def combined_loss(
 
 
 # ------------------------------------------------------------------------------ fused head + loss
+# A label probability below fp32's smallest normal number counts as that number: the loss value of such a token
+# (a logit more than 87 nats under the row's log-sum-exp) is capped at 87.3; its gradient is exact.
+_TINY = torch.finfo(torch.float32).tiny
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     """(1 − w)·CE + w·KD over the vocabulary without materialising the (N, V) logits: rows are processed in
     chunks; each chunk's student (and teacher) logits are formed from the hidden states, reduced to its loss, and
@@ -114,6 +122,26 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, t_hidden, t_weight, mode, kd_weight, temperature, chunk, scales):
+        with _matmul_dtype(hidden) as dt:
+            return _FusedHeadLoss._run(
+                ctx,
+                hidden,
+                weight,
+                labels,
+                t_hidden,
+                t_weight,
+                mode,
+                kd_weight,
+                temperature,
+                chunk,
+                scales,
+                dt,
+            )
+
+    @staticmethod
+    def _run(
+        ctx, hidden, weight, labels, t_hidden, t_weight, mode, kd_weight, temperature, chunk, scales, dt
+    ):
         n = hidden.shape[0]
         s_scale, t_scale = scales
         w = kd_weight if t_hidden is not None and mode != "none" else 0.0
@@ -122,20 +150,31 @@ class _FusedHeadLoss(torch.autograd.Function):
         ce_sum = hidden.new_zeros((), dtype=torch.float32)
         kd_sum = hidden.new_zeros((), dtype=torch.float32)
         T = float(temperature)
+        # Under autocast the matmuls run in its dtype, as autocast would run them, but every operand is cast once
+        # here rather than per chunk and per matmul (a frozen head weight is not in autocast's cast cache).
+        mm_h = hidden.detach().to(dt) if dt is not None else hidden
+        mm_w = weight.detach().to(dt) if dt is not None else weight
+        if w > 0 and dt is not None:
+            t_hidden, t_weight = t_hidden.to(dt), t_weight.to(dt)
         for i in range(0, n, chunk):
-            h = hidden[i : i + chunk]
-            z = (h @ weight.t()).float()
+            h = mm_h[i : i + chunk]
+            z = F.linear(h, mm_w).float()
             if s_scale != 1.0:
-                z = z / s_scale
+                z.div_(s_scale)
             y = labels[i : i + chunk]
             rows = torch.arange(h.shape[0], device=h.device)
-            logp = torch.log_softmax(z, dim=-1)
-            ce_sum = ce_sum - logp[rows, y].sum()
-            g = logp.exp()  # p_s: the CE gradient is p_s − onehot
-            g[rows, y] -= 1.0
-            g.mul_(1.0 - w)
+            logp = None
             if w > 0:
-                zt = (t_hidden[i : i + chunk] @ t_weight.t()).float()
+                logp = torch.log_softmax(z, dim=-1)
+                ce_sum = ce_sum - logp[rows, y].sum()
+                g = logp.exp()  # p_s: the CE gradient is p_s − onehot
+            else:  # CE alone: one softmax pass, and the log of the labels' probabilities only
+                g = torch.softmax(z, dim=-1)
+                ce_sum = ce_sum - g[rows, y].clamp_min(_TINY).log().sum()
+            g[rows, y] -= 1.0
+            if w > 0:
+                g.mul_(1.0 - w)
+                zt = F.linear(t_hidden[i : i + chunk], t_weight).float()
                 if t_scale != 1.0:
                     zt = zt / t_scale
                 logps_t = torch.log_softmax(z / T, dim=-1) if T != 1.0 else logp
@@ -161,7 +200,7 @@ class _FusedHeadLoss(torch.autograd.Function):
             g.div_(n * s_scale)
             g = g.to(h.dtype)
             if grad_h is not None:
-                grad_h[i : i + chunk] = g @ weight
+                grad_h[i : i + chunk] = g @ mm_w
             if grad_w is not None:
                 grad_w.add_((g.t() @ h).float())
             del z, logp, g
@@ -185,6 +224,18 @@ class _FusedHeadLoss(torch.autograd.Function):
         if ctx.has[1]:
             gw = (saved.pop(0) * grad_loss.float()).to(ctx.weight_dtype)
         return gh, gw, None, None, None, None, None, None, None, None
+
+
+@contextlib.contextmanager
+def _matmul_dtype(hidden: torch.Tensor) -> Iterator[torch.dtype | None]:
+    """The dtype autocast would run `hidden`'s matmuls in (None when autocast is off for its device), with
+    autocast switched off inside so that the operands, cast once, are not cast again."""
+    device = hidden.device.type
+    if not torch.is_autocast_enabled(device):
+        yield None
+        return
+    with torch.autocast(device, enabled=False):
+        yield torch.get_autocast_dtype(device)
 
 
 def fused_head_loss(
