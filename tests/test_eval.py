@@ -201,6 +201,24 @@ def test_run_tasks_matches_naive_scorer(tokenizer, tmp_path):
     assert res.stderr["acc"] == pytest.approx(math.sqrt(acc * (1 - acc) / 5), abs=1e-9)
 
 
+def test_run_tasks_scores_the_documents_asked_for(tokenizer, tmp_path):
+    """`docs` scores exactly those documents (a development slice past a report's first ones), against the naive
+    scorer on the same documents; with a limit too it is refused."""
+    from lm_eval.tasks import TaskManager
+
+    model = _tiny(tokenizer, seed=3)
+    res = harness.run_tasks(model, tokenizer, ["arc_easy"], docs=[9, 7, 8], batch_size=4)["arc_easy"]
+    assert res.n == 3 and res.doc_ids == [7, 8, 9]
+    folder = harness.materialize_tasks(tmp_path, ["arc_easy"])
+    task = TaskManager(include_path=str(folder), include_defaults=False).load(["zipkd_arc_easy"])["tasks"][
+        "zipkd_arc_easy"
+    ]
+    acc, _, right = _naive_arc(model, tokenizer, list(task.eval_docs)[7:10])
+    assert res.correct == right and res.metrics["acc"] == pytest.approx(acc, abs=1e-12)
+    with pytest.raises(ZipkdError, match="not both"):
+        harness.run_tasks(model, tokenizer, ["arc_easy"], limit=3, docs=[0])
+
+
 def test_llamacpp_scores_the_same_documents_per_document(family, tokenizer, tmp_path):
     """The llama.cpp LM keeps the per-document results too (the gate's paired test), on torch's documents."""
     from zipkd.evaluate.llamacpp_lm import run_tasks_llamacpp

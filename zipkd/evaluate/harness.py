@@ -203,15 +203,18 @@ def run_tasks(
     max_length: int | None = None,
     progress: Any = None,
     label: str = "",
+    docs: Sequence[int] | None = None,
 ) -> dict[str, TaskResult]:
     """Score an in-memory model (any shapes: pruned, heterogeneous) on zipkd tasks with lm-eval's
     `simple_evaluate`. All tasks go through one call, as `lm_eval run --tasks a,b,...` does: lm-eval pools the
-    requests of all tasks into the same batches, so the scores are the command line's to the last digit."""
+    requests of all tasks into the same batches, so the scores are the command line's to the last digit.
+    `docs`: score these documents of every task (0-based, instead of the first `limit`), e.g. a development
+    slice that a reported evaluation's first documents never overlap."""
     names = resolve_tasks(tasks)
     if batch_size < 1:
         raise ZipkdError(f"batch size must be at least 1 (got {batch_size})")
     lm = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-    return evaluate_lm(lm, names, limit=limit, progress=progress, label=label)
+    return evaluate_lm(lm, names, limit=limit, progress=progress, label=label, docs=docs)
 
 
 def evaluate_lm(
@@ -220,13 +223,20 @@ def evaluate_lm(
     limit: int | float | None = None,
     progress: Any = None,
     label: str = "",
+    docs: Sequence[int] | None = None,
 ) -> dict[str, TaskResult]:
     """Score any lm-eval `LM` (zipkd's HFLM, or `zipkd.evaluate.llamacpp_lm.LlamaCppLM`) on zipkd tasks in one
-    `simple_evaluate` call. The LM may report progress through `on_start(n, kind)` and `on_rows(n)`."""
+    `simple_evaluate` call. The LM may report progress through `on_start(n, kind)` and `on_rows(n)`. `docs`
+    (exclusive with `limit`): the documents of every task to score, by 0-based index."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     names = resolve_tasks(tasks)
+    if docs is not None and limit is not None:
+        raise ZipkdError("give either a document limit or the documents to score, not both")
+    samples = (
+        {TASK_PREFIX + n: sorted(set(int(i) for i in docs)) for n in names} if docs is not None else None
+    )
     label = f"{label} " if label else ""
     title = f"{label}lm-eval {names[0]}" if len(names) == 1 else f"{label}lm-eval, {len(names)} tasks"
     if progress is not None:
@@ -248,6 +258,7 @@ def evaluate_lm(
             tasks=[TASK_PREFIX + n for n in names],
             task_manager=manager,
             limit=limit,
+            samples=samples,
             log_samples=True,  # per-document correctness, for the paired gate
         )
     if progress is not None:

@@ -27,6 +27,7 @@ import torch
 from zipkd.errors import ZipkdError
 from zipkd.manifest import set_seed
 from zipkd.models.adapters import adapter_for
+from zipkd.recover.allocator import reuse_freed_memory
 from zipkd.recover.data import TrainSeq
 from zipkd.recover.losses import KD_MODES, combined_loss, fused_head_loss
 
@@ -554,7 +555,28 @@ def train(
 ) -> TrainResult:
     """Fine-tune `student` for `cfg.steps` steps; resume from the last checkpoint in `work_dir` when it holds
     one of the same run (`run_key`). `callback(step, metrics)` is called after every step (and checkpoint).
-    `deadline` (time.monotonic) ends a time-budgeted run (`cfg.budget`; default: budget seconds from now)."""
+    `deadline` (time.monotonic) ends a time-budgeted run (`cfg.budget`; default: budget seconds from now).
+    On a CPU the allocator keeps freed activations for the next step (`allocator.reuse_freed_memory`)."""
+    with reuse_freed_memory(str(device).startswith("cpu")):
+        return _train(
+            student, teacher, qa, text, cfg, work_dir, pad_id, run_key, device, progress, callback, deadline
+        )
+
+
+def _train(
+    student: Any,
+    teacher: Any | None,
+    qa: Sequence[TrainSeq],
+    text: Sequence[TrainSeq],
+    cfg: TrainConfig,
+    work_dir: str | os.PathLike,
+    pad_id: int,
+    run_key: str,
+    device: str,
+    progress: Any,
+    callback: Callable[[int, dict[str, float]], None] | None,
+    deadline: float | None,
+) -> TrainResult:
     if not qa:
         raise ZipkdError("no instruction examples to train on")
     if cfg.mix_ratio > 0 and not text:
