@@ -32,6 +32,8 @@ takes longer; its wall time is reported. `--steps N` trains a fixed number of st
     python scripts/bench_recover.py --quick         # a few minutes, tiny budgets (checks the script only)
     python scripts/bench_recover.py --throughput    # tokens/s of the earlier training path against the current
     python scripts/bench_recover.py --choose kd-weight --grid 0.5,1 --steps 40   # a default, on development text
+    python scripts/bench_recover.py --choose kd-weight --grid 0,0.5 --choose-budget 5m --examples 32 \
+        --max-new-tokens 64 --student runs/demo/2-prune --dev-tasks 200   # the demo's scale, dev task documents too
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ if "--omp-active" not in sys.argv:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 TARGET_MINUTES = 30.0
+DEV_TASK_START = 300  # --choose --dev-tasks N scores documents 300 .. 300+N-1 of each task
 MAIN = "zipkd"  # the arm that runs `zipkd recover` with its defaults
 
 
@@ -137,9 +140,8 @@ def retention(m: dict, dense: dict) -> float:
 def throughput(args) -> int:
     """Tokens/s of recovery steps on the 2x model: the earlier code path (padded batches, the plain head/loss:
     `pack=False, fused_loss=False`, fp32) against the current one (packed batches, the fused head/loss, the
-    default precision) and the current one in fp32, timed
-    alternately (2 rounds of 6 steps each, the first step of a run not counted) on the real training mix:
-    fine-tuning examples (original responses) and the default mixing text at the default ratio, the default KD.
+    default precision) and the current one in fp32, timed alternately (2 rounds of `--throughput-steps` steps,
+    default 12, the first step of a run not counted) on the real training mix: fine-tuning examples (original responses) and the default mixing text at the default ratio, the default KD.
     Both paths train on the same examples with the same loss; tokens are the sequences' real tokens."""
     import copy
     import statistics
@@ -245,7 +247,7 @@ def choose(args) -> int:
 
     offline_env()
     root = args.out or cache_dir() / "bench_recover"
-    pruned_path, _ = get_pruned(args.pruner, cache_dir() / "bench_recover")
+    pruned_path = args.student or get_pruned(args.pruner, cache_dir() / "bench_recover")[0]
     lib = TrainConfig()
     if args.choose == "mix":
         candidates = {
@@ -269,8 +271,19 @@ def choose(args) -> int:
             candidates[label + (" (default)" if v == default else "")] = ({}, inner)
     dev = {name: load_texts(path) for name, path in dev_domains().items()}
 
+    tasks = [t for t in args.tasks.split(",") if t] if args.dev_tasks else []
+    # development documents of the tasks: past the first DEV_TASK_START, so never among the documents that this
+    # bench (`--limit`, first 200) or `make demo` (first 100) report
+    dev_docs = list(range(DEV_TASK_START, DEV_TASK_START + args.dev_tasks))
+    acc: dict[str, dict[str, float]] = {}
+
     def score(path) -> dict[str, float]:
+        from zipkd.evaluate.harness import run_tasks
+
         lm = load_model(path)
+        if tasks:
+            res = run_tasks(lm.model, lm.tokenizer, tasks, docs=dev_docs, batch_size=8, max_length=512)
+            acc[str(path)] = {t: r.score for t, r in res.items()}
         return {
             n: perplexity(lm.model, lm.tokenizer, t, max_length=512, max_tokens=args.ppl_tokens)["perplexity"]
             for n, t in dev.items()
@@ -281,7 +294,8 @@ def choose(args) -> int:
     # of a step, e.g. KD weight 0 skips the teacher); the rewrites are made first so no arm pays for them
     length = {"budget": args.choose_budget} if args.choose_budget else {"steps": steps}
     rows = {"dense": score("smollm2-135m"), "pruned": score(pruned_path)}
-    log(f"dense {rows['dense']}; pruned {rows['pruned']}")
+    task_rows = {"dense": acc.get("smollm2-135m"), "pruned": acc.get(str(pruned_path))}
+    log(f"dense {rows['dense']} {task_rows['dense']}; pruned {rows['pruned']} {task_rows['pruned']}")
 
     def config(outer, inner, **over) -> RecoverConfig:
         return RecoverConfig(
@@ -305,11 +319,20 @@ def choose(args) -> int:
         t = time.perf_counter()
         out = recover(str(pruned_path), cfg, root / f"choose-{args.choose}", force=True)
         rows[name] = score(out)
+        task_rows[name] = acc.get(str(out))
         arm_steps[name] = (read_manifest(out) or {}).get("metrics", {}).get("steps")
-        log(f"{name}: {time.perf_counter() - t:.0f} s, {arm_steps[name]} steps, dev {rows[name]}")
+        log(
+            f"{name}: {time.perf_counter() - t:.0f} s, {arm_steps[name]} steps, dev {rows[name]} {task_rows[name]}"
+        )
     dense = rows["dense"]
     gm = {k: math.exp(sum(math.log(v[d] / dense[d]) for d in dense) / len(dense)) for k, v in rows.items()}
     best = min(candidates, key=lambda k: gm[k])
+    # with --dev-tasks: mean accuracy retention on the development documents (accuracy / dense, over the tasks)
+    ret = (
+        {k: sum(v[t] / task_rows["dense"][t] for t in tasks) / len(tasks) for k, v in task_rows.items()}
+        if tasks
+        else {}
+    )
     if args.json:
         Path(args.json).write_text(
             json.dumps(
@@ -320,6 +343,9 @@ def choose(args) -> int:
                     "arm_steps": arm_steps,
                     "dev_perplexity": rows,
                     "geomean_ratio": gm,
+                    "dev_task_docs": [dev_docs[0], dev_docs[-1] + 1] if tasks else None,
+                    "dev_task_accuracy": task_rows if tasks else None,
+                    "dev_task_retention": ret or None,
                     "chosen": best,
                 },
                 indent=2,
@@ -335,6 +361,14 @@ def choose(args) -> int:
     print(f"{'model':<30} " + " ".join(f"{d:>8}" for d in dense) + "  geomean×")
     for k, v in rows.items():
         print(f"{k:<30} " + " ".join(f"{v[d]:8.2f}" for d in dense) + f"  {gm[k]:8.3f}")
+    if tasks:
+        print(
+            f"development documents {dev_docs[0]}-{dev_docs[-1]} of each task (accuracy; retention = mean "
+            "accuracy / dense):"
+        )
+        print(f"{'model':<30} " + " ".join(f"{t:>8}" for t in tasks) + "  retention")
+        for k, v in task_rows.items():
+            print(f"{k:<30} " + " ".join(f"{v[t]:8.3f}" for t in tasks) + f"  {ret[k]:8.3f}")
     print(f"chosen {args.choose}: {best} (development geomean× {gm[best]:.3f})")
     return 0
 
@@ -382,7 +416,9 @@ def main() -> int:
         help="only time training steps: the earlier training path against the current one, alternately",
     )
     ap.add_argument(
-        "--student", default=None, help="--throughput: this pruned model instead of the cached 2x one"
+        "--student",
+        default=None,
+        help="--throughput, --choose: this pruned model instead of the cached 2x one",
     )
     ap.add_argument(
         "--throughput-steps",
@@ -404,6 +440,13 @@ def main() -> int:
         help="--choose lr|kd-weight|kd|warmup|method: comma-separated values to compare",
     )
     ap.add_argument("--json", default=None, help="--choose: write the results here")
+    ap.add_argument(
+        "--dev-tasks",
+        type=int,
+        default=0,
+        help=f"--choose: also score N development documents of each --tasks task (from document "
+        f"{DEV_TASK_START}: never among the first ones this bench and make demo report)",
+    )
     ap.add_argument(
         "--choose-budget",
         default=None,
