@@ -7,9 +7,6 @@ with a (B, T) `mask`); `labels` are the matching next tokens."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 
@@ -122,26 +119,6 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, t_hidden, t_weight, mode, kd_weight, temperature, chunk, scales):
-        with _matmul_dtype(hidden) as dt:
-            return _FusedHeadLoss._run(
-                ctx,
-                hidden,
-                weight,
-                labels,
-                t_hidden,
-                t_weight,
-                mode,
-                kd_weight,
-                temperature,
-                chunk,
-                scales,
-                dt,
-            )
-
-    @staticmethod
-    def _run(
-        ctx, hidden, weight, labels, t_hidden, t_weight, mode, kd_weight, temperature, chunk, scales, dt
-    ):
         n = hidden.shape[0]
         s_scale, t_scale = scales
         w = kd_weight if t_hidden is not None and mode != "none" else 0.0
@@ -152,6 +129,8 @@ class _FusedHeadLoss(torch.autograd.Function):
         T = float(temperature)
         # Under autocast the matmuls run in its dtype, as autocast would run them, but every operand is cast once
         # here rather than per chunk and per matmul (a frozen head weight is not in autocast's cast cache).
+        device = hidden.device.type
+        dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         mm_h = hidden.detach().to(dt) if dt is not None else hidden
         mm_w = weight.detach().to(dt) if dt is not None else weight
         if w > 0 and dt is not None:
@@ -224,18 +203,6 @@ class _FusedHeadLoss(torch.autograd.Function):
         if ctx.has[1]:
             gw = (saved.pop(0) * grad_loss.float()).to(ctx.weight_dtype)
         return gh, gw, None, None, None, None, None, None, None, None
-
-
-@contextlib.contextmanager
-def _matmul_dtype(hidden: torch.Tensor) -> Iterator[torch.dtype | None]:
-    """The dtype autocast would run `hidden`'s matmuls in (None when autocast is off for its device), with
-    autocast switched off inside so that the operands, cast once, are not cast again."""
-    device = hidden.device.type
-    if not torch.is_autocast_enabled(device):
-        yield None
-        return
-    with torch.autocast(device, enabled=False):
-        yield torch.get_autocast_dtype(device)
 
 
 def fused_head_loss(

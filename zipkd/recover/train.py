@@ -557,26 +557,6 @@ def train(
     one of the same run (`run_key`). `callback(step, metrics)` is called after every step (and checkpoint).
     `deadline` (time.monotonic) ends a time-budgeted run (`cfg.budget`; default: budget seconds from now).
     On a CPU the allocator keeps freed activations for the next step (`allocator.reuse_freed_memory`)."""
-    with reuse_freed_memory(str(device).startswith("cpu")):
-        return _train(
-            student, teacher, qa, text, cfg, work_dir, pad_id, run_key, device, progress, callback, deadline
-        )
-
-
-def _train(
-    student: Any,
-    teacher: Any | None,
-    qa: Sequence[TrainSeq],
-    text: Sequence[TrainSeq],
-    cfg: TrainConfig,
-    work_dir: str | os.PathLike,
-    pad_id: int,
-    run_key: str,
-    device: str,
-    progress: Any,
-    callback: Callable[[int, dict[str, float]], None] | None,
-    deadline: float | None,
-) -> TrainResult:
     if not qa:
         raise ZipkdError("no instruction examples to train on")
     if cfg.mix_ratio > 0 and not text:
@@ -660,58 +640,66 @@ def _train(
             progress.update(task, total=steps)
         return steps, replace(cfg, steps=steps)
 
-    while total is None or step < total:
-        if total is None and step >= decide_at:  # resumed from a checkpoint that has no plan
-            total, sched = plan(step)
-            if step >= total:
-                break
-        ids, attn, target, pos = step_batch(step, qa, text, cfg, pad_id, rank, world)
-        pos = pos[:, :-1].to(acc.device) if pos is not None else None
-        ids, attn, target = ids.to(acc.device), attn.to(acc.device), target.to(acc.device)
-        inputs, labels = ids[:, :-1], ids[:, 1:]
-        select = target[:, 1:] & attn[:, 1:].bool()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, sched)
-        with acc.autocast():
-            t_out = None
-            if teacher_head is not None:
-                with torch.no_grad():
-                    t_out = teacher_head(inputs, attn[:, :-1], select, pos)
-            if fused:
-                t_weight = teacher.get_output_embeddings().weight if t_out is not None else None
-                loss, parts = wrapped(
-                    inputs, attn[:, :-1], select, labels[select], t_out, t_weight, t_scale, position_ids=pos
-                )
-            else:
-                logits = wrapped(inputs, attn[:, :-1], select, pos)
-                loss, parts = combined_loss(
-                    logits, labels[select], t_out, cfg.kd, cfg.kd_weight, cfg.temperature
-                )
-        acc.backward(loss)
-        acc.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        n_tok, n_tgt = int(attn[:, :-1].sum()) * world, int(select.sum()) * world
-        tokens_here += n_tok
-        state["tokens"] += n_tok
-        state["target_tokens"] += n_tgt
-        state["losses"].append(float(loss.detach()))
-        ends.append(_clock())
-        ema = state["losses"][-1] if ema is None else 0.9 * ema + 0.1 * state["losses"][-1]
-        tps = tokens_here / max(time.perf_counter() - t0, 1e-9)
-        if task is not None:
-            progress.update(task, advance=1, description=f"recovery · loss {ema:.3f} · {tps:,.0f} tok/s")
-        done = step + 1
-        step = done
-        if total is None and done >= decide_at:
-            total, sched = plan(done)
-        if done % cfg.checkpoint_every == 0 and (total is None or done < total):
-            if acc.is_main_process:
-                keep = {k: state[k] for k in ("losses", "tokens", "target_tokens")}
-                save_checkpoint(work, done, model, optimizer, {**keep, "planned_steps": total})
-            acc.wait_for_everyone()
-        if callback is not None:
-            callback(done, {"loss": state["losses"][-1], "tokens_per_s": tps, **parts})
+    with reuse_freed_memory(acc.device.type == "cpu"):
+        while total is None or step < total:
+            if total is None and step >= decide_at:  # resumed from a checkpoint that has no plan
+                total, sched = plan(step)
+                if step >= total:
+                    break
+            ids, attn, target, pos = step_batch(step, qa, text, cfg, pad_id, rank, world)
+            pos = pos[:, :-1].to(acc.device) if pos is not None else None
+            ids, attn, target = ids.to(acc.device), attn.to(acc.device), target.to(acc.device)
+            inputs, labels = ids[:, :-1], ids[:, 1:]
+            select = target[:, 1:] & attn[:, 1:].bool()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, sched)
+            with acc.autocast():
+                t_out = None
+                if teacher_head is not None:
+                    with torch.no_grad():
+                        t_out = teacher_head(inputs, attn[:, :-1], select, pos)
+                if fused:
+                    t_weight = teacher.get_output_embeddings().weight if t_out is not None else None
+                    loss, parts = wrapped(
+                        inputs,
+                        attn[:, :-1],
+                        select,
+                        labels[select],
+                        t_out,
+                        t_weight,
+                        t_scale,
+                        position_ids=pos,
+                    )
+                else:
+                    logits = wrapped(inputs, attn[:, :-1], select, pos)
+                    loss, parts = combined_loss(
+                        logits, labels[select], t_out, cfg.kd, cfg.kd_weight, cfg.temperature
+                    )
+            acc.backward(loss)
+            acc.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            n_tok, n_tgt = int(attn[:, :-1].sum()) * world, int(select.sum()) * world
+            tokens_here += n_tok
+            state["tokens"] += n_tok
+            state["target_tokens"] += n_tgt
+            state["losses"].append(float(loss.detach()))
+            ends.append(_clock())
+            ema = state["losses"][-1] if ema is None else 0.9 * ema + 0.1 * state["losses"][-1]
+            tps = tokens_here / max(time.perf_counter() - t0, 1e-9)
+            if task is not None:
+                progress.update(task, advance=1, description=f"recovery · loss {ema:.3f} · {tps:,.0f} tok/s")
+            done = step + 1
+            step = done
+            if total is None and done >= decide_at:
+                total, sched = plan(done)
+            if done % cfg.checkpoint_every == 0 and (total is None or done < total):
+                if acc.is_main_process:
+                    keep = {k: state[k] for k in ("losses", "tokens", "target_tokens")}
+                    save_checkpoint(work, done, model, optimizer, {**keep, "planned_steps": total})
+                acc.wait_for_everyone()
+            if callback is not None:
+                callback(done, {"loss": state["losses"][-1], "tokens_per_s": tps, **parts})
     steps_done = total if total is not None else step
     seconds = time.perf_counter() - t0
     final = acc.unwrap_model(wrapped).lm
