@@ -28,7 +28,7 @@ perplexity ≤ 2× dense on every domain; mean accuracy retention (accuracy / de
 accuracy ratios and dense/recovered geometric-mean perplexity). The whole benchmark (two arms, four evaluations)
 takes longer; its wall time is reported. `--steps N` trains a fixed number of steps instead of the budget.
 
-    python scripts/bench_recover.py                 # the full benchmark (≈ 75 min on 2 idle cores)
+    python scripts/bench_recover.py                 # the full benchmark (≈ 80 min on 2 idle cores)
     python scripts/bench_recover.py --quick         # a few minutes, tiny budgets (checks the script only)
     python scripts/bench_recover.py --throughput    # tokens/s of the earlier training path against the current
     python scripts/bench_recover.py --choose kd-weight --grid 0.5,1 --steps 40   # a default, on development text
@@ -459,6 +459,8 @@ def main() -> int:
         return throughput(args)
     if args.choose_mix:
         args.choose = "mix"
+    if args.choose_budget and args.steps:
+        ap.error("--choose-budget gives every arm the same wall time; --steps the same step count: give one")
     if args.choose:
         return choose(args)
     if args.quick:

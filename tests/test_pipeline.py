@@ -7,6 +7,7 @@ and the benchmark cover; timing has no place in a test."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -113,11 +114,60 @@ def test_run_skip_and_from(tmp_path, monkeypatch):
     assert res.stderr.count("skipped (unchanged)") == 2
     assert (out / "2-prune" / "zipkd.json").stat().st_mtime == pruned_mtime
 
-    # another zipkd (a default that lives in code, e.g. a learning rate left None) reruns every stage
-    monkeypatch.setattr("zipkd.pipeline.code_key", lambda: "another zipkd")
+    # another zipkd (a default that lives in code, e.g. a learning rate left None): changed recovery code reruns
+    # recovery and what follows it, not pruning; changed code every stage reads reruns every stage
+    from zipkd.pipeline import code_key
+
+    monkeypatch.setattr(
+        "zipkd.pipeline.code_key", lambda stage: "another recover" if stage == "recover" else code_key(stage)
+    )
+    res = runner.invoke(app, ["run", str(path)])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "prune: skipped (unchanged)" in res.stderr and "recover: running" in res.stderr
+    assert res.stderr.count("skipped (unchanged)") == 2
+    assert (out / "2-prune" / "zipkd.json").stat().st_mtime == pruned_mtime
+
+    monkeypatch.setattr("zipkd.pipeline.code_key", lambda stage: "another zipkd")
     res = runner.invoke(app, ["run", str(path)])
     assert res.exit_code == 0, res.output + res.stderr
     assert "skipped (unchanged)" not in res.stderr and "prune: running" in res.stderr
+
+
+def test_code_key_follows_what_a_stage_runs(tmp_path):
+    """A stage's code key covers its package and every part of zipkd it refers to (imports, lazy ones too, and
+    module names a registry imports), plus the runners: an edit to evaluation code changes eval's key and not
+    recovery's; an edit to the model loader both reach changes both; an edit to the runners changes every key."""
+    import shutil
+
+    import zipkd
+    from zipkd.pipeline import STAGE_PACKAGES, code_key
+
+    root = tmp_path / "zipkd"
+    shutil.copytree(
+        Path(zipkd.__file__).parent, root, ignore=shutil.ignore_patterns("__pycache__", "recipes")
+    )
+
+    def keys(version: int) -> dict[str, str]:
+        copy = tmp_path / f"v{version}"  # a new folder per version: the key cache cannot hide an edit
+        shutil.copytree(root, copy / "zipkd")
+        return {stage: code_key(stage, copy / "zipkd") for stage in STAGE_PACKAGES}
+
+    base = keys(0)
+    assert len(set(base.values())) == len(base)  # no two stages read the same code
+    assert keys(1) == base  # unchanged sources, another folder: the same keys
+    with open(root / "evaluate" / "api.py", "a") as f:
+        f.write("\n# an edit\n")
+    edited = keys(2)
+    assert edited["eval"] != base["eval"] and edited["recover"] == base["recover"]
+    assert edited["prune"] == base["prune"]
+    with open(root / "models" / "io.py", "a") as f:
+        f.write("\n# an edit\n")
+    again = keys(3)
+    assert again["recover"] != edited["recover"] and again["prune"] != edited["prune"]
+    with open(root / "pipeline.py", "a") as f:
+        f.write("\n# an edit\n")
+    last = keys(4)
+    assert all(last[s] != again[s] for s in STAGE_PACKAGES)
 
 
 def _weights(folder):

@@ -807,6 +807,29 @@ def test_time_budget_plans_steps_from_the_warmup_speed_and_resumes_on_the_plan(t
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_time_budget_stops_before_the_deadline_when_later_steps_run_slower(tmp_path, monkeypatch):
+    """The plan is fixed from the first steps' speed; when later steps take 3x as long (longer batches, a busier
+    machine), the run does not start the step that would end past the deadline, instead of overrunning it."""
+    import zipkd.recover.train as train_mod
+
+    readings = []
+
+    def clock() -> float:  # 1 s per reading up to the plan (reading 4), then 3 s per reading
+        n = len(readings)
+        readings.append(float(n) if n <= 4 else 4.0 + 3.0 * (n - 4))
+        return readings[-1]
+
+    monkeypatch.setattr(train_mod, "_clock", clock)
+    dense, pruned = make_chain(tmp_path)
+    cfg = _config(tmp_path, budget=30, warmup_steps=2, checkpoint_every=100, steps=999)
+    out = recover(str(pruned), cfg, tmp_path / "out")
+    steps = json.loads((out / "zipkd.json").read_text())["metrics"]["steps"]
+    # planned 2 + ⌊(30−4)·0.97⌋ = 27 steps at 1 s; at 3 s a step, step k ends at 3k − 2: step 10 ends at 28 and
+    # step 11 would end at 31 > 30, so 10 steps run
+    assert steps == 10
+    assert max(r for r in readings if r <= 30) == 28.0
+
+
 def test_cli_recover_rejects_a_bad_budget_in_one_line(tmp_path):
     from typer.testing import CliRunner
 

@@ -5,9 +5,11 @@ checkpoint, and `from_stage` reruns from a stage on."""
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -67,14 +69,83 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-@functools.lru_cache(maxsize=1)
-def code_key() -> str:
-    """The content of zipkd's own source files: a default that lives in code (a learning rate left `None` in a
-    section, the rows of the Fisher pass) changes with it, so another zipkd reruns a stage instead of skipping
-    it. Python sources only (compiled caches change as they are written)."""
-    root = Path(__file__).resolve().parent
-    h = hashlib.sha256()
+# The package whose code each stage runs; `code_key` follows its references to the rest of zipkd.
+STAGE_PACKAGES = {
+    "profile": "latency",
+    "prune": "prune",
+    "recover": "recover",
+    "quantize": "quantize",
+    "eval": "evaluate",
+    "export": "export",
+}
+# Read by every stage: the runners and the recipe schema that builds their configs (not followed: they refer
+# to every stage).
+_SHARED_SOURCES = ("__init__.py", "pipeline.py", "recipe.py")
+_MODULE_NAME = re.compile(r"zipkd((?:\.\w+)+)")
+
+
+def _part(module: str) -> str:
+    """`zipkd.prune.api` -> `prune` (anything outside zipkd -> "")."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "zipkd" and len(parts) > 1 else ""
+
+
+def _unit(path: Path, root: Path) -> str:
+    """The top-level part of zipkd a source file belongs to: a subpackage (`prune`) or a module (`errors`)."""
+    first = path.relative_to(root).parts[0]
+    return first.removesuffix(".py")
+
+
+@functools.lru_cache(maxsize=4)
+def _source_units(root: Path) -> tuple[dict[str, list[Path]], dict[str, set[str]]]:
+    """zipkd's Python sources grouped by top-level part, and the parts each one refers to: its imports
+    (absolute, relative, lazy inside functions) and strings that are a zipkd module's name (what a registry
+    imports by name)."""
+    files: dict[str, list[Path]] = {}
+    refs: dict[str, set[str]] = {}
     for f in sorted(root.rglob("*.py")):
+        unit = _unit(f, root)
+        files.setdefault(unit, []).append(f)
+        found = refs.setdefault(unit, set())
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(_part(a.name) for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                found.add(_part(node.module or ""))
+                if node.module == "zipkd":  # `from zipkd import name`: name is the part
+                    found.update(a.name for a in node.names)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if _MODULE_NAME.fullmatch(node.value):  # a module a registry imports by name
+                    found.add(_part(node.value))
+            elif isinstance(node, ast.ImportFrom):
+                base = f.parent.joinpath(*[".."] * (node.level - 1)).resolve()
+                target = base / (node.module or "").replace(".", "/") if node.module else base
+                if target == root:  # `from .. import name` at the top: name is the part
+                    found.update(a.name for a in node.names)
+                elif root in target.parents:
+                    found.add(_unit(target, root))
+    return files, refs
+
+
+@functools.lru_cache(maxsize=32)
+def code_key(stage: str, root: Path | None = None) -> str:
+    """The content of the zipkd source files a stage runs: its package, every part of zipkd that package refers to
+    (followed to the end), the runners and the recipe schema. A default that lives in code (a learning rate
+    left `None` in a section, the rows of the Fisher pass) changes with it, so another zipkd reruns the stage
+    instead of skipping it, and a change to recovery's code does not rerun pruning. Python sources only
+    (compiled caches change as they are written). `root`: another copy of the package (tests)."""
+    root = root or Path(__file__).resolve().parent
+    files, refs = _source_units(root)
+    units, todo = set(), [STAGE_PACKAGES[stage]]
+    while todo:
+        unit = todo.pop()
+        if unit in units or unit not in files:
+            continue
+        units.add(unit)
+        todo.extend(refs[unit])
+    chosen = {f for u in units for f in files[u]} | {root / name for name in _SHARED_SOURCES}
+    h = hashlib.sha256()
+    for f in sorted(chosen):
         h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
 
@@ -296,7 +367,7 @@ def _run_stages(
             continue
         rerun = rerun or stage == from_stage
         key = _key(
-            stage, recipe.sections[stage], _data_key(recipe, stage), upstream, code_key()
+            stage, recipe.sections[stage], _data_key(recipe, stage), upstream, code_key(stage)
         )  # sections: every default
         folder = out / FOLDERS[stage]
         prev = state.get(stage, {})

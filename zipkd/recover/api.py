@@ -164,15 +164,16 @@ def recover(
         check_trainable(model.model.config.to_dict(), src)
     elif src.is_dir():
         check_trainable(read_config(src), src)
+    mix = config.mix_sources if config.train.mix_ratio > 0 else []  # validated once, before any loading
     data = [Path(config.data).expanduser()] if config.data else []
-    data += [p for p, _ in config.mix_sources] if config.mix_text else []
+    data += [p for p, _ in mix] if config.mix_text else []  # the user's files (not zipkd's own default mix)
     out = check_output(out, force, (src, *data))
     data_path = config.data_path
     examples = select_examples(
         load_examples(data_path), config.max_examples, config.train.seed
     )  # before weights
     with output_lock(out):
-        return _recover(model, config, out, force, progress, callback, data_path, examples, started)
+        return _recover(model, config, out, force, progress, callback, data_path, examples, mix, started)
 
 
 def check_trainable(model_config: dict[str, Any], src: Path) -> None:
@@ -196,6 +197,7 @@ def _recover(
     callback: Any,
     data_path: Path,
     examples: list[Any],
+    mix: list[tuple[Path, float]],
     started: float | None = None,
 ) -> Path:
     from accelerate import PartialState
@@ -239,9 +241,8 @@ def _recover(
     if not cfg.uses_teacher:  # the rewrites are made and no KD follows: free the teacher before training
         teacher = t_lm = None
     qa = encode_examples(lm.tokenizer, train_examples, cfg.max_seq_len)
-    text, mix = [], []
-    if cfg.mix_ratio > 0:
-        mix = config.mix_sources
+    text = []
+    if mix:
         sources = [(load_texts(path), w) for path, w in mix]
         text = mixed_windows(lm.tokenizer, sources, config.text_window or cfg.max_seq_len, cfg.seed)
 

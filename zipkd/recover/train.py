@@ -691,16 +691,29 @@ def train(
                 progress.update(task, advance=1, description=f"recovery · loss {ema:.3f} · {tps:,.0f} tok/s")
             done = step + 1
             step = done
+            stop = False
             if total is None and done >= decide_at:
                 total, sched = plan(done)
-            if done % cfg.checkpoint_every == 0 and (total is None or done < total):
+            elif deadline is not None and done < (total or 0):
+                # the plan came from the first steps' speed; when later steps run slower (longer batches, a
+                # busier machine), the step that would cross the deadline is not started: the budget holds
+                stop = _next_step_ends(m0, ends) > deadline
+                if world > 1:  # every process stops where the main process does
+                    from accelerate.utils import broadcast_object_list
+
+                    stop = broadcast_object_list([stop])[0]
+            if done % cfg.checkpoint_every == 0 and (total is None or done < total) and not stop:
                 if acc.is_main_process:
                     keep = {k: state[k] for k in ("losses", "tokens", "target_tokens")}
                     save_checkpoint(work, done, model, optimizer, {**keep, "planned_steps": total})
                 acc.wait_for_everyone()
             if callback is not None:
                 callback(done, {"loss": state["losses"][-1], "tokens_per_s": tps, **parts})
-    steps_done = total if total is not None else step
+            if stop:
+                if task is not None:
+                    progress.update(task, total=done)
+                break
+    steps_done = step
     seconds = time.perf_counter() - t0
     final = acc.unwrap_model(wrapped).lm
     if cfg.method == "lora":
@@ -721,6 +734,12 @@ def train(
         tokens_here / max(seconds, 1e-9),
         start,
     )
+
+
+def _next_step_ends(start: float, ends: Sequence[float]) -> float:
+    """When the next step would end if it took as long as the last one (`start`: the loop's start)."""
+    previous = ends[-2] if len(ends) > 1 else start
+    return 2 * ends[-1] - previous
 
 
 def _plan_for_deadline(step: int, times: Sequence[float], deadline: float | None) -> int:
