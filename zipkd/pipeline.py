@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import importlib.util
 import json
 import re
 import time
@@ -81,7 +82,7 @@ STAGE_PACKAGES = {
 # Read by every stage: the runners and the recipe schema that builds their configs (not followed: they refer
 # to every stage).
 _SHARED_SOURCES = ("__init__.py", "pipeline.py", "recipe.py")
-_MODULE_NAME = re.compile(r"zipkd((?:\.\w+)+)")
+_MODULE_NAME = re.compile(r"zipkd(\.\w+)+")
 
 
 def _part(module: str) -> str:
@@ -107,23 +108,19 @@ def _source_units(root: Path) -> tuple[dict[str, list[Path]], dict[str, set[str]
         unit = _unit(f, root)
         files.setdefault(unit, []).append(f)
         found = refs.setdefault(unit, set())
+        # the package a relative import is resolved against (`zipkd.prune` for zipkd/prune/api.py)
+        package = ".".join(("zipkd", *f.relative_to(root).parent.parts))
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.Import):
                 found.update(_part(a.name) for a in node.names)
-            elif isinstance(node, ast.ImportFrom) and not node.level:
-                found.add(_part(node.module or ""))
-                if node.module == "zipkd":  # `from zipkd import name`: name is the part
+            elif isinstance(node, ast.ImportFrom):
+                module = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+                found.add(_part(module))
+                if module == "zipkd":  # `from zipkd import name`: name is the part
                     found.update(a.name for a in node.names)
             elif isinstance(node, ast.Constant) and isinstance(node.value, str):
                 if _MODULE_NAME.fullmatch(node.value):  # a module a registry imports by name
                     found.add(_part(node.value))
-            elif isinstance(node, ast.ImportFrom):
-                base = f.parent.joinpath(*[".."] * (node.level - 1)).resolve()
-                target = base / (node.module or "").replace(".", "/") if node.module else base
-                if target == root:  # `from .. import name` at the top: name is the part
-                    found.update(a.name for a in node.names)
-                elif root in target.parents:
-                    found.add(_unit(target, root))
     return files, refs
 
 

@@ -630,12 +630,16 @@ def train(
     ends: list[float] = []  # monotonic end time of each step run here
     step = start
 
-    def plan(done: int) -> tuple[int, TrainConfig]:
-        steps = _plan_for_deadline(done, [m0, *ends], deadline)
-        if world > 1:  # every process trains the main process's plan
-            from accelerate.utils import broadcast_object_list
+    def main_decides(value: Any) -> Any:
+        """The main process's `value` on every process (clocks differ: every process follows one plan)."""
+        if world == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
 
-            steps = broadcast_object_list([steps])[0]
+        return broadcast_object_list([value])[0]
+
+    def plan(done: int) -> tuple[int, TrainConfig]:
+        steps = main_decides(_plan_for_deadline(done, [m0, *ends], deadline))
         if task is not None:
             progress.update(task, total=steps)
         return steps, replace(cfg, steps=steps)
@@ -697,11 +701,7 @@ def train(
             elif deadline is not None and done < (total or 0):
                 # the plan came from the first steps' speed; when later steps run slower (longer batches, a
                 # busier machine), the step that would cross the deadline is not started: the budget holds
-                stop = _next_step_ends(m0, ends) > deadline
-                if world > 1:  # every process stops where the main process does
-                    from accelerate.utils import broadcast_object_list
-
-                    stop = broadcast_object_list([stop])[0]
+                stop = main_decides(_next_step_ends(m0, ends) > deadline)
             if done % cfg.checkpoint_every == 0 and (total is None or done < total) and not stop:
                 if acc.is_main_process:
                     keep = {k: state[k] for k in ("losses", "tokens", "target_tokens")}
