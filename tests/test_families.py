@@ -141,7 +141,7 @@ def naive_removed(sd: dict, prefix: str, family: str, block: str) -> dict:
 
 
 def heterogeneous(family: str, model):
-    """Layer 0 loses its attention (the KV cache has no layer 0: with Gemma's mixed layer types an empty slot),
+    """Layer 0 loses its attention (the KV cache has no layer 0: with Gemma's mixed layer types a placeholder slot),
     layer 1 keeps KV group 1, layer 2 every third MLP channel, layer 3 loses its MLP, layer 4 is dropped."""
     ad = adapter_for(model.config)
     layers = ad.layers(model)
@@ -200,9 +200,14 @@ def test_heterogeneous_surgery_matches_naive_slice_and_reloads(tmp_path, family)
     for layer, block in ((layers[0], "attention"), (layers[3], "mlp")):
         assert all(isinstance(getattr(layer, n), nn.Identity) for n in BLOCK_NORMS[family][block])
     assert isinstance(ad.attention(layers[0]), ZeroBlock) and isinstance(ad.mlp_block(layers[3]), ZeroBlock)
-    if family.startswith("gemma"):  # mixed layer types: attention keeps its position, layer 0's slot is empty
-        assert [ad.attention(lay).layer_idx for lay in layers[1:]] == [1, 2, 3]
-        assert model.config.kv_sharing_modes == ["reuse", None, None, None]
+    if family.startswith(
+        "gemma"
+    ):  # mixed layer types: attention keeps its position, layer 0's slot a placeholder
+        assert [ad.attention(lay).layer_idx for lay in layers] == [0, 1, 2, 3]
+        assert "kv_sharing_modes" not in model.config.to_dict()
+    else:  # compact cache indices over the layers with attention
+        assert ad.attention(layers[0]).layer_idx is None
+        assert [ad.attention(lay).layer_idx for lay in layers[1:]] == [0, 1, 2]
 
     x = ids()
     out = save_model(model, None, tmp_path / "het", stage="test")
@@ -214,6 +219,23 @@ def test_heterogeneous_surgery_matches_naive_slice_and_reloads(tmp_path, family)
     cached = model.generate(prompt, max_new_tokens=8, do_sample=False)
     assert torch.equal(cached, greedy(model, prompt))
     assert torch.equal(cached, back.generate(prompt, max_new_tokens=8, do_sample=False))
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_a_model_saved_with_dummy_cache_slots_loads_and_decodes(tmp_path, family):
+    """Earlier zipkd wrote `kv_sharing_modes` ("reuse" for a removed attention block), which transformers turns
+    into `DummyLayer` cache slots; from transformers 5.25 a `DummyLayer` in slot 0 breaks cached decoding. The
+    loader drops the field: cached greedy decoding equals recomputation."""
+    model = tiny(family)
+    heterogeneous(family, model)
+    out = save_model(model, None, tmp_path / "old", stage="test")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["kv_sharing_modes"] = ["reuse", None, None, None]
+    (out / "config.json").write_text(json.dumps(cfg))
+    back = load_model(out, tokenizer=False).model
+    assert "kv_sharing_modes" not in back.config.to_dict()
+    prompt = ids(1, 6)
+    assert torch.equal(back.generate(prompt, max_new_tokens=8, do_sample=False), greedy(back, prompt))
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "phi3", "granite"])

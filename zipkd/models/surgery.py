@@ -9,7 +9,8 @@ residual stream passes through unchanged; a layer with both removed is dropped. 
 compactly (`layer_idx`), since the KV cache is indexed by it — except in a model with mixed attention types
 (Gemma's sliding and global layers), where the model picks each layer's mask and rotary embedding by its
 position while the cache picks its layer type by `layer_idx`: there attention modules keep their position as
-`layer_idx` and a removed block's cache slot is transformers' empty `DummyLayer` (`kv_sharing_modes`)."""
+`layer_idx`, and a removed attention block keeps its cache slot filled with a one-value-per-token placeholder, so
+the cache holds a normal layer at every position (transformers reads the sequence length from slot 0)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,11 @@ class LayerShape:
 
 
 class ZeroBlock(nn.Module):
-    """A removed attention or MLP block: contributes nothing to the residual stream."""
+    """A removed attention or MLP block: contributes nothing to the residual stream.
+
+    A removed attention block with a `layer_idx` (mixed attention types, see the module docstring) writes a
+    placeholder of one value per token (one head of width 1) to its cache slot, so that slot tracks the sequence
+    length like every other: transformers reads the cached length from slot 0 when it builds positions."""
 
     def __init__(self, kind: str):
         super().__init__()
@@ -51,7 +56,14 @@ class ZeroBlock(nn.Module):
         if hidden_states is None:
             hidden_states = kwargs.get("x", args[0] if args else None)
         out = torch.zeros_like(hidden_states)
-        return (out, None) if self.kind == "attention" else out
+        if self.kind != "attention":
+            return out
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and self.layer_idx is not None:
+            b, t = hidden_states.shape[:2]
+            slot = hidden_states.new_zeros(b, 1, t, 1)
+            cache.update(slot, slot, self.layer_idx)
+        return out, None
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, removed"
@@ -265,6 +277,11 @@ def sync_config(model: nn.Module) -> None:
             "intermediate_size": geo.intermediate_size,
             "num_layers": geo.num_layers,
         }
+    if "kv_sharing_modes" in cfg.__dict__:
+        # Earlier zipkd versions gave removed attention blocks transformers' `DummyLayer` cache slots this way;
+        # transformers 5.25 no longer reads a sequence length past a `DummyLayer` in slot 0. None of the
+        # supported families shares KV caches, so the field only ever comes from zipkd.
+        del cfg.kv_sharing_modes
     layers = ad.layers(model)
     old_types = list(getattr(cfg, "layer_types", None) or [])
     kept, kept_types = [], []
@@ -282,18 +299,17 @@ def sync_config(model: nn.Module) -> None:
     removed = [isinstance(ad.attention(layer), ZeroBlock) for layer in kept]
     if kept_types and len(set(kept_types)) > 1 and any(removed):
         # Mixed attention types: the model picks a layer's mask and rotary embedding by its position and the
-        # cache picks a layer's type by `layer_idx`, so both stay the position; removed blocks get an empty
-        # cache slot (transformers builds a `DummyLayer` for a "reuse" entry of `kv_sharing_modes`).
+        # cache picks a layer's type by `layer_idx`, so both stay the position; a removed block fills its slot
+        # with a placeholder (`ZeroBlock`).
         for j, layer in enumerate(kept):
-            if not removed[j]:
-                ad.attention(layer).layer_idx = j
+            ad.attention(layer).layer_idx = j
         cfg.layer_types = kept_types
-        cfg.kv_sharing_modes = ["reuse" if r else None for r in removed]
     else:
         # Compact KV-cache indices over the layers that still have attention.
         attn_types, rest_types, idx = [], [], 0
         for j, layer in enumerate(kept):
             if removed[j]:
+                ad.attention(layer).layer_idx = None  # no cache slot
                 rest_types.append(kept_types[j] if kept_types else None)
                 continue
             ad.attention(layer).layer_idx = idx
@@ -301,8 +317,6 @@ def sync_config(model: nn.Module) -> None:
             attn_types.append(kept_types[j] if kept_types else None)
         if kept_types:
             cfg.layer_types = attn_types + rest_types
-        if "kv_sharing_modes" in cfg.__dict__:  # set by an earlier call in the branch above
-            del cfg.kv_sharing_modes
     cfg.num_hidden_layers = len(kept)
     shapes = [LayerShape(kv_heads_of(lay, ad, geo.head_dim), width_of(lay, ad)) for lay in kept]
     cfg.zipkd_layers = [asdict(s) for s in shapes]
