@@ -258,7 +258,9 @@ def choose(args) -> int:
         field, kind = KNOBS[args.choose]
         # with KD off by default, the effective default KD weight is 0, and a weight above 0 turns on forward KL
         kd_off = lib.kd == "none"
-        default = {"lr": lib.learning_rate, "kd-weight": 0.0 if kd_off else lib.kd_weight}.get(
+        # the default peak lr follows the run length: the one for --steps (a time budget plans its own)
+        run_lr = TrainConfig(steps=args.steps or 60).learning_rate
+        default = {"lr": run_lr, "kd-weight": 0.0 if kd_off else lib.kd_weight}.get(
             args.choose, getattr(lib, field)
         )
         grid = [kind(x) for x in args.grid.split(",")] if args.grid else [default]
@@ -570,7 +572,7 @@ def main() -> int:
             "distill": m.get("distill"),
             "kd": tcfg.kd,
             "mix_ratio": tcfg.mix_ratio,
-            "lr": tcfg.learning_rate,
+            "lr": m.get("peak_lr", tcfg.learning_rate),
             "precision": manifest.get("config", {}).get("train", {}).get("precision"),
         }
         log(

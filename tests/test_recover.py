@@ -27,9 +27,11 @@ from zipkd.recover.data import (
 )
 from zipkd.recover.losses import combined_loss, forward_kl, masked_cross_entropy, reverse_kl
 from zipkd.recover.train import (
+    FULL_LR_BY_STEPS,
     TrainConfig,
     batch_indices,
     collate,
+    default_full_lr,
     fast_bf16,
     is_text_step,
     lr_at,
@@ -322,6 +324,24 @@ def test_lr_schedule():
     assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
     assert lr_at(10, cfg) == pytest.approx(1e-3) and lr_at(100, cfg) == pytest.approx(1e-4)
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))
+
+
+def test_default_peak_lr_follows_the_run_length_between_the_measured_anchors():
+    """1e-3 up to 76 steps and 3e-4 from 400 (the two measured winners), log-linear and falling between; LoRA
+    and an explicit lr do not follow the run length."""
+    (s0, lr0), (s1, lr1) = FULL_LR_BY_STEPS
+    assert (s0, lr0, s1, lr1) == (76, 1e-3, 400, 3e-4)
+    assert (
+        default_full_lr(1) == default_full_lr(76) == 1e-3
+        and default_full_lr(400) == default_full_lr(5000) == 3e-4
+    )
+    mid = round(math.sqrt(76 * 400))  # the geometric middle of the run lengths: the geometric middle rate
+    assert default_full_lr(mid) == pytest.approx(math.sqrt(1e-3 * 3e-4), rel=2e-3)
+    rates = [default_full_lr(n) for n in range(76, 401)]
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
+    assert TrainConfig(steps=400).learning_rate == 3e-4 and TrainConfig(steps=60).learning_rate == 1e-3
+    assert TrainConfig(steps=400, method="lora").learning_rate == 5e-4
+    assert TrainConfig(steps=400, lr=2e-3).learning_rate == 2e-3
 
 
 @pytest.mark.parametrize(
@@ -805,6 +825,36 @@ def test_time_budget_plans_steps_from_the_warmup_speed_and_resumes_on_the_plan(t
     assert manifest["metrics"]["steps"] == steps and manifest["metrics"]["resumed_from_step"] == 2
     a, b = _weights(ref), _weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_time_budget_warms_up_toward_the_planned_runs_default_lr(tmp_path, monkeypatch):
+    """Before a time budget's steps are planned (halfway through a 4-step warm-up: step 2), the ramp heads for
+    the longest run's peak (3e-4); from the plan on, for the planned run's (27 steps: 1e-3). The warm-up only
+    rises, and the manifest records the peak the schedule used."""
+    import itertools
+
+    import zipkd.recover.train as train_mod
+
+    ticks = itertools.count()
+    monkeypatch.setattr(train_mod, "_clock", lambda: float(next(ticks)))
+    seen: list[tuple[int, float, float]] = []
+    real = train_mod.lr_at
+
+    def spy(step, cfg):  # called once per parameter group: kept once per step
+        if not seen or seen[-1][0] != step:
+            seen.append((step, cfg.learning_rate, real(step, cfg)))
+        return real(step, cfg)
+
+    monkeypatch.setattr(train_mod, "lr_at", spy)
+    dense, pruned = make_chain(tmp_path)
+    cfg = _config(tmp_path, budget=30, warmup_steps=4, checkpoint_every=100, steps=999, lr=None, kd="none")
+    out = recover(str(pruned), cfg, tmp_path / "out")
+    metrics = json.loads((out / "zipkd.json").read_text())["metrics"]
+    assert metrics["steps"] == 2 + int((30 - 4) * 0.97) and metrics["peak_lr"] == 1e-3
+    assert [(s, peak) for s, peak, _ in seen[:3]] == [(0, 3e-4), (1, 3e-4), (2, 1e-3)]
+    ramp = [lr for s, _, lr in seen if s < 4]
+    assert ramp == pytest.approx([3e-4 / 4, 3e-4 / 2, 1e-3 * 3 / 4, 1e-3])
+    assert all(a < b for a, b in zip(ramp, ramp[1:], strict=False))
 
 
 def test_time_budget_stops_before_the_deadline_when_later_steps_run_slower(tmp_path, monkeypatch):

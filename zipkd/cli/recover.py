@@ -98,7 +98,10 @@ def recover(
     ] = 8,
     lr: Annotated[
         float | None,
-        typer.Option(help="Peak learning rate (default 1e-3 full, 5e-4 LoRA).", rich_help_panel=TRAIN),
+        typer.Option(
+            help="Peak learning rate (default: full fine-tuning 1e-3 up to 76 steps, 3e-4 from 400, log-linear between; LoRA 5e-4).",
+            rich_help_panel=TRAIN,
+        ),
     ] = None,
     max_seq_len: Annotated[int, typer.Option(help="Longest training sequence.", rich_help_panel=TRAIN)] = 256,
     checkpoint_every: Annotated[

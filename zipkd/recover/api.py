@@ -293,6 +293,7 @@ def _recover(
         "target_tokens": result.target_tokens,
         "tokens_per_s": result.tokens_per_s,
         "train_seconds": result.seconds,
+        "peak_lr": result.peak_lr,
         "resumed_from_step": result.resumed_from,
         "examples": len(examples),
         "sequences": len(qa),

@@ -44,6 +44,22 @@ def clock() -> float:
 
 KEEP_CHECKPOINTS = 2
 
+# full fine-tuning's default peak learning rate by run length, chosen on development text (BENCHMARKS.md
+# "Recovery's peak lr by run length"): 1e-3 won at 40 and 76 steps (the demo's scale), 3e-4 at 400 (the
+# bench's 30 minutes); between the two run lengths it is interpolated on log scales
+FULL_LR_BY_STEPS = ((76, 1e-3), (400, 3e-4))
+
+
+def default_full_lr(steps: int) -> float:
+    """Full fine-tuning's default peak learning rate for a run of `steps` steps."""
+    (s0, lr0), (s1, lr1) = FULL_LR_BY_STEPS
+    if steps <= s0:
+        return lr0
+    if steps >= s1:
+        return lr1
+    f = math.log(steps / s0) / math.log(s1 / s0)
+    return math.exp(math.log(lr0) + f * math.log(lr1 / lr0))
+
 
 @dataclass
 class TrainConfig:
@@ -56,7 +72,7 @@ class TrainConfig:
     tokens: int | str | None = None
     budget: float | str | None = None  # seconds once validated
     batch_size: int = 8
-    lr: float | None = None  # None: 1e-3 for full fine-tuning (chosen on development text), 5e-4 for LoRA
+    lr: float | None = None  # None: by run length for full fine-tuning (`default_full_lr`), 5e-4 for LoRA
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1  # cosine decay down to this fraction of lr
     weight_decay: float = 0.0
@@ -121,7 +137,10 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (1e-3 if self.method == "full" else 5e-4)
+        """The peak learning rate of a run of `steps` steps: `lr`, else the default by method (and run length)."""
+        if self.lr is not None:
+            return self.lr
+        return default_full_lr(self.steps) if self.method == "full" else 5e-4
 
     @property
     def uses_teacher(self) -> bool:
@@ -180,6 +199,7 @@ class TrainResult:
     seconds: float = 0.0  # wall time of the steps run in this process (excludes resumed ones)
     tokens_per_s: float = 0.0
     resumed_from: int = 0
+    peak_lr: float = 0.0  # the schedule's peak learning rate (the planned run's, for a time budget)
 
 
 # ------------------------------------------------------------------------------------------- data order
@@ -619,10 +639,14 @@ def train(
             total = steps_for_tokens(qa, text, cfg)
         elif cfg.budget is None:
             total = cfg.steps
-    decide_at = min(cfg.warmup_steps, cfg.checkpoint_every)
+    # a time budget's steps are planned halfway through the warm-up (the speed of the steps after the first), so
+    # the second half of the ramp heads for the planned run's peak learning rate
+    decide_at = min(max(2, cfg.warmup_steps // 2), cfg.checkpoint_every)
     if deadline is None and cfg.budget is not None:
         deadline = _clock() + cfg.budget
-    sched = replace(cfg, steps=total or cfg.steps)
+    # until a time budget's steps are planned (within the warm-up), the ramp heads for the longest run's peak,
+    # the smallest default: below every planned peak, so the warm-up only rises when the plan sets its own
+    sched = replace(cfg, steps=total if total is not None else FULL_LR_BY_STEPS[-1][0])
     task = None
     if progress is not None and acc.is_main_process:
         task = progress.add_task("recovery training", total=total, completed=start)
@@ -733,6 +757,7 @@ def train(
         seconds,
         tokens_here / max(seconds, 1e-9),
         start,
+        sched.learning_rate,
     )
 
 
@@ -757,4 +782,6 @@ def _plan_for_deadline(step: int, times: Sequence[float], deadline: float | None
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return {**asdict(cfg), "learning_rate": cfg.learning_rate}
+    return asdict(
+        cfg
+    )  # the peak learning rate of a default `lr` follows the run length: the result records it
