@@ -828,9 +828,9 @@ def test_time_budget_plans_steps_from_the_warmup_speed_and_resumes_on_the_plan(t
 
 
 def test_time_budget_warms_up_toward_the_planned_runs_default_lr(tmp_path, monkeypatch):
-    """Before a time budget's steps are planned (halfway through a 4-step warm-up: step 2), the ramp heads for
-    the longest run's peak (3e-4); from the plan on, for the planned run's (27 steps: 1e-3). The warm-up only
-    rises, and the manifest records the peak the schedule used."""
+    """Before a time budget's steps are counted (provisionally halfway through a 4-step warm-up, at step 2), the
+    ramp heads for the longest run's peak (3e-4); from there on, for the counted run's (1e-3, at most 76 steps).
+    The count is fixed at the warm-up's end (step 4), the ramp only rises, and the manifest records the peak."""
     import itertools
 
     import zipkd.recover.train as train_mod
@@ -850,8 +850,11 @@ def test_time_budget_warms_up_toward_the_planned_runs_default_lr(tmp_path, monke
     cfg = _config(tmp_path, budget=30, warmup_steps=4, checkpoint_every=100, steps=999, lr=None, kd="none")
     out = recover(str(pruned), cfg, tmp_path / "out")
     metrics = json.loads((out / "zipkd.json").read_text())["metrics"]
-    assert metrics["steps"] == 2 + int((30 - 4) * 0.97) and metrics["peak_lr"] == 1e-3
-    assert [(s, peak) for s, peak, _ in seen[:3]] == [(0, 3e-4), (1, 3e-4), (2, 1e-3)]
+    # readings: start 0 (deadline 30), loop start 1, step ends 2, 3, provisional count at 4, step ends 5, 6, the
+    # count at 7 from the steps after the first: 4 + ⌊(30 − 7)·0.97 / ((6 − 2) / 3)⌋ = 20 (then 1 s a step)
+    assert metrics["steps"] == 4 + int((30 - 7) * 0.97 // (4 / 3)) == 20 and metrics["peak_lr"] == 1e-3
+    peaks = [(s, peak) for s, peak, _ in seen[:5]]
+    assert peaks == [(0, 3e-4), (1, 3e-4), (2, 1e-3), (3, 1e-3), (4, 1e-3)]
     ramp = [lr for s, _, lr in seen if s < 4]
     assert ramp == pytest.approx([3e-4 / 4, 3e-4 / 2, 1e-3 * 3 / 4, 1e-3])
     assert all(a < b for a, b in zip(ramp, ramp[1:], strict=False))

@@ -639,9 +639,11 @@ def train(
             total = steps_for_tokens(qa, text, cfg)
         elif cfg.budget is None:
             total = cfg.steps
-    # a time budget's steps are planned halfway through the warm-up (the speed of the steps after the first), so
-    # the second half of the ramp heads for the planned run's peak learning rate
-    decide_at = min(max(2, cfg.warmup_steps // 2), cfg.checkpoint_every)
+    # a time budget's step count is fixed at the end of the warm-up (before the first checkpoint) from the speed
+    # of the steps after the first; a provisional count halfway through the warm-up sets the peak learning rate
+    # the second half of the ramp heads for (the first steps run slow: a count fixed there comes out short)
+    decide_at = min(cfg.warmup_steps, cfg.checkpoint_every)
+    peak_at = min(max(2, cfg.warmup_steps // 2), decide_at)
     if deadline is None and cfg.budget is not None:
         deadline = _clock() + cfg.budget
     # until a time budget's steps are planned (within the warm-up), the ramp heads for the longest run's peak,
@@ -722,6 +724,8 @@ def train(
             stop = False
             if total is None and done >= decide_at:
                 total, sched = plan(done)
+            elif total is None and done == peak_at:
+                sched = plan(done)[1]
             elif deadline is not None and done < (total or 0):
                 # the plan came from the first steps' speed; when later steps run slower (longer batches, a
                 # busier machine), the step that would cross the deadline is not started: the budget holds
