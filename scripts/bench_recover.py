@@ -249,6 +249,7 @@ def choose(args) -> int:
     root = args.out or cache_dir() / "bench_recover"
     pruned_path = args.student or get_pruned(args.pruner, cache_dir() / "bench_recover")[0]
     lib = TrainConfig()
+    steps = args.steps or 60
     if args.choose == "mix":
         candidates = {
             "prose (calib.txt)": ({"mix_text": [str(calib_text_path())]}, {}),
@@ -258,8 +259,8 @@ def choose(args) -> int:
         field, kind = KNOBS[args.choose]
         # with KD off by default, the effective default KD weight is 0, and a weight above 0 turns on forward KL
         kd_off = lib.kd == "none"
-        # the default peak lr follows the run length: the one for --steps (a time budget plans its own)
-        run_lr = TrainConfig(steps=args.steps or 60).learning_rate
+        # the default peak lr follows the run length: the one for the arms' steps (a time budget plans its own)
+        run_lr = TrainConfig(steps=steps).learning_rate
         default = {"lr": run_lr, "kd-weight": 0.0 if kd_off else lib.kd_weight}.get(
             args.choose, getattr(lib, field)
         )
@@ -291,7 +292,6 @@ def choose(args) -> int:
             for n, t in dev.items()
         }
 
-    steps = args.steps or 60
     # --choose-budget: every arm gets the same wall time instead of the same steps (a knob that changes the cost
     # of a step, e.g. KD weight 0 skips the teacher); the rewrites are made first so no arm pays for them
     length = {"budget": args.choose_budget} if args.choose_budget else {"steps": steps}

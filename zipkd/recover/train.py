@@ -786,6 +786,5 @@ def _plan_for_deadline(step: int, times: Sequence[float], deadline: float | None
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return asdict(
-        cfg
-    )  # the peak learning rate of a default `lr` follows the run length: the result records it
+    # no peak learning rate here: a default `lr`'s follows the run length, so the result records it (peak_lr)
+    return asdict(cfg)
