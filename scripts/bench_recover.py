@@ -217,8 +217,15 @@ def throughput(args) -> int:
 
 
 # the numeric or named knobs `--choose` can compare: (TrainConfig field, how a grid value is read)
+def _flag(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise SystemExit(f"bench_recover: {text!r} is not a true/false value")
+    return text.lower() in ("true", "1", "yes")
+
+
 KNOBS = {
     "lr": ("lr", float),
+    "bf16-weights": ("bf16_weights", _flag),
     "kd-weight": ("kd_weight", float),
     "kd": ("kd", str),
     "warmup": ("warmup_steps", int),
@@ -228,8 +235,8 @@ CHOICES = ("mix", *KNOBS)
 
 
 def choose(args) -> int:
-    """Choose a default of `recover` on development text (`--choose mix|lr|kd-weight|kd|warmup|method`; `--grid`
-    lists the candidates: numbers, KD directions, `full`/`lora`): `recover` with the library defaults for a fixed
+    """Choose a default of `recover` on development text (`--choose mix|lr|bf16-weights|kd-weight|kd|warmup|method`;
+    `--grid` lists the candidates: numbers, KD directions, `full`/`lora`, true/false): `recover` with the library defaults for a fixed
     number of steps, once per candidate, changing only the knob (the same instruction batches and the same number
     and length of text windows in every arm), then perplexity on the development text of every calibration domain
     (`dev_domains()`: never trained on, never an evaluation score). Least geometric-mean ratio to dense wins. A
@@ -267,7 +274,7 @@ def choose(args) -> int:
         grid = [kind(x) for x in args.grid.split(",")] if args.grid else [default]
         candidates = {}
         for v in grid:
-            label = f"{args.choose} {v:g}" if kind is not str else f"{args.choose} {v}"
+            label = f"{args.choose} {v:g}" if kind in (int, float) else f"{args.choose} {v}"
             inner = {field: v}
             if args.choose == "kd-weight" and kd_off:
                 inner["kd"] = "forward" if v > 0 else "none"
@@ -432,8 +439,8 @@ def main() -> int:
         "--choose",
         choices=CHOICES,
         default=None,
-        help="choose a default on development text: the mixing text, the peak lr, the KD weight or direction, "
-        "the warm-up steps, full or LoRA",
+        help="choose a default on development text: the mixing text, the peak lr, bf16 weights or autocast alone, "
+        "the KD weight or direction, the warm-up steps, full or LoRA",
     )
     ap.add_argument("--choose-mix", action="store_true", help="the same as --choose mix")
     ap.add_argument(

@@ -26,6 +26,7 @@ from zipkd.recover.data import (
     text_windows,
 )
 from zipkd.recover.losses import combined_loss, forward_kl, masked_cross_entropy, reverse_kl
+from zipkd.recover.master import TrainWeights
 from zipkd.recover.train import (
     FULL_LR_BY_STEPS,
     TrainConfig,
@@ -419,12 +420,14 @@ def _kl_to_teacher(student, teacher, tok):
         return forward_kl(student(x).logits, teacher(x).logits).item()
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_interrupted_training_resumes_bit_identical(tmp_path, method):
+@pytest.mark.parametrize(
+    "method,precision", [("full", "fp32"), ("lora", "fp32"), ("full", "bf16"), ("lora", "bf16")]
+)
+def test_interrupted_training_resumes_bit_identical(tmp_path, method, precision):
     """An exception at step 5 (checkpoints every 2 steps) and a rerun end with the same weights as an
-    uninterrupted run."""
+    uninterrupted run; in bf16 too, where the checkpoints hold the fp32 masters and the saved model is fp32."""
     dense, pruned = make_chain(tmp_path)
-    cfg = _config(tmp_path, method=method)
+    cfg = _config(tmp_path, method=method, precision=precision)
     ref = recover(str(pruned), cfg, tmp_path / "ref")
 
     def crash(step, metrics):
@@ -441,6 +444,7 @@ def test_interrupted_training_resumes_bit_identical(tmp_path, method):
     assert not (tmp_path / ".out.recover-work").exists()
     a, b = _weights(ref), _weights(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(v.dtype == torch.float32 for v in b.values())
     ref_losses = json.loads((ref / "zipkd.json").read_text())["recovery"]["loss_curve"]
     assert manifest["recovery"]["loss_curve"] == ref_losses
     if method == "lora":
@@ -458,6 +462,63 @@ def test_one_process_trains_in_bf16_then_fp32(tmp_path):
         manifest = json.loads((out / "zipkd.json").read_text())
         assert manifest["config"]["train"]["precision"] == precision
         assert all(math.isfinite(x) for x in manifest["recovery"]["loss_curve"])
+
+
+def test_bf16_weights_hold_fp32_masters_and_restore_the_model():
+    """bf16 weights: every fp32 parameter computes in bf16, the trainable ones are stepped as fp32 masters (the
+    model follows them, rounded), and restoring gives back fp32: the masters where trained, the untouched
+    originals elsewhere (a frozen weight is not rounded through bf16)."""
+    lm = tiny_lm()
+    lm.get_input_embeddings().weight.requires_grad_(False)  # tied to the head: frozen
+    before = {n: p.detach().clone() for n, p in lm.named_parameters()}
+    weights = TrainWeights(lm, bf16=True)
+    assert all(p.dtype == torch.bfloat16 for p in lm.parameters())
+    assert set(weights.named) == {n for n, p in lm.named_parameters() if p.requires_grad}
+    assert all(
+        weights.named[n].dtype == torch.float32 and torch.equal(weights.named[n], before[n])
+        for n in weights.named
+    )
+    x = torch.randint(0, lm.config.vocab_size, (2, 9))
+    lm(x, labels=x).loss.backward()
+    weights.take_grads()
+    assert all(weights.named[n].grad.dtype == torch.float32 for n in weights.named)
+    assert all(p.grad is None for p in lm.parameters())
+    with torch.no_grad():
+        for p in weights.params:
+            p.add_(1e-3 * p.grad.sign())  # a step far below bf16's resolution of most weights
+    weights.push()
+    for n, p in lm.named_parameters():
+        if n in weights.named:
+            assert torch.equal(p, weights.named[n].to(torch.bfloat16))
+    with weights:
+        pass
+    for n, p in lm.named_parameters():
+        assert p.dtype == torch.float32
+        ref = weights.named[n] if n in weights.named else before[n]
+        assert torch.equal(p, ref)
+    assert any(not torch.equal(p, before[n]) for n, p in lm.named_parameters())  # the masters kept the step
+
+
+def test_bf16_weights_train_like_fp32_weights_under_autocast(tmp_path):
+    """Six steps with bf16 weights and fp32 masters against fp32 weights under bf16 autocast (the earlier path):
+    both move every trained weight the same way (per tensor, the cosine of the two updates is above 0.9; bf16
+    rounding differs between the paths, so not exactly)."""
+    dense, pruned = make_chain(tmp_path)
+    start = _weights(pruned)
+    a = _weights(recover(str(pruned), _config(tmp_path, precision="bf16"), tmp_path / "w"))
+    b = _weights(
+        recover(str(pruned), _config(tmp_path, precision="bf16", bf16_weights=False), tmp_path / "a")
+    )
+    moved = 0
+    for k in a:
+        assert a[k].dtype == torch.float32
+        da, db = (a[k] - start[k]).flatten(), (b[k] - start[k]).flatten()
+        if db.norm() == 0:
+            assert da.norm() == 0
+            continue
+        moved += 1
+        assert torch.nn.functional.cosine_similarity(da, db, dim=0) > 0.9, k
+    assert moved > 0
 
 
 def test_fused_and_plain_training_agree(tmp_path):

@@ -30,6 +30,7 @@ from zipkd.models.adapters import adapter_for
 from zipkd.recover.allocator import reuse_freed_memory
 from zipkd.recover.data import TrainSeq
 from zipkd.recover.losses import KD_MODES, combined_loss, fused_head_loss
+from zipkd.recover.master import TrainWeights
 
 METHODS = ("full", "lora")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -102,6 +103,10 @@ class TrainConfig:
     precision: str = field(
         default="auto", metadata={"choices": PRECISIONS}
     )  # auto: bf16 mixed precision where the hardware has fast bf16, else fp32
+    # in bf16 precision, the model computes with bf16 weights and the optimizer steps fp32 masters
+    # (`master.TrainWeights`): no casts around every matrix product and norm; False: fp32 weights under bf16
+    # autocast (the earlier, slower path, kept for the side-by-side benchmark)
+    bf16_weights: bool = True
 
     def __post_init__(self) -> None:
         self.tokens = parse_count(self.tokens)
@@ -424,10 +429,6 @@ def _wrap_lora(model: Any, cfg: TrainConfig) -> Any:
     return get_peft_model(model, lcfg)
 
 
-def _trainable(model: Any) -> dict[str, Any]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
 # ------------------------------------------------------------------------------------------- checkpoints
 def _checkpoints(work: Path) -> list[tuple[int, Path]]:
     out = []
@@ -482,13 +483,16 @@ def _set_rng_state(tensors: dict[str, Any], meta: dict[str, Any]) -> None:
     np.random.set_state((npm[0], np.array(npm[1], dtype=np.uint32), npm[2], npm[3], npm[4]))
 
 
-def save_checkpoint(work: Path, step: int, model: Any, optimizer: Any, state: dict[str, Any]) -> Path:
-    """Atomically write checkpoint `step` (weights, optimizer, RNG, loop state); keep the last two."""
+def save_checkpoint(
+    work: Path, step: int, trainable: dict[str, Any], optimizer: Any, state: dict[str, Any]
+) -> Path:
+    """Atomically write checkpoint `step` (the trainable weights by name, optimizer, RNG, loop state); keep the
+    last two."""
     from safetensors.torch import save_file
 
     tmp = Path(tempfile.mkdtemp(prefix=".ckpt-tmp-", dir=work))
     try:
-        weights = {n: p.detach().to("cpu").contiguous().clone() for n, p in _trainable(model).items()}
+        weights = {n: p.detach().to("cpu").contiguous().clone() for n, p in trainable.items()}
         save_file(weights, str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         rng_tensors, rng_meta = _rng_state()
@@ -506,12 +510,13 @@ def save_checkpoint(work: Path, step: int, model: Any, optimizer: Any, state: di
     return final
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: Any) -> dict[str, Any]:
-    """Restore weights, optimizer and RNG from a checkpoint folder; return its loop state."""
+def load_checkpoint(path: Path, trainable: dict[str, Any], optimizer: Any) -> dict[str, Any]:
+    """Restore the trainable weights (by name), optimizer and RNG from a checkpoint folder; return its loop
+    state."""
     from safetensors.torch import load_file
 
     weights = load_file(str(path / "trainable.safetensors"))
-    params = _trainable(model)
+    params = trainable
     if set(weights) != set(params):
         raise ZipkdError(f"checkpoint {path} does not match the model being trained; delete it to start over")
     with torch.no_grad():
@@ -539,7 +544,7 @@ def fast_bf16(device: str) -> bool:
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """`auto` → `bf16` (mixed precision: fp32 master weights, bf16 autocast) on fast-bf16 hardware, else `fp32`."""
+    """`auto` → `bf16` (mixed precision: bf16 compute, fp32 master weights) on fast-bf16 hardware, else `fp32`."""
     if precision != "auto":
         return precision
     return "bf16" if fast_bf16(device) else "fp32"
@@ -599,13 +604,18 @@ def train(
                 for p in module.parameters() if module is not None else ():
                     p.requires_grad_(False)
     model.train()
-    params = list(_trainable(model).values())
+    # what the optimizer steps and checkpoints hold: the model's own weights, or fp32 masters of bf16 ones
+    model.to(acc.device)  # the masters live where the weights do
+    weights = TrainWeights(model, resolve_precision(cfg.precision, device) == "bf16" and cfg.bf16_weights)
+    params = weights.params
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
+    # the fused kernel (CPU and CUDA, fp32 weights: the masters in bf16) steps 40M weights in 33 ms on 2 cores
+    # against 170 ms for the per-tensor loop (BENCHMARKS.md "Recovery throughput with bf16 weights")
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.learning_rate,
-        foreach=False,
+        **({"fused": True} if acc.device.type in ("cpu", "cuda") else {"foreach": False}),
     )
     s_scale = _head_scale(model) if cfg.fused_loss else None
     t_scale = (
@@ -626,7 +636,8 @@ def train(
     start = 0
     ckpts = _checkpoints(work)
     if ckpts:
-        state = load_checkpoint(ckpts[-1][1], model, optimizer)
+        state = load_checkpoint(ckpts[-1][1], weights.named, optimizer)
+        weights.push()
         start = int(state["step"])
     rank, world = acc.process_index, acc.num_processes
     if cfg.batch_size % world:
@@ -670,7 +681,7 @@ def train(
             progress.update(task, total=steps)
         return steps, replace(cfg, steps=steps)
 
-    with reuse_freed_memory(acc.device.type == "cpu"):
+    with reuse_freed_memory(acc.device.type == "cpu"), weights:  # fp32 weights again on the way out
         while total is None or step < total:
             if total is None and step >= decide_at:  # resumed from a checkpoint that has no plan
                 total, sched = plan(step)
@@ -706,9 +717,11 @@ def train(
                         logits, labels[select], t_out, cfg.kd, cfg.kd_weight, cfg.temperature
                     )
             acc.backward(loss)
+            weights.take_grads()
             acc.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            weights.push()
             n_tok, n_tgt = int(attn[:, :-1].sum()) * world, int(select.sum()) * world
             tokens_here += n_tok
             state["tokens"] += n_tok
@@ -733,7 +746,7 @@ def train(
             if done % cfg.checkpoint_every == 0 and (total is None or done < total) and not stop:
                 if acc.is_main_process:
                     keep = {k: state[k] for k in ("losses", "tokens", "target_tokens")}
-                    save_checkpoint(work, done, model, optimizer, {**keep, "planned_steps": total})
+                    save_checkpoint(work, done, weights.named, optimizer, {**keep, "planned_steps": total})
                 acc.wait_for_everyone()
             if callback is not None:
                 callback(done, {"loss": state["losses"][-1], "tokens_per_s": tps, **parts})
@@ -743,7 +756,7 @@ def train(
                 break
     steps_done = step
     seconds = time.perf_counter() - t0
-    final = acc.unwrap_model(wrapped).lm
+    final = acc.unwrap_model(wrapped).lm  # in fp32 again (LoRA merges into the fp32 base)
     if cfg.method == "lora":
         final = final.merge_and_unload()
     final.eval()
