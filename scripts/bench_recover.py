@@ -140,7 +140,8 @@ def retention(m: dict, dense: dict) -> float:
 def throughput(args) -> int:
     """Tokens/s of recovery steps on the 2x model: the earlier code path (padded batches, the plain head/loss:
     `pack=False, fused_loss=False`, fp32) against the current one (packed batches, the fused head/loss, the
-    default precision) and the current one in fp32, timed alternately (2 rounds of `--throughput-steps` steps,
+    default precision) and the current one in fp32 (and, where the default is bf16, the defaults with fp32 weights
+    under autocast instead of bf16 weights), timed alternately (2 rounds of `--throughput-steps` steps,
     default 12, the first step of a run not counted) on the real training mix: fine-tuning examples (original responses) and the default mixing text at the default ratio, the default KD.
     Both paths train on the same examples with the same loss; tokens are the sequences' real tokens."""
     import copy
@@ -176,6 +177,9 @@ def throughput(args) -> int:
         "current code, same work (fp32, KD forward 0.5)": dict(precision="fp32", kd="forward", kd_weight=0.5),
         f"current defaults (kd {TrainConfig().kd}, precision auto = {resolve_precision('auto', 'cpu')})": {},
     }
+    # the bf16 weights' share: the defaults with fp32 weights under autocast alone
+    if resolve_precision("auto", "cpu") == "bf16":
+        paths["current defaults, fp32 weights under bf16 autocast"] = dict(bf16_weights=False)
     rates: dict[str, list[float]] = {name: [] for name in paths}
     import tempfile
 
@@ -205,8 +209,13 @@ def throughput(args) -> int:
             rate = per_step * (steps - 1) / sum(times[1:])
             rates[name].append(rate)
             log(f"round {r + 1} {name}: {rate:.0f} tok/s")
-    old, mid, new = (statistics.median(v) for v in rates.values())
+    old, mid, new, *autocast = (statistics.median(v) for v in rates.values())
     log(f"current code, same work: {mid:.0f} tok/s ({mid / old:.2f}x the earlier path)")
+    if autocast:
+        log(
+            f"current defaults under autocast alone: {autocast[0]:.0f} tok/s ({autocast[0] / old:.2f}x); bf16 "
+            f"weights {new / autocast[0]:.2f}x that"
+        )
     print(
         f"\nRecovery step throughput, 2x SmolLM2 ({args.pruner}), batch {args.batch_size}, mix ratio "
         f"{TrainConfig().mix_ratio}, this CPU: earlier path {old:.0f} tok/s, current code on the same work "

@@ -27,3 +27,22 @@ def test_gpu_layout_smoke(tmp_path):
     )
     uni = res["checks"]["c_layouts_decode_eager"]["uniform"]
     assert uni["layers"] >= 1 and min(uni["shape"]) >= 1
+
+
+def test_gpu_recover_smoke(tmp_path):
+    """The recovery GPU check on tiny shapes: both training paths (the earlier KD + autocast one and the current
+    defaults with bf16 weights) run and report tokens/s, and the interrupted run resumes bit-identical."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_recover.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads((tmp_path / "gpu_recover.json").read_text())
+    assert res["resume"]["bit_identical"] and res["resume"]["resumed_from"] == 3
+    for path in ("earlier", "current"):
+        row = res["train"][path]
+        assert row["steps"] >= 4 and row["tokens_per_s"] > 0
+    assert res["train"]["current"]["config"]["bf16_weights"] is True

@@ -516,11 +516,10 @@ def load_checkpoint(path: Path, trainable: dict[str, Any], optimizer: Any) -> di
     from safetensors.torch import load_file
 
     weights = load_file(str(path / "trainable.safetensors"))
-    params = trainable
-    if set(weights) != set(params):
+    if set(weights) != set(trainable):
         raise ZipkdError(f"checkpoint {path} does not match the model being trained; delete it to start over")
     with torch.no_grad():
-        for n, p in params.items():
+        for n, p in trainable.items():
             p.copy_(weights[n].to(p.device))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     state = json.loads((path / "state.json").read_text())
