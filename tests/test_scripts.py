@@ -11,16 +11,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_layout_smoke(tmp_path):
+def _smoke(script: str, out: Path) -> dict:
+    """Run `scripts/SCRIPT.py --smoke --out OUT`; its exit status must be 0; return its JSON result."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gpu_layout.py"), "--smoke", "--out", str(tmp_path)],
+        [sys.executable, str(ROOT / "scripts" / f"{script}.py"), "--smoke", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    res = json.loads((tmp_path / "gpu_layout.json").read_text())
+    return json.loads((out / f"{script}.json").read_text())
+
+
+def test_gpu_layout_smoke(tmp_path):
+    res = _smoke("gpu_layout", tmp_path)
     assert res["ok"] and res["stage"] == "done"
     assert {"a_decode_eager", "b_prune_prefill", "b_prune_decode_eager", "c_layouts_decode_eager"} <= set(
         res["checks"]
@@ -32,15 +37,7 @@ def test_gpu_layout_smoke(tmp_path):
 def test_gpu_recover_smoke(tmp_path):
     """The recovery GPU check on tiny shapes: both training paths (the earlier KD + autocast one and the current
     defaults with bf16 weights) run and report tokens/s, and the interrupted run resumes bit-identical."""
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gpu_recover.py"), "--smoke", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    res = json.loads((tmp_path / "gpu_recover.json").read_text())
+    res = _smoke("gpu_recover", tmp_path)
     assert res["resume"]["bit_identical"] and res["resume"]["resumed_from"] == 3
     for path in ("earlier", "current"):
         row = res["train"][path]
