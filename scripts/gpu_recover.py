@@ -265,7 +265,7 @@ def main() -> int:
         out["train_tokens_per_s"] = cur.get("tokens_per_s")  # the headline: the current defaults
         out["train_steps"] = cur["steps"]
         out["train_loss_first5"], out["train_loss_last5"] = cur["loss_first5"], cur["loss_last5"]
-        out["includes_checkpoints_every"] = 50
+        out["includes_checkpoints_every"] = cfg.checkpoint_every
         if device == "cuda":
             out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     except (TimeoutError, Budget) as exc:

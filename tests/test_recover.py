@@ -499,6 +499,22 @@ def test_bf16_weights_hold_fp32_masters_and_restore_the_model():
     assert any(not torch.equal(p, before[n]) for n, p in lm.named_parameters())  # the masters kept the step
 
 
+def test_bf16_weights_give_a_weight_that_was_bf16_an_fp32_master_and_keep_its_dtype():
+    """A weight that is bf16 already (a bf16 model passed in) is stepped as an fp32 master of its own; restoring
+    leaves it bf16, holding the master's rounding."""
+    lm = tiny_lm()
+    norm = lm.model.norm.weight
+    norm.data = norm.data.to(torch.bfloat16)
+    weights = TrainWeights(lm, bf16=True)
+    name = next(n for n, p in lm.named_parameters() if p is norm)
+    assert weights.named[name].dtype == torch.float32 and torch.equal(weights.named[name], norm.float())
+    with torch.no_grad():
+        weights.named[name].add_(0.25)
+    weights.push()
+    weights.restore()
+    assert norm.dtype == torch.bfloat16 and torch.equal(norm, weights.named[name].to(torch.bfloat16))
+
+
 def test_bf16_weights_train_like_fp32_weights_under_autocast(tmp_path):
     """Six steps with bf16 weights and fp32 masters against fp32 weights under bf16 autocast (the earlier path):
     both move every trained weight the same way (per tensor, the cosine of the two updates is above 0.9; bf16

@@ -31,7 +31,11 @@ class TrainWeights:
             if p.dtype == torch.float32:
                 self._fp32[n] = p.data
                 p.data = p.data.to(torch.bfloat16)
-        self.named = {n: torch.nn.Parameter(self._fp32[n]) for n in self._params}
+        # a weight that was not fp32 to begin with (a bf16 model passed in) gets an fp32 master of its own
+        self.named = {
+            n: torch.nn.Parameter(self._fp32[n] if n in self._fp32 else p.data.float())
+            for n, p in self._params.items()
+        }
 
     @property
     def params(self) -> list[torch.Tensor]:
