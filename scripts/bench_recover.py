@@ -170,15 +170,16 @@ def throughput(args) -> int:
     # `precision auto` meant fp32 on every CPU without AMX, and forward KL at weight 0.5 was the default. The
     # middle arm does the same work as the earlier one with the current code (the code's share of the gain); the
     # last runs the current defaults (no teacher forward pass; bf16 where the CPU has it).
+    auto = resolve_precision("auto", "cpu")
     paths = {
         "earlier (padded, plain loss, fp32, KD forward 0.5)": dict(
             pack=False, fused_loss=False, precision="fp32", kd="forward", kd_weight=0.5
         ),
         "current code, same work (fp32, KD forward 0.5)": dict(precision="fp32", kd="forward", kd_weight=0.5),
-        f"current defaults (kd {TrainConfig().kd}, precision auto = {resolve_precision('auto', 'cpu')})": {},
+        f"current defaults (kd {TrainConfig().kd}, precision auto = {auto})": {},
     }
     # the bf16 weights' share: the defaults with fp32 weights under autocast alone
-    if resolve_precision("auto", "cpu") == "bf16":
+    if auto == "bf16":
         paths["current defaults, fp32 weights under bf16 autocast"] = dict(bf16_weights=False)
     rates: dict[str, list[float]] = {name: [] for name in paths}
     import tempfile
@@ -225,13 +226,13 @@ def throughput(args) -> int:
     return 0 if new / old >= 4 else 1
 
 
-# the numeric or named knobs `--choose` can compare: (TrainConfig field, how a grid value is read)
 def _flag(text: str) -> bool:
     if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
         raise SystemExit(f"bench_recover: {text!r} is not a true/false value")
     return text.lower() in ("true", "1", "yes")
 
 
+# the numeric or named knobs `--choose` can compare: (TrainConfig field, how a grid value is read)
 KNOBS = {
     "lr": ("lr", float),
     "bf16-weights": ("bf16_weights", _flag),

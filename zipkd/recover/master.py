@@ -1,7 +1,9 @@
 """Mixed precision with bf16 weights: the model computes with bf16 copies of its weights and the optimizer steps
 fp32 master copies (the scheme of Megatron-LM's and DeepSpeed's bf16 optimizers). Under autocast alone, fp32
 weights and an fp32 residual stream are cast to bf16 at every matrix product and back around every norm; with bf16
-weights those casts are gone (BENCHMARKS.md "Recovery throughput with bf16 weights").
+weights those casts are gone. In the training loop that is worth little on a CPU (2.5-3% a step on a 2-core
+AVX512-BF16 EPYC, where the allocator already keeps the casts' memory; BENCHMARKS.md "Recovery throughput with bf16
+weights"), with development-text quality tied with autocast.
 
 `TrainWeights` is what the loop and its checkpoints see as the trainable weights: the model's own parameters
 when it computes in fp32, else the fp32 masters; `restore()` (or leaving its `with` block, an error included) puts
@@ -65,7 +67,8 @@ class TrainWeights:
         self.restore()
 
     def restore(self) -> None:
-        """The model back in fp32: the masters for the trained weights, the kept originals for the rest."""
+        """The model back in its own dtypes (fp32): the masters for the trained weights, the kept originals for
+        the rest (a weight that came in bf16 stays bf16, holding its master's rounding, as `push` left it)."""
         if not self.bf16:
             return
         for n, p in self.model.named_parameters():
