@@ -499,6 +499,29 @@ def test_bf16_weights_hold_fp32_masters_and_restore_the_model():
     assert any(not torch.equal(p, before[n]) for n, p in lm.named_parameters())  # the masters kept the step
 
 
+def test_a_failed_setup_hands_a_library_callers_model_back_in_fp32(tmp_path, monkeypatch):
+    """bf16 weights are made before the setup that can fail (accelerate's prepare, a checkpoint that does not
+    load): an error there leaves the caller's model object in fp32, its weights untouched."""
+    import accelerate
+
+    import zipkd.recover.train as train_mod
+    from zipkd.recover.data import TrainSeq
+
+    lm = tiny_lm()
+    before = {n: p.detach().clone() for n, p in lm.named_parameters()}
+
+    def broken(*a, **k):
+        raise RuntimeError("prepare failed")
+
+    monkeypatch.setattr(accelerate.Accelerator, "prepare", broken)
+    qa = [TrainSeq([5, 6, 7, 8], [True] * 4)]
+    cfg = TrainConfig(steps=2, batch_size=1, precision="bf16", mix_ratio=0.0)
+    with pytest.raises(RuntimeError, match="prepare failed"):
+        train_mod.train(lm, None, qa, [], cfg, tmp_path / "work", 0)
+    for n, p in lm.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, before[n]), n
+
+
 def test_bf16_weights_give_a_weight_that_was_bf16_an_fp32_master_and_keep_its_dtype():
     """A weight that is bf16 already (a bf16 model passed in) is stepped as an fp32 master of its own; restoring
     leaves it bf16, holding the master's rounding."""

@@ -606,49 +606,56 @@ def train(
     # what the optimizer steps and checkpoints hold: the model's own weights, or fp32 masters of bf16 ones
     model.to(acc.device)  # the masters live where the weights do
     weights = TrainWeights(model, resolve_precision(cfg.precision, device) == "bf16" and cfg.bf16_weights)
-    params = weights.params
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    # the fused kernel (CPU and CUDA, fp32 weights: the masters in bf16) steps 40M weights in 33 ms on 2 cores
-    # against 170 ms for the per-tensor loop (BENCHMARKS.md "Recovery throughput with bf16 weights")
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.learning_rate,
-        **({"fused": True} if acc.device.type in ("cpu", "cuda") else {"foreach": False}),
-    )
-    s_scale = _head_scale(model) if cfg.fused_loss else None
-    t_scale = (
-        _head_scale(teacher) if (s_scale is not None and teacher is not None and cfg.uses_teacher) else 1.0
-    )
-    fused = s_scale is not None and t_scale is not None
-    student_module = FusedStudent(model, cfg, s_scale) if fused else SelectedLogits(model)
-    wrapped, optimizer = acc.prepare(student_module, optimizer)
-    if teacher is not None and cfg.uses_teacher:
-        teacher = teacher.to(acc.device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        teacher_head = SelectedHidden(teacher) if fused else SelectedLogits(teacher)
-    else:
-        teacher_head = None
+    try:  # a setup that fails (prepare, a checkpoint that does not load) hands the model back in fp32 too
+        params = weights.params
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        # the fused kernel (CPU and CUDA, fp32 weights: the masters in bf16) steps 40M weights in 33 ms on 2 cores
+        # against 170 ms for the per-tensor loop (BENCHMARKS.md "Recovery throughput with bf16 weights")
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.learning_rate,
+            **({"fused": True} if acc.device.type in ("cpu", "cuda") else {"foreach": False}),
+        )
+        s_scale = _head_scale(model) if cfg.fused_loss else None
+        t_scale = (
+            _head_scale(teacher)
+            if (s_scale is not None and teacher is not None and cfg.uses_teacher)
+            else 1.0
+        )
+        fused = s_scale is not None and t_scale is not None
+        student_module = FusedStudent(model, cfg, s_scale) if fused else SelectedLogits(model)
+        wrapped, optimizer = acc.prepare(student_module, optimizer)
+        if teacher is not None and cfg.uses_teacher:
+            teacher = teacher.to(acc.device).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            teacher_head = SelectedHidden(teacher) if fused else SelectedLogits(teacher)
+        else:
+            teacher_head = None
 
-    state: dict[str, Any] = {"losses": [], "tokens": 0, "target_tokens": 0}
-    start = 0
-    ckpts = _checkpoints(work)
-    if ckpts:
-        state = load_checkpoint(ckpts[-1][1], weights.named, optimizer)
-        weights.push()
-        start = int(state["step"])
-    rank, world = acc.process_index, acc.num_processes
-    if cfg.batch_size % world:
-        raise ZipkdError(f"batch size {cfg.batch_size} must be divisible by the {world} processes")
-    # the step count: --steps, or planned from a token budget (the data order) or a time budget (the speed of
-    # the first steps, fixed before any step whose learning rate depends on it and before the first checkpoint)
-    total: int | None = state.get("planned_steps")
-    if total is None:
-        if cfg.tokens is not None:
-            total = steps_for_tokens(qa, text, cfg)
-        elif cfg.budget is None:
-            total = cfg.steps
+        state: dict[str, Any] = {"losses": [], "tokens": 0, "target_tokens": 0}
+        start = 0
+        ckpts = _checkpoints(work)
+        if ckpts:
+            state = load_checkpoint(ckpts[-1][1], weights.named, optimizer)
+            weights.push()
+            start = int(state["step"])
+        rank, world = acc.process_index, acc.num_processes
+        if cfg.batch_size % world:
+            raise ZipkdError(f"batch size {cfg.batch_size} must be divisible by the {world} processes")
+        # the step count: --steps, or planned from a token budget (the data order) or a time budget (the speed of
+        # the first steps, fixed before any step whose learning rate depends on it and before the first checkpoint)
+        total: int | None = state.get("planned_steps")
+        if total is None:
+            if cfg.tokens is not None:
+                total = steps_for_tokens(qa, text, cfg)
+            elif cfg.budget is None:
+                total = cfg.steps
+    except BaseException:
+        weights.restore()
+        raise
+
     # a time budget's step count is fixed at the end of the warm-up (before the first checkpoint) from the speed
     # of the steps after the first; a provisional count halfway through the warm-up sets the peak learning rate
     # the second half of the ramp heads for (the first steps run slow: a count fixed there comes out short)
