@@ -636,11 +636,13 @@ def main() -> int:
         result["sdd_alone_beats_plain_sft"] = scores["sdd"]["retention"] > base["retention"]
     (root / "bench_recover.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
 
+    from zipkd.evaluate.harness import PRIMARY_METRIC
+
     names = list(d["domains"])
     print(
         "\n[4/4] results (held-out perplexity, 512-token windows, "
         + f"{args.ppl_tokens} tokens per domain; "
-        + ", ".join(f"{t} acc_norm" for t in tasks)
+        + ", ".join(f"{t} {PRIMARY_METRIC.get(t, 'acc')}" for t in tasks)  # the scores' metric
         + f", {args.limit} questions each)"
     )
     print(

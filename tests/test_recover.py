@@ -951,8 +951,11 @@ def test_time_budget_warms_up_toward_the_planned_runs_default_lr(tmp_path, monke
     out = recover(str(pruned), cfg, tmp_path / "out")
     metrics = json.loads((out / "zipkd.json").read_text())["metrics"]
     # readings: start 0 (deadline 30), loop start 1, step ends 2, 3, provisional count at 4, step ends 5, 6, the
-    # count at 7 from the steps after the first: 4 + ⌊(30 − 7)·0.97 / ((6 − 2) / 3)⌋ = 20 (then 1 s a step)
-    assert metrics["steps"] == 4 + int((30 - 7) * 0.97 // (4 / 3)) == 20 and metrics["peak_lr"] == 1e-3
+    # count at 7 from the steps after the first: 4 + ⌊(30 − 7)·0.97 / ((6 − 2) / 3)⌋ = 20. Then 1 s a step (step k
+    # ends at k + 3); at step 16 (ends 19) the count grows from the speed since step 4, (19 − 6) / 12, and the
+    # reading 20: 16 + ⌊(30 − 20)·0.97 / (13 / 12)⌋ = 24
+    assert 4 + int((30 - 7) * 0.97 // (4 / 3)) == 20
+    assert metrics["steps"] == 16 + int((30 - 20) * 0.97 // (13 / 12)) == 24 and metrics["peak_lr"] == 1e-3
     peaks = [(s, peak) for s, peak, _ in seen[:5]]
     assert peaks == [(0, 3e-4), (1, 3e-4), (2, 1e-3), (3, 1e-3), (4, 1e-3)]
     ramp = [lr for s, _, lr in seen if s < 4]
@@ -977,10 +980,41 @@ def test_time_budget_stops_before_the_deadline_when_later_steps_run_slower(tmp_p
     cfg = _config(tmp_path, budget=30, warmup_steps=2, checkpoint_every=100, steps=999)
     out = recover(str(pruned), cfg, tmp_path / "out")
     steps = json.loads((out / "zipkd.json").read_text())["metrics"]["steps"]
-    # planned 2 + ⌊(30−4)·0.97⌋ = 27 steps at 1 s; at 3 s a step, step k ends at 3k − 2: step 10 ends at 28 and
-    # step 11 would end at 31 > 30, so 10 steps run
-    assert steps == 10
+    # planned 2 + ⌊(30−4)·0.97⌋ = 27 steps at 1 s; at 3 s a reading, step k ends at 3k − 2 up to step 8 (22),
+    # where the extension reads the clock (25: 8 + ⌊(30 − 25)·0.97 / (19 / 6)⌋ = 9 steps, no extension); step 9
+    # ends at 28 and step 10 would end at 34 > 30, so 9 steps run
+    assert steps == 9
     assert max(r for r in readings if r <= 30) == 28.0
+
+
+def test_time_budget_extends_the_count_when_later_steps_run_faster(tmp_path, monkeypatch):
+    """Warm-up steps that run slow (3 s) plan too few steps for the budget; at step 4·2 = 8 (four times the plan's
+    step) the count grows from the speed since the plan (1 s a step), so the run uses its budget instead of
+    stopping with a third of it left. The same run without the extension point (it lies past the planned count)
+    keeps the short plan."""
+    import zipkd.recover.train as train_mod
+
+    def run(name: str, budget: int) -> tuple[int, list[float]]:
+        readings: list[float] = []
+
+        def clock() -> float:  # 3 s per reading up to the plan (reading 4), then 1 s per reading
+            n = len(readings)
+            readings.append(3.0 * n if n <= 4 else 12.0 + (n - 4))
+            return readings[-1]
+
+        monkeypatch.setattr(train_mod, "_clock", clock)
+        cfg = _config(tmp_path, budget=budget, warmup_steps=2, checkpoint_every=100, steps=999)
+        out = recover(str(pruned), cfg, tmp_path / name)
+        return json.loads((out / "zipkd.json").read_text())["metrics"]["steps"], readings
+
+    dense, pruned = make_chain(tmp_path)
+    steps, readings = run("long", 48)
+    # readings: 0 the start, 3 the loop's start, 6 and 9 steps 1-2, 12 the plan: 2 + ⌊(48−12)·0.97 / 3⌋ = 13
+    # steps. Then 1 s a reading: step k ends at k + 10, step 8 at 18; the speed since step 2, (18 − 9) / 6, and
+    # the reading 19 give 8 + ⌊(48 − 19)·0.97 / 1.5⌋ = 26 steps, the last ending at 37
+    assert steps == 26 and max(readings) == 37
+    short, _ = run("short", 20)  # plans 2 + ⌊(20−12)·0.97/3⌋ = 4 steps: step 8 never comes
+    assert short == 4
 
 
 def test_cli_recover_rejects_a_bad_budget_in_one_line(tmp_path):

@@ -273,7 +273,9 @@ def _recover(
         device=device,
         progress=progress,
         callback=callback,
-        deadline=(started or clock()) + cfg.budget if cfg.budget is not None else None,
+        deadline=(started if started is not None else clock()) + cfg.budget
+        if cfg.budget is not None
+        else None,
     )
 
     if not dist.is_main_process:
