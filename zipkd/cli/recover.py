@@ -87,8 +87,9 @@ def recover(
         str | None,
         typer.Option(
             help="Finish within this wall time instead of --steps, e.g. 20m, 90s, 1.5h, counted from the start "
-            "(teacher rewrites included). The step count is fixed from the speed of the warm-up steps and "
-            "recorded in the manifest; rerun with --steps N to repeat the run elsewhere.",
+            "(teacher rewrites included). The step count is planned from the speed of the warm-up steps (it may "
+            "grow once, when later steps run faster) and recorded in the manifest; rerun with --steps N to repeat "
+            "the run elsewhere.",
             rich_help_panel=TRAIN,
             show_default=False,
         ),

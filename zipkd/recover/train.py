@@ -69,7 +69,8 @@ class TrainConfig:
     steps: int = 200
     # a budget instead of `steps` (at most one): student tokens ("2M", "500k", 2000000; the step count follows
     # from the data order before training), or wall time ("20m", "90s", "1.5h"; counted from the start of
-    # `recover`, teacher rewrites included: the step count is fixed from the speed of the warm-up steps)
+    # `recover`, teacher rewrites included: the step count is planned from the speed of the warm-up steps and
+    # may grow once, at four times that step, from the speed since)
     tokens: int | str | None = None
     budget: float | str | None = None  # seconds once validated
     batch_size: int = 8
