@@ -664,8 +664,9 @@ def train(
     peak_at = min(max(2, cfg.warmup_steps // 2), decide_at)
     # the warm-up steps run slower than the later ones (caches, the allocator growing), so the count fixed there
     # leaves part of the budget unused (about 9% at 30 minutes); at `extend_at` the count may grow, from the
-    # speed of the steps since the plan (only up: a slower pace is the deadline guard's). Only a run that made its
-    # plan here extends it: a resumed run keeps the count its checkpoint stored.
+    # speed of the steps since the plan (only up: a slower pace is the deadline guard's); the cosine stretches to
+    # the new count, its peak by the run-length rule. Only a run that made its plan here extends it: a resumed run
+    # keeps the count its checkpoint stored.
     extend_at = 4 * decide_at if total is None else None
     if deadline is None and cfg.budget is not None:
         deadline = _clock() + cfg.budget
