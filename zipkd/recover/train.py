@@ -753,9 +753,10 @@ def train(
             elif total is None and done == peak_at:
                 sched = plan(done)[1]
             elif deadline is not None and done < (total or 0):
-                if done == extend_at:
-                    since = ends[max(0, decide_at - start - 1) :]  # the ends of the steps since the plan
-                    longer = main_decides(_plan_for_deadline(done, since, deadline, first_is_warm=True))
+                since = ends[max(0, decide_at - start - 1) :] if done == extend_at else []
+                if len(since) >= 2:  # the ends of the steps since the plan, at the extension's step
+                    pace = (since[-1] - since[0]) / (len(since) - 1)
+                    longer = main_decides(_steps_that_fit(done, pace, deadline))
                     if longer > total:
                         total, sched = longer, replace(cfg, steps=longer)
                         if task is not None:
@@ -804,20 +805,20 @@ def _next_step_ends(start: float, ends: Sequence[float]) -> float:
     return 2 * ends[-1] - previous
 
 
-def _plan_for_deadline(
-    step: int, times: Sequence[float], deadline: float | None, first_is_warm: bool = False
-) -> int:
+def _plan_for_deadline(step: int, times: Sequence[float], deadline: float | None) -> int:
     """Total steps that fit before `deadline`, from `times` (the loop's start, then the end of every step run
-    here; the first step, which warms caches up, is left out when there are others; `first_is_warm`: `times`
-    are step ends, all of warm steps); a 3% reserve covers the final save."""
+    here; the first step, which warms caches up, is left out when there are others)."""
     if deadline is None or len(times) < 2:
         return step
-    if first_is_warm:
-        per_step = (times[-1] - times[0]) / (len(times) - 1)
-    elif len(times) >= 3:
+    if len(times) >= 3:
         per_step = (times[-1] - times[1]) / (len(times) - 2)
     else:
         per_step = times[1] - times[0]
+    return _steps_that_fit(step, per_step, deadline)
+
+
+def _steps_that_fit(step: int, per_step: float, deadline: float) -> int:
+    """`step` plus the steps of `per_step` seconds that end before `deadline`; a 3% reserve covers the final save."""
     left = (deadline - _clock()) * 0.97
     return step + max(0, int(left // max(per_step, 1e-6)))
 
