@@ -266,11 +266,83 @@ def test_singular_hessian_writes_no_nan():
     assert torch.isfinite(logits(r.model, held_out_ids())).all()
 
 
-def test_already_pruned_model_is_refused():
-    lm = LM(tiny(), char_tokenizer())
-    (r,) = prune(lm, cfg(target_speedup=2.0), calib_texts=TEXT, table=table())
-    with pytest.raises(ZipkdError, match="already pruned"):
-        prune(LM(r.model, lm.tokenizer), cfg(), calib_texts=TEXT, table=table())
+def hand_pruned(seed: int = 0):
+    """A tiny model pruned by hand in every way a pruned layer can look: layer 0 without attention, layer 1
+    dropped, layer 2 with 48 of its 64 MLP channels."""
+    import copy
+
+    from zipkd.models.adapters import adapter_for
+    from zipkd.models.surgery import remove_attention, remove_mlp, slice_mlp, sync_config
+
+    model = copy.deepcopy(tiny(seed))
+    ad = adapter_for(model.config)
+    layers = ad.layers(model)
+    remove_attention(layers[0], ad)
+    remove_attention(layers[1], ad)
+    remove_mlp(layers[1], ad)
+    slice_mlp(layers[2], ad, torch.arange(48))
+    sync_config(model)
+    return model
+
+
+def test_a_pruned_model_prunes_further(tmp_path):
+    """The ZipLM family schedule's second cut: a pruned model (removed blocks, a dropped layer, a narrow MLP) is
+    pruned further to a speedup over its unpruned base; nothing comes back, the input is left alone, the result
+    reloads with the same logits, and the OBS re-fit beats plain slicing at the same structure."""
+    from zipkd.models.io import load_model
+    from zipkd.models.surgery import LayerShape, layer_shapes
+    from zipkd.prune.api import build, select_structure
+    from zipkd.prune.driver import apply_choice
+
+    model = hand_pruned()
+    lm = LM(model, char_tokenizer())
+    tab = table()
+    own = layer_shapes(model)
+    assert own == [LayerShape(0, INTER), LayerShape(KV, 48)]
+    start = tab.predict_speedup(own)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = cfg(target_speedup=round(start * 1.4, 3))
+    (r,) = prune(lm, config, calib_texts=TEXT, table=tab)
+    assert r.predicted_speedup >= config.targets[0] * (1 - 1e-9)
+    assert tab.predict(r.shapes) <= tab.dense_ms() / config.targets[0] * (1 + 1e-9)
+    assert len(r.shapes) == len(own)
+    for new, old in zip(r.shapes, own, strict=True):
+        assert new.kv_heads <= old.kv_heads and new.intermediate <= old.intermediate
+    assert r.info["input_predicted_speedup"] == pytest.approx(start)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    x = held_out_ids()
+    assert torch.isfinite(logits(r.model, x)).all()
+    (out,) = save_pruned(r, lm, tmp_path / "further", config)
+    back = load_model(out, tokenizer=False)
+    torch.testing.assert_close(logits(back.model, x), logits(r.model, x), rtol=0, atol=1e-5)
+
+    # the same structure, only sliced: further from the input model's outputs than the OBS re-fit
+    db, _ = build(lm, config, tab, TEXT)
+    choice = select_structure(db, tab, config.targets[0], config)
+    sliced = apply_choice(model, db, choice.shapes, None, "none")
+    ref = logits(model, x)
+    err_obs = (logits(r.model, x) - ref).square().mean()
+    err_slice = (logits(sliced, x) - ref).square().mean()
+    assert err_obs < err_slice
+
+
+def test_repruning_refusals():
+    """What cannot prune a pruned model further says so before any calibration."""
+    from zipkd.models.surgery import layer_shapes
+
+    model = hand_pruned()
+    lm = LM(model, char_tokenizer())
+    start = table().predict_speedup(layer_shapes(model))
+    with pytest.raises(ZipkdError, match=r"already pruned to a predicted .*ask for more"):
+        prune(lm, cfg(target_speedup=start * 0.99), calib_texts=TEXT, table=table())
+    for method in ("magnitude", "shortgpt"):
+        with pytest.raises(ZipkdError, match="prunes only an unpruned model.*zipkd"):
+            prune(lm, cfg(target_speedup=3.0, method=method), calib_texts=TEXT, table=table())
+    with pytest.raises(ZipkdError, match="--layout uniform"):
+        prune(lm, cfg(target_speedup=3.0, layout="uniform"), calib_texts=TEXT, table=table())
+    odd = LatencyTable(Regime(), {}, 0.5, {k: 0.3 * k for k in range(KV + 1)}, {0: 0.0, 32: 0.6, 64: 1.2}, 3)
+    with pytest.raises(ZipkdError, match="off the latency table's grid"):
+        prune(lm, cfg(target_speedup=3.0), calib_texts=TEXT, table=odd)
 
 
 def test_cli(tmp_path):
@@ -306,6 +378,15 @@ def test_cli(tmp_path):
     assert (tmp_path / "fam" / "2x" / "zipkd.json").is_file()
     res = runner.invoke(app, ["prune", *base, "-t", "2x", "-o", str(tmp_path / "fam")])
     assert res.exit_code == 2 and "already exists" in res.stderr
+    # a pruned model prunes further (over the dense base), with a method that re-prunes
+    again = [str(tmp_path / "fam" / "1.5x"), *base[1:]]
+    res = runner.invoke(app, ["prune", *again, "-t", "2x", "-o", str(tmp_path / "again"), "--json"])
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(res.stdout)["results"]
+    assert row["predicted_speedup"] >= 2.0 * (1 - 1e-9)
+    res = runner.invoke(app, ["prune", *again, "-t", "2x", "--method", "shortgpt", "-o", str(tmp_path / "y")])
+    assert res.exit_code == 2 and "prunes only an unpruned model" in res.stderr
+    assert "Traceback" not in res.output and not (tmp_path / "y").exists()
     for bad in ("0.5", "abc"):
         res = runner.invoke(app, ["prune", *base, "-t", bad, "-o", str(tmp_path / "x")])
         assert res.exit_code == 2, res.output

@@ -80,7 +80,8 @@ def prune(
             "--target-speedup",
             "-t",
             help="Speedup target(s) on the regime: 2x, 2, 2.0, or a family 1.5x,2x,3x "
-            "(one output folder per target, OUT/1.5x, OUT/2x, ...).",
+            "(one output folder per target, OUT/1.5x, OUT/2x, ...). Always over the unpruned base model, also "
+            "when MODEL is pruned already.",
         ),
     ] = "2x",
     output: Annotated[
@@ -178,7 +179,11 @@ def prune(
     as_json: JsonOpt = False,
 ) -> None:
     """Prune MODEL to one or more measured speedup targets with structured OBS (ZipLM): per-layer databases of
-    KV groups and MLP channels on the latency table's grid, a DP search per target, one output per target."""
+    KV groups and MLP channels on the latency table's grid, a DP search per target, one output per target.
+
+    MODEL may be one zipkd pruned already, recovered or not: it is then pruned further from its own layer
+    shapes (ZipLM's family schedule: prune to 1.5x, recover, prune that to 2x), with --method zipkd or
+    wanda-sp, per layer, on the table it was pruned for."""
     from zipkd.cli.common import regime_from_options
     from zipkd.models.io import load_model
     from zipkd.prune import PruneConfig, save_pruned

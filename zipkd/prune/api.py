@@ -30,16 +30,17 @@ from zipkd.latency.table import LatencyTable, Regime
 from zipkd.manifest import set_seed
 from zipkd.models.formats import folder_format
 from zipkd.models.io import read_config, save_model
-from zipkd.models.surgery import LayerShape, base_geometry, pruned_in_config
+from zipkd.models.surgery import LayerShape, base_geometry, layer_shapes, pruned_in_config
 from zipkd.outputs import atomic_dir, check_output
 from zipkd.prune.database import ModelDatabase
 from zipkd.prune.driver import (
-    ALREADY_PRUNED,
     apply_choice,
     build_database,
     capture_inputs,
-    check_unpruned,
+    check_prunable,
+    check_reprunes,
     collect_fisher,
+    is_pruned,
 )
 from zipkd.prune.methods import METHODS, PruneMethod, get_method
 from zipkd.prune.search import (
@@ -160,7 +161,8 @@ def parse_calib(items: Sequence[str]) -> list[tuple[Path, float]]:
 
 @dataclass
 class PruneResult:
-    """One pruned model: its per-layer shapes (original layer order, 0 = block removed) and predictions."""
+    """One pruned model: its per-layer shapes (the input's layer order, 0 = block removed) and predictions
+    (speedups over the unpruned base model that the latency table describes)."""
 
     target: float
     model: Any
@@ -184,7 +186,8 @@ def target_label(target: float) -> str:
 
 def precheck(src: str | os.PathLike, config: PruneConfig) -> None:
     """Refusals from the model's config.json and the given latency table alone, before any weights load: a
-    quantized or already pruned model, a table for another model, an unreachable target."""
+    quantized model, an already pruned one that the method or layout cannot prune further, a table for another
+    model, an unreachable target."""
     src = Path(src)
     if src.suffix == ".gguf" or not src.is_dir():
         return
@@ -193,7 +196,7 @@ def precheck(src: str | os.PathLike, config: PruneConfig) -> None:
     if fmt is not None:
         raise ZipkdError(f"{src} is quantized; prune the unquantized model (then quantize the result)")
     if pruned_in_config(cfg):
-        raise ZipkdError(ALREADY_PRUNED)
+        check_repruning(config)
     if config.table is None:
         return
     tab = check_table_config(
@@ -201,6 +204,37 @@ def precheck(src: str | os.PathLike, config: PruneConfig) -> None:
     )
     method = config.pruning_method
     check_reachable(tab, config.targets, method.uniform, method.whole_layers, config.layout)
+
+
+def check_repruning(
+    config: PruneConfig, shapes: Sequence[LayerShape] = (), table: LatencyTable | None = None
+) -> float | None:
+    """What pruning an already pruned model (the ZipLM family schedule: prune, recover, prune again) needs: a
+    method that re-prunes, the per-layer search, layer shapes on the table's grid and targets beyond the
+    model's own predicted speedup (targets are speedups over the unpruned base). Returns that speedup (None
+    without a table)."""
+    check_reprunes(config.pruning_method)
+    if config.layout == "uniform":
+        raise ZipkdError(
+            "--layout uniform prunes an unpruned model; an already pruned one is pruned further layer by layer "
+            "(--layout heterogeneous)"
+        )
+    if table is None:
+        return None
+    for s in shapes:
+        if s.kv_heads not in table.attention_ms or s.intermediate not in table.mlp_ms:
+            raise ZipkdError(
+                f"this pruned model has a layer ({s.kv_heads} KV groups, MLP width {s.intermediate}) off the "
+                "latency table's grid; prune it further with the table it was pruned for"
+            )
+    now = table.predict_speedup(shapes)
+    low = [t for t in config.targets if t <= now * (1 + 1e-9)]
+    if low:
+        raise ZipkdError(
+            f"this model is already pruned to a predicted {now:.2f}x of its unpruned base; targets are speedups "
+            f"over the base, so ask for more than {now:.2f}x (got {', '.join(target_label(t) for t in low)})"
+        )
+    return now
 
 
 def _module(lm: Any) -> Any:
@@ -286,7 +320,7 @@ def build(
     "sequential" refit needs (else None)."""
     method = config.pruning_method
     model = _module(lm)
-    check_unpruned(model)
+    check_prunable(model, method)
     set_seed(config.seed)
     device = torch.device(config.device or config.regime.device)
     meta: dict[str, Any] = {}
@@ -332,17 +366,23 @@ def prune_model(
     table: LatencyTable | str | os.PathLike | None = None,
 ) -> list[PruneResult]:
     """Prune `lm` (a LoadedModel or a bare model) to every target speedup in `config`; the input is not
-    modified. One calibration pass and one database serve all targets."""
+    modified. One calibration pass and one database serve all targets.
+
+    An already pruned input (with a method that `reprunes`) is pruned further from its own layer shapes, to
+    speedups over its unpruned base: the ZipLM family schedule (prune to 1.5x, recover, prune that to 2x)."""
     method = config.pruning_method
+    model = _module(lm)
+    check_prunable(model, method)  # before any profiling
     tab = table if isinstance(table, LatencyTable) else latency_table(lm, config, table, progress)
     check_reachable(
         tab, config.targets, method.uniform, method.whole_layers, config.layout
     )  # before any calibration
+    own = layer_shapes(model)
+    input_speedup = check_repruning(config, own, tab) if is_pruned(model) else None
     t0 = time.perf_counter()
     db, first = build(lm, config, tab, calib_texts, progress)
     # Every target is checked before any surgery, so an unreachable one fails fast.
     choices = [select_structure(db, tab, t, config) for t in config.targets]
-    model = _module(lm)
     device = torch.device(config.device or config.regime.device)
     refit = method.refit(config.sequential)
     results = []
@@ -366,6 +406,7 @@ def prune_model(
             "layout": layout_of(choice.shapes),
             "refit": refit,
             "surgery_s": round(time.perf_counter() - t1, 2),
+            "input_predicted_speedup": input_speedup,  # None: the input was unpruned
             "table": {
                 "path": tab.meta.get("cache_path") or (str(config.table) if config.table else None),
                 "regime": asdict(tab.regime),
@@ -378,7 +419,7 @@ def prune_model(
             PruneResult(
                 choice.target,
                 pruned,
-                choice.shapes,
+                choice.shapes[: len(own)],  # past them: the input's dropped layers, still dropped
                 choice.predicted_speedup,
                 choice.predicted_ms,
                 choice.dense_ms,

@@ -2,9 +2,10 @@
 
 Only the layer being processed moves to the compute device; calibration activations stay there between layers.
 
-1. `build_database`: one pass over the dense layers. For each layer, float32 Hessians of the inputs of o_proj and
+1. `build_database`: one pass over the layers. For each layer, float32 Hessians of the inputs of o_proj and
    down_proj (hooks, removed in `finally`) where the method needs them, block influence, then the layer's
-   database, built by the method (`zipkd.prune.methods`).
+   database, built by the method (`zipkd.prune.methods`). An already pruned model (a method that `reprunes`)
+   is pruned from its layers' own shapes; its dropped layers stay dropped (empty databases at the end).
 2. `apply_choice`: a copy of the model cut to a chosen structure. With the "sequential" refit (zipkd) the
    calibration inputs flow through the *already-pruned* earlier layers: each pruned o_proj/down_proj is
    re-fitted by least squares (the OBS update) on Hessians of its actual inputs. Baselines only slice.
@@ -23,19 +24,19 @@ from torch import nn
 from zipkd.errors import ZipkdError
 from zipkd.models.adapters import adapter_for
 from zipkd.models.surgery import (
+    LayerShape,
     base_geometry,
-    kv_heads_of,
+    layer_shapes,
     remove_attention,
     remove_mlp,
     slice_attention,
     slice_mlp,
     sync_config,
-    width_of,
 )
 from zipkd.prune import obs
 from zipkd.prune.baselines import BlockInfluence
 from zipkd.prune.database import LayerDatabase, ModelDatabase, attention_columns, expand_groups
-from zipkd.prune.methods import LayerStats, PruneMethod, get_method
+from zipkd.prune.methods import METHODS, LayerStats, PruneMethod, get_method
 
 _LOSS_ROWS = 2048  # tokens per chunk of the loss in the Fisher pass
 
@@ -180,23 +181,29 @@ def advance(
             acts.hidden[i] = out
 
 
-ALREADY_PRUNED = (
-    "this model is already pruned; prune its unpruned base model instead (one database serves every target, "
-    "e.g. --target-speedup 1.5x,2x,3x)"
-)
-
-
-def check_unpruned(model: nn.Module) -> None:
-    ad = adapter_for(model.config)
+def is_pruned(model: nn.Module) -> bool:
+    """Does the model keep fewer layers, KV groups or MLP channels than its base?"""
     geo = base_geometry(model.config)
-    layers = ad.layers(model)
-    full = all(
-        kv_heads_of(layer, ad, geo.head_dim) == geo.num_kv_heads
-        and width_of(layer, ad) == geo.intermediate_size
-        for layer in layers
-    )
-    if not full or len(layers) != geo.num_layers:
-        raise ZipkdError(ALREADY_PRUNED)
+    shapes = layer_shapes(model)
+    full = LayerShape(geo.num_kv_heads, geo.intermediate_size)
+    return len(shapes) != geo.num_layers or any(s != full for s in shapes)
+
+
+def check_prunable(model: nn.Module, method: str | PruneMethod) -> None:
+    """A pruned model is refused unless the method prunes pruned models further (`reprunes`)."""
+    if is_pruned(model):
+        check_reprunes(method)
+
+
+def check_reprunes(method: str | PruneMethod) -> None:
+    """Refuse a method that cannot prune an already pruned model, naming those that can."""
+    m = get_method(method)
+    if not m.reprunes:
+        repruners = ", ".join(k.name for k in METHODS.values() if k.reprunes)
+        raise ZipkdError(
+            f"this model is already pruned and --method {m.name} prunes only an unpruned model; prune its "
+            f"base model, or prune further with a method that re-prunes ({repruners})"
+        )
 
 
 def collect_fisher(
@@ -301,8 +308,13 @@ def _grad_hook(module: nn.Module, acc: torch.Tensor):
 
 
 def _levels(sizes: list[int], full: int) -> list[int]:
-    out = sorted({s for s in sizes if 0 <= s <= full} | {full})
-    return out
+    """The grid's sizes a block of `full` structures can be cut to, `full` itself included (0 stays 0)."""
+    return sorted({s for s in sizes if 0 <= s <= full} | {full})
+
+
+def _empty_layer() -> LayerDatabase:
+    """A layer dropped already: both blocks at size 0, nothing left to choose."""
+    return LayerDatabase(LayerStats.removed_block("attention"), LayerStats.removed_block("mlp"))
 
 
 def build_database(
@@ -318,23 +330,29 @@ def build_database(
     keep_hessians: bool = False,
     progress: Any = None,
 ) -> ModelDatabase:
-    """One pass over the dense layers building the per-layer database of `method` (a registered name or a
+    """One pass over the layers building the per-layer database of `method` (a registered name or a
     `PruneMethod`), collecting what it declares it needs. `acts` (layer-0 calibration inputs, consumed) may be
     None for a method that needs no calibration. `fisher`: per layer (G_attn, G_mlp) output-side weights of the
-    errors (`collect_fisher`) for methods that use them, else plain squared output errors."""
+    errors (`collect_fisher`) for methods that use them, else plain squared output errors.
+
+    Each layer's levels are the grid's sizes up to its own shape, so an already pruned model gets a database of
+    further cuts; the layers it dropped come last as empty layers, so the database still describes the base's
+    number of layers (the latency table's)."""
     m = get_method(method)
+    check_prunable(model, m)
     ad = adapter_for(model.config)
     geo = base_geometry(model.config)
-    a_sizes = _levels(attention_sizes, geo.num_kv_heads)
-    m_sizes = _levels(mlp_sizes, geo.intermediate_size)
+    shapes = layer_shapes(model)
     home = model_device(model)
     device = device or home
     layers = ad.layers(model)
     task = progress.add_task(f"{m.name}: database", total=len(layers)) if progress is not None else None
     out: list[LayerDatabase] = []
     hessians = [] if keep_hessians else None
-    for index, layer in enumerate(layers):
-        stats = LayerStats(index, layer, ad, geo, a_sizes, m_sizes, damp, mlp_chunk)
+    for index, (layer, shape) in enumerate(zip(layers, shapes, strict=True)):
+        a_sizes = _levels(attention_sizes, shape.kv_heads)
+        m_sizes = _levels(mlp_sizes, shape.intermediate)
+        stats = LayerStats(index, layer, ad, geo, a_sizes, m_sizes, damp, mlp_chunk, current=shape)
         if acts is not None:
             acts.at(layer_type(model.config, index))
         if not m.needs_calibration:
@@ -346,14 +364,11 @@ def build_database(
         layer.to(device)
         bi = BlockInfluence()
         energy = [0.0, 0]
-        hooks = (
-            [
-                HessianHook(getattr(ad.attention(layer), ad.o)),
-                HessianHook(getattr(ad.mlp_block(layer), ad.down)),
-            ]
-            if m.needs_hessians or keep_hessians
-            else []
-        )
+        want = m.needs_hessians or keep_hessians
+        hooks = [
+            HessianHook(getattr(ad.attention(layer), ad.o)) if want and shape.kv_heads else None,
+            HessianHook(getattr(ad.mlp_block(layer), ad.down)) if want and shape.intermediate else None,
+        ]
 
         def monitor(h: torch.Tensor, y: torch.Tensor, bi: BlockInfluence = bi, energy: list = energy) -> None:
             bi.update(h, y)
@@ -362,11 +377,12 @@ def build_database(
 
         try:
             advance(layer, acts, monitor)
-            Hs = [hk.value() for hk in hooks]
+            Hs = [hk.value() if hk is not None else None for hk in hooks]
         finally:
             for hk in hooks:
-                hk.remove()
-        stats.hessians = (Hs[0], Hs[1]) if Hs else None
+                if hk is not None:
+                    hk.remove()
+        stats.hessians = (Hs[0], Hs[1]) if want else None
         stats.block_influence = bi.value
         if fisher is not None and m.uses_fisher:
             stats.fisher = (fisher[index][0].to(device), fisher[index][1].to(device))
@@ -374,10 +390,11 @@ def build_database(
         ldb.info = {"block_influence": bi.value, "residual_energy": energy[0] / max(energy[1], 1)}
         out.append(ldb)
         if hessians is not None:
-            hessians.append(tuple(H.cpu() for H in Hs))
+            hessians.append(tuple(H.cpu() if H is not None else None for H in Hs))
         del Hs, stats
         layer.to(home)
         _tick(progress, task)
+    out += [_empty_layer() for _ in range(geo.num_layers - len(layers))]
     return ModelDatabase(m.name, out, hessians=hessians)
 
 
@@ -405,7 +422,8 @@ def apply_choice(
     progress: Any = None,
     label: str = "",
 ) -> nn.Module:
-    """A pruned copy of `model` with the given per-layer shapes (from `db`'s kept structures).
+    """A pruned copy of `model` with the given per-layer shapes (from `db`'s kept structures; shapes past the
+    model's layers are the empty layers of an already pruned model's database, and must stay empty).
 
     refit: "sequential" (OBS/least-squares update on inputs through the already-pruned layers; `acts` are
     the layer-0 inputs, consumed), "dense" (update from the database's dense-input Hessians) or "none"."""
@@ -417,9 +435,11 @@ def apply_choice(
     layers = ad.layers(pruned)
     if refit == "sequential" and acts is None:
         raise ValueError("sequential refit needs calibration activations")
+    if len(shapes) != len(db.layers) or any(not s.empty for s in shapes[len(layers) :]):
+        raise ValueError("the shapes do not fit the database: a dropped layer cannot come back")
     task = progress.add_task(f"{label} surgery", total=len(layers)) if progress is not None else None
     types = [layer_type(pruned.config, i) for i in range(len(layers))]
-    for i, (layer, shape) in enumerate(zip(layers, shapes, strict=True)):
+    for i, (layer, shape) in enumerate(zip(layers, shapes[: len(layers)], strict=True)):
         layer.to(device)
         if refit == "sequential":
             acts.at(types[i])
@@ -452,7 +472,7 @@ def _cut_layer(
         raise ValueError("the database kept no Hessians")
     if kv == 0:
         remove_attention(layer, ad)
-    elif kv < geo.num_kv_heads:
+    elif kv < ldb.attention.full:
         keep = ldb.attention.keep(kv)
         W = getattr(ad.attention(layer), ad.o).weight.detach().float()
         slice_attention(layer, ad, geo.head_dim, geo.group_size, keep.tolist())
@@ -462,7 +482,7 @@ def _cut_layer(
             _set_weight(getattr(ad.attention(layer), ad.o), new)
     if width == 0:
         remove_mlp(layer, ad)
-    elif width < geo.intermediate_size:
+    elif width < ldb.mlp.full:
         keep = ldb.mlp.keep(width)
         W = getattr(ad.mlp_block(layer), ad.down).weight.detach().float()
         slice_mlp(layer, ad, keep)
@@ -578,7 +598,7 @@ def _sequential_layer(
     if kv == 0:
         remove_attention(layer, ad)
         mids = list(acts.hidden)
-    elif kv == geo.num_kv_heads:
+    elif kv == ldb.attention.full:
         outs = _block_outputs(run_layer, n, attn)
         with torch.inference_mode():
             mids = [add("attention", h, a) for h, a in zip(acts.hidden, outs, strict=True)]
@@ -605,7 +625,7 @@ def _sequential_layer(
     if width == 0:
         remove_mlp(layer, ad)
         outs = mids
-    elif width == geo.intermediate_size:
+    elif width == ldb.mlp.full:
         with torch.inference_mode():
             outs = [add("mlp", m, mlp(ad.block_input(layer, "mlp", m))) for m in mids]
     else:

@@ -13,15 +13,18 @@ from torch import nn
 
 from zipkd.errors import ZipkdError
 from zipkd.models.adapters import ArchAdapter, Geometry
-from zipkd.prune.database import LayerDatabase, attention_columns
+from zipkd.models.surgery import LayerShape
+from zipkd.prune.database import BlockDatabase, LayerDatabase, attention_columns
+from zipkd.prune.obs import Level
 
 REFITS = ("sequential", "dense", "none")
 
 
 @dataclass
 class LayerStats:
-    """One dense decoder layer as the driver hands it to a method: the layer, its levels on the latency grid and
-    the statistics the method asked for (None where it did not)."""
+    """One decoder layer as the driver hands it to a method: the layer, its levels on the latency grid and the
+    statistics the method asked for (None where it did not). In an already pruned model (`PruneMethod.reprunes`)
+    the layer has its own shape (`current`), a removed block has no Hessian and only the level 0."""
 
     index: int
     layer: nn.Module
@@ -34,6 +37,22 @@ class LayerStats:
     hessians: tuple[torch.Tensor, torch.Tensor] | None = None  # float32 H of the o_proj / down_proj inputs
     fisher: tuple[torch.Tensor, torch.Tensor] | None = None  # (G_attn, G_mlp) output-side error weights
     block_influence: float | None = None  # ShortGPT's 1 − cos(input, output), mean over calibration tokens
+    current: LayerShape | None = None  # the layer's own (KV groups, width); None: the base geometry's
+
+    @property
+    def shape(self) -> LayerShape:
+        """The layer's (KV groups, MLP width) as it is now: the base geometry's in an unpruned model."""
+        geo = self.geometry
+        return self.current or LayerShape(geo.num_kv_heads, geo.intermediate_size)
+
+    def removed(self, block: str) -> bool:
+        """Is the attention (`"attention"`) or MLP block already removed from this layer?"""
+        return (self.shape.kv_heads if block == "attention" else self.shape.intermediate) == 0
+
+    @staticmethod
+    def removed_block(block: str) -> BlockDatabase:
+        """The database of a block that is gone already: one level, size 0, no error."""
+        return BlockDatabase(block, 0, {0: Level(0, torch.zeros(0, dtype=torch.long), 0.0)})
 
     @property
     def columns(self) -> int:
@@ -51,7 +70,7 @@ class LayerStats:
         """The weight rows of a projection role, read out of a fused projection (Phi-3) where there is one."""
         ad, geo = self.adapter, self.geometry
         owner = ad.attention(self.layer) if block == "attention" else ad.mlp_block(self.layer)
-        n_kv = geo.num_kv_heads
+        n_kv = self.shape.kv_heads
         if ad.qkv and block == "attention":
             n_kv = getattr(owner, ad.o).in_features // (geo.group_size * geo.head_dim)
         return ad.projection_weight(owner, name, n_kv, geo.group_size, geo.head_dim).detach()
@@ -67,6 +86,9 @@ class PruneMethod:
     uses_fisher: ClassVar[bool] = False  # loss-gradient Fisher weighting of the errors (`fisher_samples`)
     uniform: ClassVar[bool] = False  # every layer gets one structure (uniform search) instead of the DP
     whole_layers: ClassVar[bool] = False  # a layer is kept whole or dropped whole (joint layer databases)
+    # can prune an already pruned model further (its layers' own shapes, removed blocks as level 0): the ZipLM
+    # family schedule, prune → recover → prune again
+    reprunes: ClassVar[bool] = False
 
     def refit(self, sequential: bool) -> str:
         """How surgery updates the kept weights: "sequential" (least squares on inputs through the already
@@ -114,4 +136,5 @@ def describe(method: Any) -> dict[str, Any]:
         "needs_hessians": m.needs_hessians,
         "uses_fisher": m.uses_fisher,
         "uniform": m.uniform,
+        "reprunes": m.reprunes,
     }

@@ -27,13 +27,29 @@ class WandaSP(PruneMethod):
     summary = "|W|·‖x‖ scores, no weight update"
     needs_hessians = True
     uses_fisher = True
+    reprunes = True
 
     def layer_database(self, stats: LayerStats) -> LayerDatabase:
         H_attn, H_mlp = stats.hessians
         G_attn, G_mlp = stats.fisher or (None, None)
-        W_o = stats.weight("attention", "o").float()
-        W_d = stats.weight("mlp", "down").float()
-        return LayerDatabase(
-            _block("attention", W_o, H_attn, stats.columns, stats.attention_sizes, stats.damp, G_attn),
-            _block("mlp", W_d, H_mlp, 1, stats.mlp_sizes, stats.damp, G_mlp),
+        attention = (
+            stats.removed_block("attention")
+            if stats.removed("attention")
+            else _block(
+                "attention",
+                stats.weight("attention", "o").float(),
+                H_attn,
+                stats.columns,
+                stats.attention_sizes,
+                stats.damp,
+                G_attn,
+            )
         )
+        mlp = (
+            stats.removed_block("mlp")
+            if stats.removed("mlp")
+            else _block(
+                "mlp", stats.weight("mlp", "down").float(), H_mlp, 1, stats.mlp_sizes, stats.damp, G_mlp
+            )
+        )
+        return LayerDatabase(attention, mlp)

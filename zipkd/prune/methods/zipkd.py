@@ -15,6 +15,7 @@ class ZipLM(PruneMethod):
     summary = "structured OBS + DP search"
     needs_hessians = True
     uses_fisher = True
+    reprunes = True
 
     def refit(self, sequential: bool) -> str:
         return "sequential" if sequential else "dense"
@@ -22,12 +23,17 @@ class ZipLM(PruneMethod):
     def layer_database(self, stats: LayerStats) -> LayerDatabase:
         H_attn, H_mlp = stats.hessians
         G_attn, G_mlp = stats.fisher or (None, None)
-        W_o = stats.weight("attention", "o").float()
-        W_d = stats.weight("mlp", "down").float()
         cols = stats.columns
-        attention = obs.obs_prune_groups(W_o, H_attn, cols, stats.attention_sizes, stats.damp, G_attn)
-        mlp = obs.obs_prune_columns(W_d, H_mlp, stats.mlp_sizes, stats.damp, stats.mlp_chunk, G_mlp)
-        return LayerDatabase(
-            BlockDatabase("attention", W_o.shape[1] // cols, attention),
-            BlockDatabase("mlp", W_d.shape[1], mlp),
-        )
+        if stats.removed("attention"):
+            attention = stats.removed_block("attention")
+        else:
+            W_o = stats.weight("attention", "o").float()
+            levels = obs.obs_prune_groups(W_o, H_attn, cols, stats.attention_sizes, stats.damp, G_attn)
+            attention = BlockDatabase("attention", W_o.shape[1] // cols, levels)
+        if stats.removed("mlp"):
+            mlp = stats.removed_block("mlp")
+        else:
+            W_d = stats.weight("mlp", "down").float()
+            levels = obs.obs_prune_columns(W_d, H_mlp, stats.mlp_sizes, stats.damp, stats.mlp_chunk, G_mlp)
+            mlp = BlockDatabase("mlp", W_d.shape[1], levels)
+        return LayerDatabase(attention, mlp)
