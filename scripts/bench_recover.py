@@ -61,8 +61,9 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def get_pruned(method: str, root: Path) -> tuple[Path, dict]:
-    """The 2x model, built once and cached in `root` (it does not depend on anything recovery does)."""
+def get_pruned(method: str, root: Path, target: float = 2.0) -> tuple[Path, dict]:
+    """The 2x model (or another `target`), built once and cached in `root` (it does not depend on anything
+    recovery does)."""
     import hashlib
 
     from zipkd.manifest import content_hash, read_manifest
@@ -72,7 +73,7 @@ def get_pruned(method: str, root: Path) -> tuple[Path, dict]:
 
     t = time.perf_counter()
     lm = load_model("smollm2-135m")
-    cfg = PruneConfig(target_speedup=2.0, method=method)
+    cfg = PruneConfig(target_speedup=target, method=method)
     # Keyed by the pruning config and the latency table it uses (cached or profiled now): a re-measured table
     # (another machine, a quieter one) or another pruner config makes a new model instead of reusing a stale one.
     # "v2": models pruned before content_hash hashed folders under hidden directories recorded an empty teacher
@@ -84,7 +85,7 @@ def get_pruned(method: str, root: Path) -> tuple[Path, dict]:
     key = hashlib.sha256(
         json.dumps(["v3", repr(cfg), table.to_json(), calib], sort_keys=True).encode()
     ).hexdigest()[:12]
-    folder = root / f"pruned-2x-{method}-{key}"
+    folder = root / f"pruned-{target:g}x-{method}-{key}"
     if (folder / "zipkd.json").is_file():
         return folder, {"cached": True, **(read_manifest(folder) or {}).get("metrics", {})}
     save_pruned(prune(lm, cfg, table=table), lm, folder, cfg, force=True)
@@ -240,18 +241,24 @@ KNOBS = {
     "kd": ("kd", str),
     "warmup": ("warmup_steps", int),
     "method": ("method", str),
+    "train-embeddings": ("train_embeddings", _flag),
 }
-CHOICES = ("mix", *KNOBS)
+CHOICES = ("mix", "gradual", *KNOBS)
 
 
 def choose(args) -> int:
-    """Choose a default of `recover` on development text (`--choose mix|lr|bf16-weights|kd-weight|kd|warmup|method`;
-    `--grid` lists the candidates: numbers, KD directions, `full`/`lora`, true/false): `recover` with the library defaults for a fixed
+    """Choose a default of `recover` on development text (`--choose mix|gradual|lr|bf16-weights|kd-weight|kd|warmup|
+    method|train-embeddings`; `--grid` lists the candidates: numbers, KD directions, `full`/`lora`, true/false): `recover`
+    with the library defaults for a fixed
     number of steps, once per candidate, changing only the knob (the same instruction batches and the same number
     and length of text windows in every arm), then perplexity on the development text of every calibration domain
     (`dev_domains()`: never trained on, never an evaluation score). Least geometric-mean ratio to dense wins. A
     fixed step count, not a wall budget, so a shared machine slows the arms without changing what they learn
-    (`--choose-budget` gives every arm the same wall time instead, for knobs that change a step's cost)."""
+    (`--choose-budget` gives every arm the same wall time instead, for knobs that change a step's cost).
+
+    `--leave-out DOMAIN` trains every arm on the calibration mix without that domain, so its development text is a
+    domain that no arm saw: a stand-in for the held-out domains of the bench that still never touches them. The
+    left-out domain is reported on its own beside the geometric mean."""
     from zipkd.data.assets import calib_mix, calib_text_path, dev_domains
     from zipkd.data.text import load_texts
     from zipkd.evaluate.perplexity import perplexity
@@ -267,10 +274,25 @@ def choose(args) -> int:
     pruned_path = args.student or get_pruned(args.pruner, cache_dir() / "bench_recover")[0]
     lib = TrainConfig()
     steps = args.steps or 60
-    if args.choose == "mix":
+    mix = calib_mix()
+    if args.leave_out is not None and args.leave_out not in mix:
+        raise SystemExit(f"bench_recover: --leave-out takes one of {', '.join(mix)} (got {args.leave_out!r})")
+    if args.leave_out is not None and args.choose == "mix":
+        raise SystemExit("bench_recover: --leave-out changes the mix; it does not combine with --choose mix")
+    # every arm's text (None: the library's default mix), the left-out domain dropped and the rest reweighted
+    mix_text = (
+        {"mix_text": [f"{p}:{w}" for name, (p, w) in mix.items() if name != args.leave_out]}
+        if args.leave_out
+        else {}
+    )
+    if args.choose == "gradual":
+        if args.leave_out:
+            raise SystemExit("bench_recover: --leave-out does not combine with --choose gradual")
+        candidates = {"gradual 1.5x → recover → 2x → recover": ({}, {}), "one-shot 2x (default)": ({}, {})}
+    elif args.choose == "mix":
         candidates = {
             "prose (calib.txt)": ({"mix_text": [str(calib_text_path())]}, {}),
-            "four-domain calibration mix": ({"mix_text": [f"{p}:{w}" for p, w in calib_mix().values()]}, {}),
+            "four-domain calibration mix": ({"mix_text": [f"{p}:{w}" for p, w in mix.values()]}, {}),
         }
     else:
         field, kind = KNOBS[args.choose]
@@ -288,7 +310,7 @@ def choose(args) -> int:
             inner = {field: v}
             if args.choose == "kd-weight" and kd_off:
                 inner["kd"] = "forward" if v > 0 else "none"
-            candidates[label + (" (default)" if v == default else "")] = ({}, inner)
+            candidates[label + (" (default)" if v == default else "")] = (mix_text, inner)
     dev = {name: load_texts(path) for name, path in dev_domains().items()}
 
     tasks = [t for t in args.tasks.split(",") if t] if args.dev_tasks else []
@@ -331,12 +353,27 @@ def choose(args) -> int:
         )
 
     if args.choose_budget:
-        recover(str(pruned_path), config({}, {}, steps=1, budget=None), root / "choose-rewrites", force=True)
+        recover(
+            str(pruned_path), config(mix_text, {}, steps=1, budget=None), root / "choose-rewrites", force=True
+        )
     arm_steps: dict[str, int | None] = {}
+    extra: dict[str, float] = {}
     for name, (outer, inner) in candidates.items():
         cfg = config(outer, inner)
         t = time.perf_counter()
-        out = recover(str(pruned_path), cfg, root / f"choose-{args.choose}", force=True)
+        if args.choose == "gradual" and name.startswith("gradual"):
+            out, extra = _gradual_arm(args, config, root, length)
+        elif args.choose == "gradual":  # one-shot: the whole budget plus what the second cut took
+            from zipkd.recover.train import parse_duration
+
+            more = (
+                {"budget": parse_duration(length["budget"]) + extra["reprune_s"]}
+                if args.choose_budget
+                else {}
+            )
+            out = recover(str(pruned_path), config({}, more), root / "choose-gradual-oneshot", force=True)
+        else:
+            out = recover(str(pruned_path), cfg, root / f"choose-{args.choose}", force=True)
         rows[name] = score(out)
         task_rows[name] = acc.get(str(out))
         arm_steps[name] = (read_manifest(out) or {}).get("metrics", {}).get("steps")
@@ -365,6 +402,8 @@ def choose(args) -> int:
                     "dev_task_docs": [dev_docs[0], dev_docs[-1] + 1] if tasks else None,
                     "dev_task_accuracy": task_rows if tasks else None,
                     "dev_task_retention": ret or None,
+                    "left_out": args.leave_out,
+                    "gradual": extra or None,
                     "chosen": best,
                 },
                 indent=2,
@@ -376,6 +415,7 @@ def choose(args) -> int:
         + (f"a {args.choose_budget} budget" if args.choose_budget else f"{steps} steps")
         + f" of the library defaults on the 2x model ({args.pruner}); "
         f"development perplexity ({args.ppl_tokens} tokens per domain)"
+        + (f"; trained without {args.leave_out}, whose text no arm saw" if args.leave_out else "")
     )
     print(f"{'model':<30} " + " ".join(f"{d:>8}" for d in dense) + "  geomean×")
     for k, v in rows.items():
@@ -388,8 +428,55 @@ def choose(args) -> int:
         print(f"{'model':<30} " + " ".join(f"{t:>8}" for t in tasks) + "  retention")
         for k, v in task_rows.items():
             print(f"{k:<30} " + " ".join(f"{v[t]:8.3f}" for t in tasks) + f"  {ret[k]:8.3f}")
+    if args.leave_out:
+        lo = args.leave_out
+        print(
+            f"unseen domain {lo}, × dense: "
+            + ", ".join(f"{k} {v[lo] / dense[lo]:.3f}" for k, v in rows.items())
+        )
+    if extra:
+        print(
+            f"gradual: the second cut took {extra['reprune_s']:.0f} s (the one-shot arm recovered that much "
+            f"longer), predicted {extra['first_speedup']:.2f}x then {extra['second_speedup']:.2f}x"
+        )
     print(f"chosen {args.choose}: {best} (development geomean× {gm[best]:.3f})")
     return 0
+
+
+def _gradual_arm(args, config, root: Path, length: dict) -> tuple[Path, dict]:
+    """ZipLM's family schedule at the budget of one recovery: prune to 1.5x, recover for half the budget (or
+    steps), prune the recovered model to 2x (zipkd's re-pruning: a speedup over the dense base, on the same
+    table), recover for the other half. Returns the final model and what the second cut took."""
+    from zipkd.manifest import read_manifest
+    from zipkd.models.io import load_model
+    from zipkd.paths import cache_dir
+    from zipkd.prune import PruneConfig, prune, save_pruned
+    from zipkd.recover.api import recover
+    from zipkd.recover.train import parse_duration
+
+    half = (
+        {"budget": parse_duration(length["budget"]) / 2}
+        if "budget" in length
+        else {"steps": max(1, length["steps"] // 2)}
+    )
+    first, _ = get_pruned(args.pruner, cache_dir() / "bench_recover", target=1.5)
+    rec1 = recover(str(first), config({}, half), root / "choose-gradual-1.5x", force=True)
+    t = time.perf_counter()
+    lm = load_model(rec1)
+    cfg = PruneConfig(target_speedup=2.0, method=args.pruner)
+    (r,) = prune(lm, cfg)
+    second = save_pruned(r, lm, root / "choose-gradual-2x-pruned", cfg, force=True)[0]
+    reprune_s = time.perf_counter() - t
+    del lm, r
+    out = recover(str(second), config({}, half), root / "choose-gradual-2x", force=True)
+    info = {
+        "reprune_s": reprune_s,
+        "first_speedup": (read_manifest(first) or {}).get("metrics", {}).get("predicted_speedup"),
+        "second_speedup": (read_manifest(second) or {}).get("metrics", {}).get("predicted_speedup"),
+        "first_steps": (read_manifest(rec1) or {}).get("metrics", {}).get("steps"),
+    }
+    log(f"gradual: {info}")
+    return out, info
 
 
 def main() -> int:
@@ -449,16 +536,23 @@ def main() -> int:
         "--choose",
         choices=CHOICES,
         default=None,
-        help="choose a default on development text: the mixing text, the peak lr, bf16 weights or autocast alone, "
-        "the KD weight or direction, the warm-up steps, full or LoRA",
+        help="choose a default on development text: the mixing text, gradual (1.5x, recover, 2x, recover) or "
+        "one-shot pruning, the peak lr, bf16 weights or autocast alone, the KD weight or direction, the warm-up "
+        "steps, full or LoRA, training the (tied) embeddings",
     )
     ap.add_argument("--choose-mix", action="store_true", help="the same as --choose mix")
     ap.add_argument(
         "--grid",
         default=None,
-        help="--choose lr|kd-weight|kd|warmup|method: comma-separated values to compare",
+        help="--choose lr|kd-weight|kd|warmup|method|train-embeddings: comma-separated values to compare",
     )
     ap.add_argument("--json", default=None, help="--choose: write the results here")
+    ap.add_argument(
+        "--leave-out",
+        default=None,
+        help="--choose: train every arm without this calibration domain (prose, code, chat or math), whose "
+        "development text then stands for a domain no arm saw",
+    )
     ap.add_argument(
         "--dev-tasks",
         type=int,

@@ -560,6 +560,25 @@ def test_bf16_weights_train_like_fp32_weights_under_autocast(tmp_path):
     assert moved > 0
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_embeddings_trains_the_tied_head_and_the_default_leaves_it(tmp_path, precision):
+    """Full fine-tuning freezes the (tied) embeddings and LM head by default; `train_embeddings` trains them,
+    with bf16 weights too (one fp32 master for the tied pair), and the saved model is still tied."""
+    from zipkd.models.io import load_model
+
+    dense, pruned = make_chain(tmp_path)
+    start = _weights(pruned)["model.embed_tokens.weight"]
+    for train_embeddings in (False, True):
+        cfg = _config(tmp_path, steps=3, precision=precision, train_embeddings=train_embeddings)
+        out = recover(str(pruned), cfg, tmp_path / f"emb-{train_embeddings}")
+        w = _weights(out)
+        assert w["model.embed_tokens.weight"].dtype == torch.float32
+        assert torch.equal(w["model.embed_tokens.weight"], start) != train_embeddings
+        assert any(not torch.equal(w[k], _weights(pruned)[k]) for k in w if "layers" in k)
+        model = load_model(out).model
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
 def test_fused_and_plain_training_agree(tmp_path):
     """Six steps with the fused head/loss and with the plain path end at the same weights (float rounding)."""
     dense, pruned = make_chain(tmp_path)
