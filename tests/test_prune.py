@@ -326,7 +326,7 @@ def test_a_pruned_model_prunes_further(tmp_path):
     assert err_obs < err_slice
 
 
-def test_repruning_refusals():
+def test_repruning_refusals(tmp_path, monkeypatch):
     """What cannot prune a pruned model further says so before any calibration."""
     from zipkd.models.surgery import layer_shapes
 
@@ -343,6 +343,10 @@ def test_repruning_refusals():
     odd = LatencyTable(Regime(), {}, 0.5, {k: 0.3 * k for k in range(KV + 1)}, {0: 0.0, 32: 0.6, 64: 1.2}, 3)
     with pytest.raises(ZipkdError, match="off the latency table's grid"):
         prune(lm, cfg(target_speedup=3.0), calib_texts=TEXT, table=odd)
+    # no table given and none cached (an isolated cache): the base's table is asked for, nothing is profiled
+    monkeypatch.setenv("ZIPKD_CACHE", str(tmp_path))
+    with pytest.raises(ZipkdError, match=r"no latency table of its unpruned base.*--table"):
+        prune(lm, cfg(target_speedup=3.0), calib_texts=TEXT)
 
 
 def test_cli(tmp_path):

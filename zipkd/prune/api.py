@@ -293,6 +293,12 @@ def latency_table(
     given = table if table is not None else config.table
     model = _module(lm)
     if given is None and not table_cache_path(model.config, config.regime).is_file():
+        if is_pruned(model):  # no full-size layer left to time
+            raise ZipkdError(
+                "this model is pruned and no latency table of its unpruned base is cached for this regime and "
+                "machine; pass --table (the one it was pruned with, or `zipkd profile BASE -o table.json`), or "
+                "run `zipkd profile BASE` once so the cache holds it"
+            )
         # Profiling times the model on the regime's device: move it there for the measurement only.
         dev = parse_device(config.regime.device)
         home = next(model.parameters()).device
