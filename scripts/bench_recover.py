@@ -61,6 +61,13 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _metrics(folder: Path) -> dict:
+    """The metrics in a zipkd output's manifest ({} without one)."""
+    from zipkd.manifest import read_manifest
+
+    return (read_manifest(folder) or {}).get("metrics", {})
+
+
 def get_pruned(method: str, root: Path, target: float = 2.0) -> tuple[Path, dict]:
     """The 2x model (or another `target`), built once and cached in `root` (it does not depend on anything
     recovery does)."""
@@ -87,7 +94,7 @@ def get_pruned(method: str, root: Path, target: float = 2.0) -> tuple[Path, dict
     ).hexdigest()[:12]
     folder = root / f"pruned-{target:g}x-{method}-{key}"
     if (folder / "zipkd.json").is_file():
-        return folder, {"cached": True, **(read_manifest(folder) or {}).get("metrics", {})}
+        return folder, {"cached": True, **_metrics(folder)}
     save_pruned(prune(lm, cfg, table=table), lm, folder, cfg, force=True)
     return folder, {
         "cached": False,
@@ -262,7 +269,6 @@ def choose(args) -> int:
     from zipkd.data.assets import calib_mix, calib_text_path, dev_domains
     from zipkd.data.text import load_texts
     from zipkd.evaluate.perplexity import perplexity
-    from zipkd.manifest import read_manifest
     from zipkd.models.io import load_model
     from zipkd.paths import cache_dir, offline_env
     from zipkd.recover.api import RecoverConfig, recover
@@ -359,7 +365,6 @@ def choose(args) -> int:
     arm_steps: dict[str, int | None] = {}
     extra: dict[str, float] = {}
     for name, (outer, inner) in candidates.items():
-        cfg = config(outer, inner)
         t = time.perf_counter()
         if args.choose == "gradual" and name.startswith("gradual"):
             out, extra = _gradual_arm(args, config, root, length)
@@ -373,10 +378,10 @@ def choose(args) -> int:
             )
             out = recover(str(pruned_path), config({}, more), root / "choose-gradual-oneshot", force=True)
         else:
-            out = recover(str(pruned_path), cfg, root / f"choose-{args.choose}", force=True)
+            out = recover(str(pruned_path), config(outer, inner), root / f"choose-{args.choose}", force=True)
         rows[name] = score(out)
         task_rows[name] = acc.get(str(out))
-        arm_steps[name] = (read_manifest(out) or {}).get("metrics", {}).get("steps")
+        arm_steps[name] = _metrics(out).get("steps")
         log(
             f"{name}: {time.perf_counter() - t:.0f} s, {arm_steps[name]} steps, dev {rows[name]} {task_rows[name]}"
         )
@@ -447,7 +452,6 @@ def _gradual_arm(args, config, root: Path, length: dict) -> tuple[Path, dict]:
     """ZipLM's family schedule at the budget of one recovery: prune to 1.5x, recover for half the budget (or
     steps), prune the recovered model to 2x (zipkd's re-pruning: a speedup over the dense base, on the same
     table), recover for the other half. Returns the final model and what the second cut took."""
-    from zipkd.manifest import read_manifest
     from zipkd.models.io import load_model
     from zipkd.paths import cache_dir
     from zipkd.prune import PruneConfig, prune, save_pruned
@@ -471,9 +475,9 @@ def _gradual_arm(args, config, root: Path, length: dict) -> tuple[Path, dict]:
     out = recover(str(second), config({}, half), root / "choose-gradual-2x", force=True)
     info = {
         "reprune_s": reprune_s,
-        "first_speedup": (read_manifest(first) or {}).get("metrics", {}).get("predicted_speedup"),
-        "second_speedup": (read_manifest(second) or {}).get("metrics", {}).get("predicted_speedup"),
-        "first_steps": (read_manifest(rec1) or {}).get("metrics", {}).get("steps"),
+        "first_speedup": _metrics(first).get("predicted_speedup"),
+        "second_speedup": _metrics(second).get("predicted_speedup"),
+        "first_steps": _metrics(rec1).get("steps"),
     }
     log(f"gradual: {info}")
     return out, info
