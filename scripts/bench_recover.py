@@ -631,14 +631,13 @@ def main() -> int:
     log(f"      measured speedup {result['speedup_prefill_b1_s512']:.2f}x (prefill 1x512, alternating)")
     del pruned
 
-    # A cached distilled set would let the recipe's arm skip the rewrites its budget must pay for: the bench
-    # drops that cache entry, so the arm generates them inside its budget as a first-time user does.
+    # A cached distilled set would let an arm skip the rewrites its budget must pay for: the bench drops that
+    # cache entry before every arm that distils, so each generates them inside its budget as a first-time user
+    # does (not only the first of them).
     settings = RewriteSettings(max_new_tokens=args.max_new_tokens)
     examples = select_examples(load_examples(finetune_path()), args.examples, args.seed)
     key = distill_cache_key(content_hash(dense.path), examples_hash(examples), settings)
-    dropped = [f for f in (distill_cache_dir() / f"{key}.json", distill_cache_dir() / f"{key}.partial.jsonl")]
-    for f in dropped:
-        f.unlink(missing_ok=True)
+    cached_rewrites = [distill_cache_dir() / f"{key}.json", distill_cache_dir() / f"{key}.partial.jsonl"]
     del dense
 
     budget = {"steps": args.steps} if args.steps else {"budget": args.budget}
@@ -672,6 +671,8 @@ def main() -> int:
             train=tcfg,
             text_window=args.text_window,
         )
+        for f in cached_rewrites if distill else ():
+            f.unlink(missing_ok=True)
         t = time.perf_counter()
         out = recover(str(pruned_path), cfg, root / f"recovered-{name.replace('+', '-')}", force=True)
         manifest = read_manifest(out) or {}
