@@ -439,6 +439,14 @@ def choose(args) -> int:
             f"unseen domain {lo}, × dense: "
             + ", ".join(f"{k} {v[lo] / dense[lo]:.3f}" for k, v in rows.items())
         )
+        seen = [d for d in dense if d != lo]
+        print(
+            f"the {len(seen)} trained domains, geomean × dense: "
+            + ", ".join(
+                f"{k} {math.exp(sum(math.log(v[d] / dense[d]) for d in seen) / len(seen)):.3f}"
+                for k, v in rows.items()
+            )
+        )
     if extra:
         print(
             f"gradual: the second cut took {extra['reprune_s']:.0f} s (the one-shot arm recovered that much "
