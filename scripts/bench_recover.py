@@ -126,10 +126,15 @@ def evaluate(path, tasks, limit, ppl_tokens) -> dict:
     return {"domains": domains, "dev_perplexity": dev, "acc": acc, "eval_s": time.perf_counter() - t}
 
 
+def ratio_geomean(ppl: dict, dense: dict, domains=None) -> float:
+    """Geometric mean of perplexity / dense perplexity over `domains` (default: every domain of `dense`)."""
+    logs = [math.log(ppl[d] / dense[d]) for d in (dense if domains is None else domains)]
+    return math.exp(sum(logs) / len(logs))
+
+
 def geomean_ratio(m: dict, dense: dict) -> float:
     """Geometric mean over the held-out domains of perplexity / dense perplexity."""
-    logs = [math.log(m["domains"][d] / dense["domains"][d]) for d in dense["domains"]]
-    return math.exp(sum(logs) / len(logs))
+    return ratio_geomean(m["domains"], dense["domains"])
 
 
 def accuracy_retention(m: dict, dense: dict) -> float:
@@ -386,7 +391,7 @@ def choose(args) -> int:
             f"{name}: {time.perf_counter() - t:.0f} s, {arm_steps[name]} steps, dev {rows[name]} {task_rows[name]}"
         )
     dense = rows["dense"]
-    gm = {k: math.exp(sum(math.log(v[d] / dense[d]) for d in dense) / len(dense)) for k, v in rows.items()}
+    gm = {k: ratio_geomean(v, dense) for k, v in rows.items()}
     best = min(candidates, key=lambda k: gm[k])
     # with --dev-tasks: mean accuracy retention on the development documents (accuracy / dense, over the tasks)
     ret = (
@@ -442,10 +447,7 @@ def choose(args) -> int:
         seen = [d for d in dense if d != lo]
         print(
             f"the {len(seen)} trained domains, geomean × dense: "
-            + ", ".join(
-                f"{k} {math.exp(sum(math.log(v[d] / dense[d]) for d in seen) / len(seen)):.3f}"
-                for k, v in rows.items()
-            )
+            + ", ".join(f"{k} {ratio_geomean(v, dense, seen):.3f}" for k, v in rows.items())
         )
     if extra:
         print(
