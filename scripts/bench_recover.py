@@ -16,7 +16,8 @@ IQa, OpenBookQA, NQ-open — none of them an evaluation task):
 - `sft`: plain SFT on the original responses (cross-entropy on the response tokens, no KD, no prose);
 - `zipkd`: `zipkd recover`'s defaults — the teacher's rewrites (originals kept where the final answer changed),
   cross-entropy on them, and three quarters of the steps on calibration-role text (the four-domain pruning
-  calibration mix: prose, code, chat, math; chosen with `--choose mix` on development text). No logit
+  calibration mix: prose, code, chat, math; chosen with `--choose mix` on development text; code, chat and math
+  from the larger recover/ files, `--choose mix-size`). No logit
   distillation: at equal wall time the steps the teacher's forward pass costs were worth more than its soft
   targets (`--choose kd-weight --choose-budget`, BENCHMARKS.md);
 - with `--all-arms`, to isolate the parts: `sdd` (the rewrites alone, no text mix), `zipkd+kd` (the defaults plus
@@ -255,11 +256,11 @@ KNOBS = {
     "method": ("method", str),
     "train-embeddings": ("train_embeddings", _flag),
 }
-CHOICES = ("mix", "gradual", *KNOBS)
+CHOICES = ("mix", "mix-size", "gradual", *KNOBS)
 
 
 def choose(args) -> int:
-    """Choose a default of `recover` on development text (`--choose mix|gradual|lr|bf16-weights|kd-weight|kd|warmup|
+    """Choose a default of `recover` on development text (`--choose mix|mix-size|gradual|lr|bf16-weights|kd-weight|kd|warmup|
     method|train-embeddings`; `--grid` lists the candidates: numbers, KD directions, `full`/`lora`, true/false): `recover`
     with the library defaults for a fixed
     number of steps, once per candidate, changing only the knob (the same instruction batches and the same number
@@ -271,7 +272,7 @@ def choose(args) -> int:
     `--leave-out DOMAIN` trains every arm on the calibration mix without that domain, so its development text is a
     domain that no arm saw: a stand-in for the held-out domains of the bench that still never touches them. The
     left-out domain is reported on its own beside the geometric mean."""
-    from zipkd.data.assets import calib_mix, calib_text_path, dev_domains
+    from zipkd.data.assets import calib_mix, calib_text_path, dev_domains, recover_mix
     from zipkd.data.text import load_texts
     from zipkd.evaluate.perplexity import perplexity
     from zipkd.models.io import load_model
@@ -285,7 +286,7 @@ def choose(args) -> int:
     pruned_path = args.student or get_pruned(args.pruner, cache_dir() / "bench_recover")[0]
     lib = TrainConfig()
     steps = args.steps or 60
-    mix = calib_mix()
+    mix = recover_mix()  # recover's default text, by domain (--leave-out drops one)
     if args.leave_out is not None and args.leave_out not in mix:
         raise SystemExit(f"bench_recover: --leave-out takes one of {', '.join(mix)} (got {args.leave_out!r})")
     if args.leave_out is not None and args.choose == "mix":
@@ -300,10 +301,17 @@ def choose(args) -> int:
         if args.leave_out:
             raise SystemExit("bench_recover: --leave-out does not combine with --choose gradual")
         candidates = {"gradual 1.5x → recover → 2x → recover": ({}, {}), "one-shot 2x (default)": ({}, {})}
+    elif args.choose == "mix-size":
+        if args.leave_out:
+            raise SystemExit("bench_recover: --leave-out does not combine with --choose mix-size")
+        candidates = {
+            "calibration mix (calib/)": ({"mix_text": [f"{p}:{w}" for p, w in calib_mix().values()]}, {}),
+            "larger mix (recover/, default)": ({}, {}),
+        }
     elif args.choose == "mix":
         candidates = {
             "prose (calib.txt)": ({"mix_text": [str(calib_text_path())]}, {}),
-            "four-domain calibration mix": ({"mix_text": [f"{p}:{w}" for p, w in mix.values()]}, {}),
+            "four-domain calibration mix": ({"mix_text": [f"{p}:{w}" for p, w in calib_mix().values()]}, {}),
         }
     else:
         field, kind = KNOBS[args.choose]
@@ -550,7 +558,8 @@ def main() -> int:
         "--choose",
         choices=CHOICES,
         default=None,
-        help="choose a default on development text: the mixing text, gradual (1.5x, recover, 2x, recover) or "
+        help="choose a default on development text: the mixing text, its size (mix-size: the calibration mix or "
+        "the same sources with up to 1M characters a file, recover/), gradual (1.5x, recover, 2x, recover) or "
         "one-shot pruning, the peak lr, bf16 weights or autocast alone, the KD weight or direction, the warm-up "
         "steps, full or LoRA, training the (tied) embeddings",
     )

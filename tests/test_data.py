@@ -126,7 +126,7 @@ def test_mix_and_domain_api():
     dev = assets.dev_domains()
     assert set(dev) == set(mix) and dev["prose"] == assets.dev_text_path() == folder / "dev.txt"
     info = json.loads((folder / "datasets.json").read_text())
-    assert info["export_version"] == assets.EXPORT_VERSION == 3
+    assert info["export_version"] == assets.EXPORT_VERSION == 4
     # The calibration code is never Python (Python is the held-out code domain).
     assert "python" not in info["calib_code_languages"] and "python" not in assets.CALIB_CODE_LANGS
     # The old accessors still work and heldout.txt is still the first 1500 LAMBADA passages.
@@ -211,3 +211,33 @@ def test_roles_doc_is_generated():
     assert roles_table() in doc.read_text(), (
         "docs/data-roles.md is stale: python -m zipkd.data.assets docs/data-roles.md"
     )
+
+
+def test_recover_mix_is_a_disjoint_superset():
+    """`recover_mix()`: the calibration mix's sources with more text a file. Every calibration document is kept
+    (pass one of the code is the calibration code), each file holds more than twice the text, and nothing in it
+    is development, held-out or evaluation text, nor shares a 13-word passage with a held-out domain."""
+    from zipkd.data.assets import CALIB_CHARS, LARGE_MIX_CHARS, calib_mix, heldout_domains, recover_mix
+
+    folder = ensure_data()
+    mix, large = calib_mix(), recover_mix()
+    assert list(large) == list(mix) and large["prose"] == mix["prose"]
+    assert {n: w for n, (_, w) in large.items()} == {n: w for n, (_, w) in mix.items()}
+    others = [*(folder / "dev").glob("*.txt"), folder / "dev.txt", *heldout_domains().values()]
+    banned = {_norm(d) for p in others for d in _docs(p)}
+    banned |= {
+        _norm(s)
+        for p in (folder / "eval").glob("*.jsonl")
+        for line in p.open()
+        for s in _strings(json.loads(line))
+    }
+    held = set().union(*(_grams(_docs(p)) for p in heldout_domains().values()))
+    for name in ("code", "chat", "math"):
+        path = large[name][0]
+        assert path == folder / "recover" / f"{name}.txt"
+        docs = [_norm(d) for d in _docs(path)]
+        assert len(set(docs)) == len(docs), name
+        assert {_norm(d) for d in _docs(mix[name][0])} <= set(docs), name
+        assert 2 * CALIB_CHARS < len(path.read_text()) <= LARGE_MIX_CHARS + 2, name
+        assert not set(docs) & banned, name
+        assert not _grams(_docs(path)) & held, name

