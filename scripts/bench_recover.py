@@ -249,6 +249,7 @@ def _flag(text: str) -> bool:
 # the numeric or named knobs `--choose` can compare: (TrainConfig field, how a grid value is read)
 KNOBS = {
     "lr": ("lr", float),
+    "mix-ratio": ("mix_ratio", float),
     "bf16-weights": ("bf16_weights", _flag),
     "kd-weight": ("kd_weight", float),
     "kd": ("kd", str),
@@ -260,7 +261,7 @@ CHOICES = ("mix", "mix-size", "gradual", *KNOBS)
 
 
 def choose(args) -> int:
-    """Choose a default of `recover` on development text (`--choose mix|mix-size|gradual|lr|bf16-weights|kd-weight|kd|warmup|
+    """Choose a default of `recover` on development text (`--choose mix|mix-size|gradual|lr|mix-ratio|bf16-weights|kd-weight|kd|warmup|
     method|train-embeddings`; `--grid` lists the candidates: numbers, KD directions, `full`/`lora`, true/false): `recover`
     with the library defaults for a fixed
     number of steps, once per candidate, changing only the knob (the same instruction batches and the same number
