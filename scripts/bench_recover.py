@@ -261,14 +261,14 @@ CHOICES = ("mix", "mix-size", "gradual", *KNOBS)
 
 
 def choose(args) -> int:
-    """Choose a default of `recover` on development text (`--choose mix|mix-size|gradual|lr|mix-ratio|bf16-weights|kd-weight|kd|warmup|
-    method|train-embeddings`; `--grid` lists the candidates: numbers, KD directions, `full`/`lora`, true/false): `recover`
-    with the library defaults for a fixed
-    number of steps, once per candidate, changing only the knob (the same instruction batches and the same number
-    and length of text windows in every arm), then perplexity on the development text of every calibration domain
-    (`dev_domains()`: never trained on, never an evaluation score). Least geometric-mean ratio to dense wins. A
-    fixed step count, not a wall budget, so a shared machine slows the arms without changing what they learn
-    (`--choose-budget` gives every arm the same wall time instead, for knobs that change a step's cost).
+    """Choose a default of `recover` on development text (`--choose` one of CHOICES; `--grid` lists the candidates:
+    numbers, KD directions, `full`/`lora`, true/false): `recover` with the library defaults for a fixed number of
+    steps, once per candidate, changing only the knob (the same instruction batches and the same number and length
+    of text windows in every arm, except `mix-ratio`, whose knob is that share of the steps), then perplexity on
+    the development text of every calibration domain (`dev_domains()`: never trained on, never an evaluation
+    score). Least geometric-mean ratio to dense wins. A fixed step count, not a wall budget, so a shared machine
+    slows the arms without changing what they learn (`--choose-budget` gives every arm the same wall time
+    instead, for knobs that change a step's cost).
 
     `--leave-out DOMAIN` trains every arm on the calibration mix without that domain, so its development text is a
     domain that no arm saw: a stand-in for the held-out domains of the bench that still never touches them. The
